@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint
+.PHONY: venv test lint docs generate
 
 venv: $(VENV)/.installed
 
@@ -19,3 +19,14 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+docs: venv
+	$(BIN)/python scripts/update_docs.py
+
+# The main job: text-to-video with the distilled Lite model (downloads the weights it needs, ~25 GB, on first use).
+PROMPT ?= a red fox running through fresh snow at golden hour, cinematic
+VARIANT ?= t2v-lite-distilled16steps-5s
+OUTPUT ?= out/kandinsky5.mp4
+generate: venv
+	@mkdir -p $(dir $(OUTPUT))
+	$(BIN)/python -m kandinsky_core generate --variant $(VARIANT) --prompt "$(PROMPT)" --output $(OUTPUT) --overwrite

@@ -1,0 +1,199 @@
+"""`python -m kandinsky_core variants | download | generate`.
+
+Heavy modules (torch models, huggingface_hub, PyAV) are imported inside the commands, so `variants` and argument
+errors answer at once. Expected failures (KandinskyError) print one paragraph to stderr and exit with status 2.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, KandinskyError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kandinsky_core", description="Kandinsky 5.0 video and image generation."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("variants", help="list the released variants and their settings")
+
+    d = sub.add_parser("download", help="fetch a variant's files into ComfyUI's model folders")
+    d.add_argument("--variant", required=True)
+    d.add_argument("--models-dir", type=Path, help="models folder (default: $COMFYUI_MODELS_DIR, ComfyUI's, ./models)")
+
+    g = sub.add_parser("generate", help="generate a video (.mp4) or image (.png)")
+    g.add_argument("--variant", required=True, help="see `variants`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default=None, help="negative prompt (default: the official one)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=int, help="video length in seconds (24 fps)")
+    length.add_argument("--frames", type=int, help="number of frames, 4k+1 (e.g. 121 = 5 s)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--scheduler-scale", type=float)
+    g.add_argument("--image", type=Path, help="start frame (i2v) or image to edit (i2i)")
+    g.add_argument("--expand-prompt", action="store_true", help="let Qwen2.5-VL rewrite the prompt first")
+    g.add_argument("--no-nabla", action="store_true", help="dense attention even for NABLA variants")
+    g.add_argument("--models-dir", type=Path, help="models folder (default: $COMFYUI_MODELS_DIR, ComfyUI's, ./models)")
+    g.add_argument("--dit", type=Path, help="DiT .safetensors (overrides the models folder)")
+    g.add_argument("--text-encoder", type=Path, help="Qwen2.5-VL folder or file (overrides the models folder)")
+    g.add_argument("--clip", type=Path, help="CLIP-L folder or file (overrides the models folder)")
+    g.add_argument("--vae", type=Path, help="VAE folder or file (overrides the models folder)")
+    g.add_argument("--tokenizer-dir", type=Path, help="tokenizers for ComfyUI single-file text encoders (ComfyUI root)")
+    g.add_argument("--no-download", action="store_true", help="never download; fail if files are missing")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="compute dtype (default: bf16 on CUDA, else fp32)")
+    g.add_argument("--no-offload", action="store_true", help="keep the VAE on the accelerator between stages")
+    g.add_argument("--fp8", action="store_true", help="store the DiT's block weights in float8 (less memory)")
+    g.add_argument("--attention", default=None, help="attention backend (default: the best available)")
+    g.add_argument("--output", type=Path, help="output .mp4 (video) or .png (image); default kandinsky5.mp4/.png")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    from .variants import VARIANTS
+
+    rows = []
+    for v in VARIANTS.values():
+        sizes = " ".join(f"{w}x{h}" for w, h in v.resolutions)
+        nabla = f"NABLA P={v.nabla.P:g}" if v.nabla else "dense"
+        length = f"{v.max_frames} frames" if v.is_video else "image"
+        rows.append(
+            f"{v.name:<26} {v.task:<4} {v.steps:>3} steps  cfg {v.guidance:<4g} sched {v.scheduler_scale:<4g} "
+            f"{nabla:<12} {length:<11} {sizes}\n{'':<27}{v.title}: {v.hf_repo} {v.hf_filename}"
+        )
+    print("\n".join(rows))
+    return 0
+
+
+def _models_dir(arg: Path | None) -> Path:
+    from .download import default_models_dir
+
+    return arg if arg is not None else default_models_dir()
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import ensure_files, plan_downloads
+    from .variants import get_variant
+
+    variant = get_variant(args.variant)
+    models_dir = _models_dir(args.models_dir)
+    for p in plan_downloads(variant, models_dir):
+        print(f"{p.role:<5} present: {p.path}" if p.present else f"{p.role:<5} missing: {p.describe()}")
+    plan = ensure_files(variant, models_dir, log=print)
+    print(f"All files for {variant.name} are in {models_dir}:")
+    for p in plan:
+        print(f"  {p.role:<5} {p.path}")
+    return 0
+
+
+def _resolve_models(args: argparse.Namespace, variant):
+    """Explicit paths win; the rest come from the models folder, downloaded when missing (unless offline)."""
+    from .download import ModelPaths, comfyui_root, ensure_files, plan_downloads
+
+    explicit = {"dit": args.dit, "qwen": args.text_encoder, "clip": args.clip, "vae": args.vae}
+    for role, path in explicit.items():
+        if path is not None and not path.exists():
+            flag = {"dit": "--dit", "qwen": "--text-encoder", "clip": "--clip", "vae": "--vae"}[role]
+            raise InputError(f"{flag} {path} does not exist. Pass an existing file or folder, or drop {flag}.")
+    paths = {role: path for role, path in explicit.items() if path is not None}
+    tokenizer_dir = args.tokenizer_dir
+    if len(paths) < len(explicit):
+        models_dir = _models_dir(args.models_dir)
+        tokenizer_dir = tokenizer_dir or comfyui_root(models_dir)
+        plan = [p for p in plan_downloads(variant, models_dir) if p.role not in paths]
+        if any(not p.present for p in plan):
+            full = ensure_files(variant, models_dir, allow_download=not args.no_download, log=print)
+            plan = [p for p in full if p.role not in paths]
+        paths.update({p.role: p.path for p in plan})
+    return ModelPaths(paths["dit"], paths["qwen"], paths["clip"], paths["vae"], tokenizer_dir=tokenizer_dir)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .media import check_output_path
+    from .variants import get_variant, seconds_to_frames
+
+    variant = get_variant(args.variant)
+    frames = args.frames
+    if args.seconds is not None:
+        if not variant.is_video:
+            raise InputError(f"--seconds is for video variants; {variant.name} makes an image. Remove --seconds.")
+        if args.seconds < 1 or args.seconds not in variant.durations:
+            allowed = ", ".join(str(s) for s in variant.durations)
+            raise InputError(f"--seconds {args.seconds} is not offered by {variant.name}: use one of {allowed}.")
+        frames = seconds_to_frames(args.seconds)
+
+    from .pipeline import resolve_request
+
+    request = resolve_request(
+        variant,
+        args.prompt,
+        negative=args.negative,
+        width=args.width,
+        height=args.height,
+        frames=frames,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler_scale=args.scheduler_scale,
+        image=args.image,
+        expand_prompt=args.expand_prompt,
+        nabla=False if args.no_nabla else None,
+    )
+    output = args.output or Path("kandinsky5.mp4" if variant.is_video else "kandinsky5.png")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output = check_output_path(output, video=variant.is_video, overwrite=args.overwrite)
+    models = _resolve_models(args, variant)
+
+    import torch
+
+    from .media import write_output
+    from .pipeline import run
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    start = time.perf_counter()
+    frames_out = run(
+        request,
+        models,
+        device=args.device,
+        dtype=dtype,
+        offload=not args.no_offload,
+        progress=not args.quiet,
+        attention_backend=args.attention,
+        fp8=args.fp8,
+        log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+    )
+    write_output(frames_out, output, overwrite=args.overwrite)
+    f, h, w = frames_out.shape[:3]
+    print(f"wrote {output} ({w}x{h}, {f} frame{'s' if f > 1 else ''}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+COMMANDS = {"variants": cmd_variants, "download": cmd_download, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KandinskyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:  # `... variants | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,661 @@
+"""HunyuanVideo 3D causal VAE (the video VAE of Kandinsky 5): encoder, decoder, tiling and loading.
+
+Pixels `[B, 3, F, H, W]` in -1..1 with F = 4k + 1 <-> latents `[B, 16, k + 1, H/8, W/8]`, unscaled (the DiT's
+0.476986 scaling happens in sampling.py). Convolutions are causal in time: frame t only sees frames <= t, the
+first frame is padded by replication, and the first frame is compressed alone (hence 4k + 1).
+Numerically this is diffusers' AutoencoderKLHunyuanVideo; weights load from either key layout users have.
+
+Our parameter names follow the original latent-diffusion layout ComfyUI uses (`encoder.down.{i}.block.{j}`,
+`mid.attn_1`, `norm_out`), with the attention projections as linear layers (2D weights).
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from kandinsky_core.errors import InputError, WeightsError
+from kandinsky_core.vae_tiling import blend_chunks_1d, tiled_map_2d
+
+SCALING_FACTOR = 0.476986
+
+TORCH_OPS = SimpleNamespace(Conv3d=nn.Conv3d, Linear=nn.Linear, GroupNorm=nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class HunyuanVAEConfig:
+    """The VAE's shape. The default is the released HunyuanVideo VAE (hunyuanvideo-community/HunyuanVideo)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    spatial_compression: int = 8
+    temporal_compression: int = 4
+    mid_attention: bool = True
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> "HunyuanVAEConfig":
+        return cls(
+            in_channels=config.get("in_channels", 3),
+            out_channels=config.get("out_channels", 3),
+            latent_channels=config.get("latent_channels", 16),
+            block_out_channels=tuple(config.get("block_out_channels", (128, 256, 512, 512))),
+            layers_per_block=config.get("layers_per_block", 2),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            spatial_compression=config.get("spatial_compression_ratio", 8),
+            temporal_compression=config.get("temporal_compression_ratio", 4),
+            mid_attention=config.get("mid_block_add_attention", True),
+        )
+
+    def level_strides(self) -> list[tuple[int, int, int]]:
+        """(time, height, width) resampling factor of each resolution level, (1, 1, 1) where none.
+
+        As released: spatial resampling at the first log2(spatial) levels, temporal at the log2(temporal)
+        levels just before the last one.
+        """
+        n = len(self.block_out_channels)
+        n_space, n_time = int(math.log2(self.spatial_compression)), int(math.log2(self.temporal_compression))
+        strides = []
+        for i in range(n):
+            s = 2 if i < n_space else 1
+            t = 2 if n - 1 - n_time <= i < n - 1 else 1
+            strides.append((t, s, s))
+        return strides
+
+
+HUNYUAN_VAE_CONFIG = HunyuanVAEConfig()
+
+
+@dataclass(frozen=True)
+class VAETiling:
+    """Tile sizes, in pixels and pixel frames. Defaults: diffusers' spatial tiles (256 px, 64 px overlap)
+    and the official Kandinsky temporal tiles (clips of 16 + 1 frames, 8 of them overlapping).
+
+    Tiled results are close to, not equal to, untiled ones: a tile sees less context (group-norm statistics,
+    the mid-block attention, the convolutions' reach), and overlaps are cross-faded linearly. Where one tile
+    covers the whole input, tiled and untiled are identical.
+    """
+
+    tile_px: int = 256
+    overlap_px: int = 64
+    tile_frames: int = 16
+    overlap_frames: int = 8
+
+
+class CausalConv3d(nn.Module):
+    """3D convolution padded causally in time (replicating the first frame) and 'same' in space."""
+
+    def __init__(self, ops, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        self.pad = (kernel // 2, kernel // 2, kernel // 2, kernel // 2, kernel - 1, 0)
+        self.conv = ops.Conv3d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if any(self.pad):
+            x = F.pad(x, self.pad, mode="replicate")
+        return self.conv(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ops, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = ops.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = CausalConv3d(ops, c_in, c_out)
+        self.norm2 = ops.GroupNorm(groups, c_out, eps=1e-6)
+        self.conv2 = CausalConv3d(ops, c_out, c_out)
+        self.nin_shortcut = CausalConv3d(ops, c_in, c_out, kernel=1) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class CausalAttention(nn.Module):
+    """Single-head self-attention over all positions, where a frame only attends to itself and earlier frames."""
+
+    def __init__(self, ops, channels: int, groups: int):
+        super().__init__()
+        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
+        self.q = ops.Linear(channels, channels)
+        self.k = ops.Linear(channels, channels)
+        self.v = ops.Linear(channels, channels)
+        self.proj_out = ops.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, t, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c t h w -> b (t h w) c")
+        q, k, v = (rearrange(proj(tokens), "b s c -> b 1 s c") for proj in (self.q, self.k, self.v))
+        # Frame by frame instead of a (THW)^2 mask: queries of frame i see keys of frames 0..i.
+        frame = h * w
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, i * frame : (i + 1) * frame], k[:, :, : (i + 1) * frame], v[:, :, : (i + 1) * frame]
+                )
+                for i in range(t)
+            ],
+            dim=2,
+        )
+        out = self.proj_out(rearrange(out, "b 1 s c -> b s c"))
+        return x + rearrange(out, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ops, channels: int, groups: int, attention: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(ops, channels, channels, groups)
+        self.attn_1 = CausalAttention(ops, channels, groups) if attention else None
+        self.block_2 = ResnetBlock(ops, channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ops, channels: int, stride: tuple[int, int, int]):
+        super().__init__()
+        self.conv = CausalConv3d(ops, channels, channels, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling then a causal conv; the first frame is only upsampled in space (it stays one frame)."""
+
+    def __init__(self, ops, channels: int, factor: tuple[int, int, int]):
+        super().__init__()
+        self.factor = factor
+        self.conv = CausalConv3d(ops, channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.factor[0] == 1 or x.shape[2] == 1:
+            x = F.interpolate(x, scale_factor=(1, *self.factor[1:]), mode="nearest")
+        else:
+            first = F.interpolate(x[:, :, :1], scale_factor=(1, *self.factor[1:]), mode="nearest")
+            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
+            x = torch.cat([first, rest], dim=2)
+        return self.conv(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: HunyuanVAEConfig, ops):
+        super().__init__()
+        chans, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = CausalConv3d(ops, config.in_channels, chans[0])
+        self.down = nn.ModuleList()
+        c_in = chans[0]
+        for i, stride in enumerate(config.level_strides()):
+            level = nn.Module()
+            level.block = nn.ModuleList(
+                ResnetBlock(ops, c_in if j == 0 else chans[i], chans[i], groups) for j in range(config.layers_per_block)
+            )
+            if stride != (1, 1, 1):
+                level.downsample = Downsample(ops, chans[i], stride)
+            self.down.append(level)
+            c_in = chans[i]
+        self.mid = MidBlock(ops, chans[-1], groups, config.mid_attention)
+        self.norm_out = ops.GroupNorm(groups, chans[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(ops, chans[-1], 2 * config.latent_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: HunyuanVAEConfig, ops):
+        super().__init__()
+        chans, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = CausalConv3d(ops, config.latent_channels, chans[-1])
+        self.mid = MidBlock(ops, chans[-1], groups, config.mid_attention)
+        # up[i] works at the resolution of encoder level i, so it runs in reverse order.
+        levels = []
+        c_in = chans[-1]
+        for i, factor in enumerate(config.level_strides()):
+            c_out = chans[-1 - i]
+            level = nn.Module()
+            level.block = nn.ModuleList(
+                ResnetBlock(ops, c_in if j == 0 else c_out, c_out, groups) for j in range(config.layers_per_block + 1)
+            )
+            if factor != (1, 1, 1):
+                level.upsample = Upsample(ops, c_out, factor)
+            levels.append(level)
+            c_in = c_out
+        self.up = nn.ModuleList(reversed(levels))
+        self.norm_out = ops.GroupNorm(groups, chans[0], eps=1e-6)
+        self.conv_out = CausalConv3d(ops, chans[0], config.out_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "upsample"):
+                x = level.upsample(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+Tiled = bool | Literal["auto"]
+
+# Rough count of full-resolution, first-level-width activations alive at once in an untiled pass.
+_LIVE_FULL_RES_ACTIVATIONS = 8
+_CPU_BUDGET = 4 * 2**30
+
+
+class HunyuanVideoVAE(nn.Module):
+    """The HunyuanVideo VAE. `encode` gives the posterior mean (or a sample), `decode` pixels clamped to -1..1."""
+
+    SCALING_FACTOR = SCALING_FACTOR
+
+    def __init__(self, config: HunyuanVAEConfig = HUNYUAN_VAE_CONFIG, operations=TORCH_OPS):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config, operations)
+        self.decoder = Decoder(config, operations)
+        latent = config.latent_channels
+        self.quant_conv = operations.Conv3d(2 * latent, 2 * latent, 1)
+        self.post_quant_conv = operations.Conv3d(latent, latent, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def encode(
+        self,
+        video: Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        tiled: Tiled = "auto",
+        tiling: VAETiling = VAETiling(),
+    ) -> Tensor:
+        """`[B, 3, 4k+1, H, W]` in -1..1 -> unscaled latent `[B, 16, k+1, H/8, W/8]` (posterior mean unless
+        `sample`, then mean + std * noise from `generator`). Returned in the input's dtype, on the VAE's device."""
+        cfg = self.config
+        _check_video(video, cfg)
+        _check_tiling(tiling, cfg)
+        x = video.to(device=self.device, dtype=self.dtype)
+        moments = self._encode_moments(x, tiled, tiling)
+        mean, logvar = moments.chunk(2, dim=1)
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            gen_device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype)
+            mean = mean + std * noise.to(mean.device)
+        return mean.to(video.dtype)
+
+    def decode(
+        self,
+        latent: Tensor,
+        *,
+        tiled: Tiled = "auto",
+        tiling: VAETiling = VAETiling(),
+        clamp: bool = True,
+    ) -> Tensor:
+        """Unscaled latent `[B, 16, T, h, w]` -> pixels `[B, 3, 4(T-1)+1, 8h, 8w]`, clamped to -1..1 as the
+        official pipeline does (clamp=False gives the raw decoder output). Returned in the latent's dtype."""
+        _check_latent(latent, self.config)
+        _check_tiling(tiling, self.config)
+        z = latent.to(device=self.device, dtype=self.dtype)
+        video = self._decode_pixels(z, tiled, tiling)
+        if clamp:
+            video = video.clamp(-1.0, 1.0)
+        return video.to(latent.dtype)
+
+    # Untiled building blocks.
+
+    def _encode_untiled(self, x: Tensor) -> Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode_untiled(self, z: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    # Tiling: time chunks first (each a causal clip of 4m+1 frames), each chunk split into spatial tiles.
+
+    def _use_tiles(self, tiled: Tiled, pixels: int) -> bool:
+        """`pixels`: batch * frames * height * width of the video side. 'auto' tiles when an untiled pass
+        would not fit: in free CUDA memory on a GPU, in _CPU_BUDGET bytes elsewhere."""
+        if tiled != "auto":
+            return bool(tiled)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        need = pixels * self.config.block_out_channels[0] * itemsize * _LIVE_FULL_RES_ACTIVATIONS
+        if self.device.type == "cuda":
+            budget = 0.8 * torch.cuda.mem_get_info(self.device)[0]
+        else:
+            budget = _CPU_BUDGET
+        return need > budget
+
+    def _encode_moments(self, x: Tensor, tiled: Tiled, tiling: VAETiling) -> Tensor:
+        if not self._use_tiles(tiled, x.shape[0] * x.shape[2:].numel()):
+            return self._encode_untiled(x)
+        r, s = self.config.temporal_compression, self.config.spatial_compression
+
+        def encode_clip(clip: Tensor) -> Tensor:
+            return tiled_map_2d(
+                clip,
+                self._encode_untiled,
+                tile=tiling.tile_px,
+                overlap=tiling.overlap_px,
+                scale=Fraction(1, s),
+            )
+
+        latent_frames = (x.shape[2] - 1) // r + 1
+        chunks = []
+        for a, b in causal_chunks(latent_frames, tiling.tile_frames // r + 1, tiling.overlap_frames // r):
+            clip = x[:, :, r * a : r * (b - 1) + 1]
+            # A clip starting mid-video encodes its first frame alone, as an image: drop that latent.
+            skip = 1 if a > 0 else 0
+            chunks.append(((a + skip, b), lambda clip=clip, skip=skip: encode_clip(clip)[:, :, skip:]))
+        if len(chunks) == 1:
+            return encode_clip(x)
+        return blend_chunks_1d(chunks, dim=2)
+
+    def _decode_pixels(self, z: Tensor, tiled: Tiled, tiling: VAETiling) -> Tensor:
+        r, s = self.config.temporal_compression, self.config.spatial_compression
+        pixels = z.shape[0] * (r * (z.shape[2] - 1) + 1) * z.shape[3] * z.shape[4] * s * s
+        if not self._use_tiles(tiled, pixels):
+            return self._decode_untiled(z)
+
+        def decode_clip(clip: Tensor) -> Tensor:
+            return tiled_map_2d(
+                clip, self._decode_untiled, tile=tiling.tile_px // s, overlap=tiling.overlap_px // s, scale=s
+            )
+
+        chunks = []
+        for a, b in causal_chunks(z.shape[2], tiling.tile_frames // r + 1, tiling.overlap_frames // r):
+            # A clip starting mid-video decodes its first latent as a lone first frame: drop that frame.
+            skip = 1 if a > 0 else 0
+            span = (r * a + skip, r * (b - 1) + 1)
+            chunks.append((span, lambda a=a, b=b, skip=skip: decode_clip(z[:, :, a:b])[:, :, skip:]))
+        if len(chunks) == 1:
+            return decode_clip(z)
+        return blend_chunks_1d(chunks, dim=2)
+
+
+def causal_chunks(latent_frames: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
+    """Latent [start, stop) chunks of `chunk` latents, consecutive ones sharing `overlap` latents after the
+    first latent of the later chunk is dropped (it only stands for a lone first frame)."""
+    if latent_frames <= chunk:
+        return [(0, latent_frames)]
+    stride = chunk - 1 - overlap
+    starts = [0]
+    while starts[-1] + chunk < latent_frames:
+        starts.append(starts[-1] + stride)
+    return [(a, min(a + chunk, latent_frames)) for a in starts]
+
+
+def _check_video(video: Tensor, cfg: HunyuanVAEConfig) -> None:
+    r, s = cfg.temporal_compression, cfg.spatial_compression
+    if video.ndim != 5 or video.shape[1] != cfg.in_channels:
+        raise InputError(
+            f"VAE encode: video must be [batch, {cfg.in_channels}, frames, height, width], got {tuple(video.shape)}. "
+            "Pass RGB frames in channels-first video layout."
+        )
+    frames, height, width = video.shape[2:]
+    if (frames - 1) % r != 0:
+        lower = (frames - 1) // r * r + 1
+        raise InputError(
+            f"VAE encode: the HunyuanVideo VAE needs {r}k+1 frames (1, 5, 9, ...), got {frames}. "
+            f"Trim the video to {lower} or pad it to {lower + r} frames."
+        )
+    if height % s or width % s:
+        raise InputError(
+            f"VAE encode: height and width must be multiples of {s}, got {height}x{width}. "
+            f"Resize or crop the video to {height // s * s}x{width // s * s}."
+        )
+
+
+def _check_latent(latent: Tensor, cfg: HunyuanVAEConfig) -> None:
+    if latent.ndim != 5 or latent.shape[1] != cfg.latent_channels:
+        raise InputError(
+            f"VAE decode: latent must be [batch, {cfg.latent_channels}, frames, height, width], got "
+            f"{tuple(latent.shape)}. Use a latent made for the HunyuanVideo VAE (Kandinsky 5 video/T2V/I2V), "
+            "not one from an image VAE."
+        )
+
+
+def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
+    r, s = cfg.temporal_compression, cfg.spatial_compression
+    ok = (
+        tiling.tile_px % s == 0
+        and tiling.overlap_px % s == 0
+        and 0 <= 2 * tiling.overlap_px <= tiling.tile_px
+        and tiling.tile_px > 0
+        and tiling.tile_frames % r == 0
+        and tiling.overlap_frames % r == 0
+        and 0 <= 2 * tiling.overlap_frames <= tiling.tile_frames
+        and tiling.tile_frames > 0
+    )
+    if not ok:
+        raise InputError(
+            f"VAE tiling {tiling} is not usable: tile_px and overlap_px must be multiples of {s}, tile_frames and "
+            f"overlap_frames multiples of {r}, and each overlap at most half its tile. Try the defaults {VAETiling()}."
+        )
+
+
+# Loading.
+
+_DIFFUSERS_CONFIG = "config.json"
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_hunyuan_vae(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: HunyuanVAEConfig | None = None,
+    operations=TORCH_OPS,
+) -> HunyuanVideoVAE:
+    """Load the HunyuanVideo VAE from a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors)
+    or a single .safetensors file in the original/diffusers layout or ComfyUI's latent-diffusion layout.
+
+    `config` overrides the folder's config.json / the released config (tests use tiny ones). Loading is strict.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights, config = _diffusers_folder(path, config)
+    elif path.is_file():
+        weights = path
+    else:
+        raise WeightsError(
+            f"HunyuanVideo VAE: {path} does not exist. Point to the VAE .safetensors file or vae/ folder."
+        )
+    state = _read_safetensors(weights)
+    state = to_our_layout(state, weights)
+    config = config or HUNYUAN_VAE_CONFIG
+
+    conv_in = state["decoder.conv_in.conv.weight"]
+    if conv_in.shape[1] != config.latent_channels:
+        raise WeightsError(
+            f"{weights} is not the HunyuanVideo VAE: it looks like {describe_weights(state)}, but Kandinsky 5 "
+            f"needs {config.latent_channels}. Use hunyuan_video_vae_bf16.safetensors (HunyuanVideo 1.0)."
+        )
+    with torch.device("meta"):
+        model = HunyuanVideoVAE(config, operations)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(
+            f"HunyuanVideo VAE {weights}: keys do not match the model (config {config.block_out_channels}, "
+            f"{config.latent_channels} latent channels). Missing: {_listing(missing)}. Unexpected: "
+            f"{_listing(unexpected)}. Use the HunyuanVideo VAE file (e.g. hunyuan_video_vae_bf16.safetensors)."
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise WeightsError(
+            f"HunyuanVideo VAE {weights}: tensor shapes differ from the HunyuanVideo VAE: {_listing(wrong)}. "
+            "This file is a different VAE (another size or latent channel count)."
+        )
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _diffusers_folder(path: Path, config: HunyuanVAEConfig | None) -> tuple[Path, HunyuanVAEConfig]:
+    if not (path / _DIFFUSERS_CONFIG).is_file() and (path / "vae" / _DIFFUSERS_CONFIG).is_file():
+        path = path / "vae"
+    config_file, weights = path / _DIFFUSERS_CONFIG, path / _DIFFUSERS_WEIGHTS
+    if not config_file.is_file() or not weights.is_file():
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise WeightsError(
+            f"HunyuanVideo VAE folder {path} needs {_DIFFUSERS_CONFIG} and {_DIFFUSERS_WEIGHTS} (found {found}). "
+            "Download the vae/ folder of hunyuanvideo-community/HunyuanVideo, or use a single .safetensors file. "
+            "Only safetensors weights are loaded."
+        )
+    raw = json.loads(config_file.read_text())
+    if raw.get("_class_name", "AutoencoderKLHunyuanVideo") != "AutoencoderKLHunyuanVideo":
+        raise WeightsError(
+            f"{config_file} describes a {raw.get('_class_name')}, not the HunyuanVideo VAE "
+            "(AutoencoderKLHunyuanVideo). Point to the HunyuanVideo vae/ folder."
+        )
+    return weights, config or HunyuanVAEConfig.from_diffusers(raw)
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise WeightsError(
+            f"HunyuanVideo VAE: {path.name} is not a .safetensors file; only safetensors weights are loaded "
+            "(pickled .pt/.bin/.ckpt files can run code). Use hunyuan_video_vae_bf16.safetensors."
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"HunyuanVideo VAE: cannot read {path} as safetensors ({err}). Re-download it.") from err
+
+
+# Key layouts. "diffusers": diffusers' AutoencoderKLHunyuanVideo, which is also the original Tencent layout
+# (hunyuan_video_vae_bf16.safetensors, as the HunyuanVideo wrappers load it): down_blocks/up_blocks/resnets.
+# "ldm": what ComfyUI converts that to (comfy/diffusers_convert.py): down/up/block, mid.attn_1 as 1x1x1 convs.
+
+
+def detect_layout(keys: set[str]) -> str | None:
+    if "decoder.conv_in.conv.weight" not in keys:
+        return None
+    if any(k.startswith("decoder.up_blocks.") for k in keys):
+        return "diffusers"
+    if any(k.startswith("decoder.up.") for k in keys):
+        return "ldm"
+    return None
+
+
+def to_our_layout(state: dict[str, Tensor], source: Path | str = "state dict") -> dict[str, Tensor]:
+    """Rename a HunyuanVideo VAE state dict (either layout, optional 'vae.'/'first_stage_model.' prefix) to ours."""
+    for prefix in ("vae.", "first_stage_model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    layout = detect_layout(set(state))
+    if layout is None:
+        raise WeightsError(
+            f"{source} is not a HunyuanVideo VAE: it looks like {describe_weights(state)}. "
+            "Use the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors or the diffusers vae/ folder)."
+        )
+    if layout == "diffusers":
+        n_levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+        return {_diffusers_name(k, n_levels): v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        if re.fullmatch(r".*\.mid\.attn_1\.(q|k|v|proj_out)\.weight", k) and v.ndim == 5:
+            v = v.reshape(v.shape[:2])
+        out[k] = v
+    return out
+
+
+_DIFFUSERS_RENAMES = [
+    (r"\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".down.\1.block.\2."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn_1.norm."),
+    (r"\.mid_block\.attentions\.0\.to_(q|k|v)\.", r".mid.attn_1.\1."),
+    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.conv_norm_out\.", ".norm_out."),
+]
+
+
+def _diffusers_name(key: str, n_levels: int) -> str:
+    # Decoder up_blocks run from the lowest resolution; our up[i] is indexed by resolution level.
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.\d+|upsamplers\.0)\.", key)
+    if m:
+        level = n_levels - 1 - int(m.group(1))
+        inner = re.sub(r"resnets\.", "block.", m.group(2)).replace("upsamplers.0", "upsample")
+        key = f"decoder.up.{level}.{inner}.{key[m.end() :]}"
+    key = "." + key
+    for pattern, repl in _DIFFUSERS_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key[1:]
+
+
+def describe_weights(state: dict[str, Tensor]) -> str:
+    """A short guess of what a state dict is, for error messages."""
+    keys = set(state)
+
+    def has(*parts: str) -> bool:
+        return any(all(p in k for p in parts) for k in keys)
+
+    if has("visual_transformer_blocks") or has("text_transformer_blocks") or has("time_embeddings"):
+        return "a Kandinsky 5 DiT (diffusion model)"
+    if has("double_blocks") or has("single_blocks") or has("transformer_blocks"):
+        return "a diffusion transformer (DiT), not a VAE"
+    if has("decoder.conv_in.conv.weight"):
+        w = state.get("decoder.conv_in.conv.weight")
+        if w is not None and w.ndim == 5 and w.shape[1] != 16:
+            return f"a 3D video VAE with {w.shape[1]} latent channels (e.g. HunyuanVideo 1.5), not HunyuanVideo's 16"
+        return "a 3D video VAE of another architecture"
+    if has("decoder.upsamples") or has("decoder.middle"):
+        return "a Wan video VAE"
+    conv_in = state.get("decoder.conv_in.weight")
+    if conv_in is not None and conv_in.ndim == 4:
+        return f"a 2D image VAE ({conv_in.shape[1]} latent channels, e.g. FLUX or Stable Diffusion)"
+    if has("decoder.") and has("encoder."):
+        return "an autoencoder of another architecture"
+    if has("model.layers.") or has("text_model.") or has("language_model") or has("embed_tokens"):
+        return "a text encoder"
+    if has("lora_"):
+        return "a LoRA"
+    if not keys:
+        return "an empty file"
+    return f"an unknown model (first keys: {_listing(sorted(keys), 3)})"
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    if not items:
+        return "none"
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")

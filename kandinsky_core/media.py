@@ -1,0 +1,170 @@
+"""Reading input images and writing results: mp4 (PyAV, 24 fps) and png (Pillow), never half-written."""
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+
+FPS = 24
+VIDEO_SUFFIXES = (".mp4",)
+IMAGE_SUFFIXES = (".png",)
+
+
+def check_output_path(path: str | os.PathLike, *, video: bool, overwrite: bool = False) -> Path:
+    """Fail before any work if the output cannot be written: wrong suffix, existing file, missing folder."""
+    path = Path(path)
+    allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    if path.suffix.lower() not in allowed:
+        kind = "video" if video else "image"
+        raise InputError(
+            f"Output {str(path)!r}: this variant makes a {kind}, so the output must end in {' or '.join(allowed)}. "
+            f"Pass e.g. --output out{allowed[0]}."
+        )
+    if path.exists() and not overwrite:
+        raise InputError(f"Output {str(path)!r} already exists. Choose another --output or pass --overwrite.")
+    if not path.parent.is_dir():
+        raise InputError(f"Output folder {str(path.parent)!r} does not exist. Create it or choose another --output.")
+    return path
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as uint8 RGB [3, H, W] (alpha dropped, palette and greyscale converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Input image {str(path)!r} does not exist. Pass an existing png/jpg/webp file with --image.")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(
+            f"Input image {str(path)!r} cannot be read as an image ({e}). Pass a png, jpg or webp file."
+        ) from e
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def resize_center_crop(image: Tensor, width: int, height: int) -> Tensor:
+    """Scale [C, H, W] so it covers width x height, keeping its aspect, then cut the centre (as the official
+    resize_video does: the short side fits, the long side is cropped symmetrically)."""
+    h, w = image.shape[-2:]
+    scale = min(h / height, w / width)
+    new_h, new_w = int(h / scale), int(w / scale)
+    x = image.float().unsqueeze(0)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[0, :, top : top + height, left : left + width]
+    return x.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else x
+
+
+def to_uint8_frames(pixels: Tensor) -> Tensor:
+    """VAE output [B, 3, F, H, W] (or [3, F, H, W]) in -1..1 -> frames uint8 [F, H, W, 3] (first batch item)."""
+    if pixels.ndim == 5:
+        pixels = pixels[0]
+    x = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+def _atomic_write(path: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename: an error leaves nothing behind."""
+    if path.exists() and not overwrite:
+        raise InputError(f"Output {str(path)!r} already exists. Choose another --output or pass --overwrite.")
+    # Created like any file (not mkstemp's 0600), under a name no one else uses.
+    tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}"
+    open(tmp, "xb").close()
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() refuses to replace a file that appeared meanwhile; rename() would silently clobber it.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise InputError(
+                    f"Output {str(path)!r} appeared while writing. Choose another --output or pass --overwrite."
+                ) from None
+            except OSError:
+                os.replace(tmp, path)  # filesystems without hard links
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _video_codec() -> str:
+    import av
+
+    for name in ("libx264", "mpeg4"):
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:  # noqa: BLE001 - PyAV raises different types across versions for unknown codecs
+            continue
+    raise RuntimeError("PyAV has neither libx264 nor mpeg4 encoders; reinstall av (pip install av).")
+
+
+def write_video(frames: Tensor, path: str | os.PathLike, *, fps: int = FPS, overwrite: bool = False) -> Path:
+    """Frames uint8 [F, H, W, 3] -> H.264 (or MPEG-4 part 2) yuv420p mp4. Odd sizes are edge-padded to even."""
+    import av
+
+    frames = frames.cpu()
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"write_video needs uint8 frames [F, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
+    h, w = frames.shape[1:3]
+    pad_h, pad_w = h % 2, w % 2
+    array = frames.numpy()
+    if pad_h or pad_w:
+        array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    codec = _video_codec()
+
+    def write(tmp: Path) -> None:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height = array.shape[2], array.shape[1]
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "16", "preset": "medium"}
+            else:
+                stream.bit_rate = 8_000_000
+            for frame in array:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+    return _atomic_write(Path(path), overwrite, write)
+
+
+def write_image(frame: Tensor, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """One frame uint8 [H, W, 3] (or [1, H, W, 3]) -> png."""
+    from PIL import Image
+
+    if frame.ndim == 4:
+        frame = frame[0]
+    image = Image.fromarray(frame.cpu().numpy())
+    return _atomic_write(Path(path), overwrite, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_output(frames: Tensor, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """mp4 for .mp4 outputs, png (first frame) for .png outputs."""
+    suffix = Path(path).suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        return write_video(frames, path, overwrite=overwrite)
+    if suffix in IMAGE_SUFFIXES:
+        return write_image(frames, path, overwrite=overwrite)
+    raise InputError(f"Output {str(path)!r}: the suffix must be .mp4 (video) or .png (image).")
+
+
+def read_video(path: str | os.PathLike) -> Tensor:
+    """An mp4 decoded to uint8 frames [F, H, W, 3] (for checks and tests)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return torch.from_numpy(np.stack(frames))

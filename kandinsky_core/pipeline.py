@@ -1,0 +1,400 @@
+"""End-to-end generation with stage-by-stage offloading.
+
+Stages run one after another and only one large model sits on the accelerator at a time:
+text encoders (encode prompts) -> VAE encode (I2V start image / I2I edit image) -> DiT (sample) -> VAE decode.
+Every argument is checked by `resolve_request` before any weights are read.
+"""
+
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .download import ModelPaths
+from .errors import InputError, MissingFilesError
+from .media import read_image, resize_center_crop, to_uint8_frames
+from .variants import Variant, get_variant, validate_size
+
+__all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device"]
+
+# t2v_pipeline.py / i2v_pipeline.py __call__ default; the image pipelines default to "".
+VIDEO_NEGATIVE = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+    "walking backwards"
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A fully resolved, validated generation: every default filled in from the variant."""
+
+    variant: Variant
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    frames: int
+    seed: int
+    steps: int
+    guidance: float
+    scheduler_scale: float
+    image: Tensor | None  # uint8 [3, height, width], already resized and centre-cropped (I2V / I2I)
+    expand_prompt: bool
+    nabla: Any  # NablaParams or None (dense attention)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, 16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+def _nearest_aspect(resolutions: tuple[tuple[int, int], ...], width: int, height: int) -> tuple[int, int]:
+    return min(resolutions, key=lambda wh: abs(wh[0] / wh[1] - width / height))
+
+
+def _image_size(image: str | os.PathLike | Tensor) -> tuple[int, int]:
+    if isinstance(image, Tensor):
+        return int(image.shape[-1]), int(image.shape[-2])
+    from PIL import Image
+
+    if not Path(image).is_file():
+        raise InputError(f"Input image {str(image)!r} does not exist. Pass an existing png/jpg/webp file with --image.")
+    try:
+        with Image.open(image) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise InputError(f"Input image {str(image)!r} cannot be read ({e}). Pass a png, jpg or webp file.") from e
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}={value!r} is not allowed: it must be a whole number >= 1.")
+    return value
+
+
+def resolve_request(
+    variant: str | Variant,
+    prompt: str,
+    *,
+    negative: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler_scale: float | None = None,
+    image: str | os.PathLike | Tensor | None = None,
+    expand_prompt: bool = False,
+    nabla: Any = None,
+) -> Request:
+    """Fill defaults from the variants table and check everything; cheap (reads at most the input image).
+
+    `nabla`: None keeps the variant's setting, False forces dense attention, a NablaParams overrides it.
+    `image`: a path, or uint8 [3, H, W]; required for I2V and I2I, refused otherwise. Without width/height,
+    I2V / I2I take the trained size nearest to the image's aspect ratio.
+    """
+    v = get_variant(variant)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("The prompt is empty. Describe what to generate with --prompt TEXT.")
+    needs_image = v.task in ("i2v", "i2i")
+    if needs_image and image is None:
+        what = "start frame" if v.task == "i2v" else "image to edit"
+        raise InputError(f"Variant {v.name} ({v.task.upper()}) needs an input image (the {what}). Pass --image FILE.")
+    if not needs_image and image is not None:
+        raise InputError(
+            f"Variant {v.name} ({v.task.upper()}) does not take an input image. Remove --image, or pick an i2v / i2i "
+            "variant (`python -m kandinsky_core variants`)."
+        )
+    if (width is None) != (height is None):
+        raise InputError("Give both --width and --height, or neither (then the variant's default size is used).")
+    if width is None:
+        if image is not None:
+            width, height = _nearest_aspect(v.resolutions, *_image_size(image))
+        else:
+            width, height = v.default_size
+    if frames is None:
+        frames = v.default_frames if v.is_video else 1
+    validate_size(v, width, height, frames)
+
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise InputError(f"seed={seed} is not allowed: use a whole number between 0 and 2**64 - 1.")
+    steps = _positive_int("steps", v.steps if steps is None else steps)
+    guidance = float(v.guidance if guidance is None else guidance)
+    if not guidance >= 0:
+        raise InputError(
+            f"guidance={guidance} is not allowed: use a number >= 0 (1 disables CFG; default {v.guidance})."
+        )
+    scheduler_scale = float(v.scheduler_scale if scheduler_scale is None else scheduler_scale)
+    if not scheduler_scale > 0:
+        raise InputError(
+            f"scheduler_scale={scheduler_scale} is not allowed: it must be > 0 (default {v.scheduler_scale})."
+        )
+    if negative is None:
+        negative = VIDEO_NEGATIVE if v.is_video else ""
+
+    if nabla is None:
+        nabla = v.nabla
+    elif nabla is False:
+        nabla = None
+    elif nabla is True:
+        if v.nabla is None:
+            raise InputError(
+                f"Variant {v.name} has no NABLA setting; pass NABLA parameters explicitly or leave it off."
+            )
+        nabla = v.nabla
+    if nabla is not None and (width % 128 or height % 128):
+        raise InputError(
+            f"NABLA attention needs width and height in multiples of 128 px (8x8-token tiles); got {width}x{height}. "
+            "Pick a size from the variants table or turn NABLA off."
+        )
+
+    pixels = None
+    if image is not None:
+        pixels = image if isinstance(image, Tensor) else read_image(image)
+        if pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise InputError(f"Input image tensor has shape {tuple(pixels.shape)}; expected uint8 [3, H, W].")
+        pixels = resize_center_crop(pixels, width, height)
+    return Request(
+        variant=v,
+        prompt=prompt,
+        negative=negative,
+        width=width,
+        height=height,
+        frames=frames,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        scheduler_scale=scheduler_scale,
+        image=pixels,
+        expand_prompt=bool(expand_prompt),
+        nabla=nabla,
+    )
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> CUDA if present, else Apple MPS, else CPU. An explicit device that is absent is an InputError."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"--device {device!r} is not a device name. Use auto, cpu, cuda, cuda:N or mps.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but this torch sees no CUDA GPU. Use --device cpu or auto.")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _free(device: torch.device) -> None:
+    """Return an accelerator's cached memory after a stage (on the CPU, dropping the last reference is enough)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        gc.collect()
+        torch.mps.empty_cache()
+
+
+def _offload(model: Any, device: torch.device, offload: bool) -> None:
+    """Park a model that is needed again later (the VAE between I2V/I2I encode and decode) on the CPU."""
+    if offload and device.type != "cpu":
+        model.to("cpu")
+        _free(device)
+
+
+def _pixels(image: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """uint8 [3, H, W] -> [1, 3, 1, H, W] in -1..1, the VAE's input layout."""
+    return (image.to(device=device, dtype=torch.float32) / 127.5 - 1.0)[None, :, None].to(dtype)
+
+
+def _load_vae(variant: Variant, path: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    if variant.vae == "flux":
+        from .flux_vae import load_flux_vae
+
+        return load_flux_vae(path, dtype=dtype, device=device)
+    from .hunyuan_vae import load_hunyuan_vae
+
+    return load_hunyuan_vae(path, dtype=dtype, device=device)
+
+
+def _progress_callback(steps: int, enabled: bool) -> tuple[Callable[[int, int, Tensor], None] | None, Any]:
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="sampling", unit="step")
+    return (lambda i, n, x: bar.update(1)), bar
+
+
+@torch.no_grad()
+def run(
+    request: Request,
+    models: ModelPaths,
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype | None = None,
+    offload: bool = True,
+    progress: bool = True,
+    attention_backend: str | None = None,
+    fp8: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Tensor:
+    """Generate `request` from the files in `models`; returns frames uint8 [F, H, W, 3] on the CPU.
+
+    Stages: text encoders (loaded, used, dropped) -> VAE encode of the input image (then parked on the CPU when
+    `offload`) -> DiT (loaded, sampled, dropped) -> VAE decode. `fp8` stores the DiT's block weights in float8."""
+    from .loading import load_dit
+    from .sampling import make_noise, sample
+    from .text_encoders import load_text_encoders
+
+    log = log or (lambda msg: None)
+    v = request.variant
+    dev = pick_device(device)
+    dtype = dtype or default_dtype(dev)
+    vae_dtype = vae_dtype or dtype
+
+    # 1. text: both prompts, then the encoders leave the accelerator
+    log(f"text encoders: {models.qwen} + {models.clip}")
+    encoders = load_text_encoders(models.qwen, models.clip, dtype=dtype, device=dev, tokenizer_dir=models.tokenizer_dir)
+    images = [request.image] if v.task == "i2i" else None
+    prompt = request.prompt
+    if request.expand_prompt:
+        prompt = encoders.expand_prompt(prompt, v.text_template, image=request.image, seed=request.seed)
+        log(f"expanded prompt: {prompt}")
+    cond = encoders.encode([prompt], v.text_template, v.text_max_length, images=images)
+    uncond = None
+    if abs(request.guidance - 1.0) > 1e-6:
+        uncond = encoders.encode([request.negative], v.text_template, v.text_max_length, images=images)
+    cond, uncond = cond.to("cpu"), (uncond.to("cpu") if uncond is not None else None)
+    del encoders  # used once: dropping them frees the accelerator without copying 16 GB back to the CPU
+    _free(dev)
+
+    # 2. start image (I2V) or edit image (I2I) through the VAE
+    vae = None
+    first_frame = edit = None
+    if request.image is not None:
+        log(f"VAE encode: {models.vae}")
+        vae = _load_vae(v, models.vae, vae_dtype, dev)
+        latent = vae.encode(_pixels(request.image, dev, vae_dtype)).float() * v.latent_scale
+        latent = latent.cpu()
+        first_frame, edit = (latent, None) if v.task == "i2v" else (None, latent)
+        _offload(vae, dev, offload)
+
+    # 3. DiT sampling
+    log(f"DiT: {models.dit}")
+    dit, _ = load_dit(models.dit, v, dtype=dtype, device=dev, fp8=fp8)
+    noise = make_noise(request.latent_shape, request.seed, dtype=torch.float32, device=dev)
+    callback, bar = _progress_callback(request.steps, progress)
+    try:
+        x = sample(
+            dit,
+            noise,
+            cond.to(dev, dtype),
+            uncond.to(dev, dtype) if uncond is not None else None,
+            steps=request.steps,
+            guidance=request.guidance,
+            scheduler_scale=request.scheduler_scale,
+            rope_scale=v.rope_scale,
+            nabla=request.nabla,
+            first_frame_latent=first_frame.to(dev) if first_frame is not None else None,
+            edit_latent=edit.to(dev) if edit is not None else None,
+            callback=callback,
+            attention_backend=attention_backend,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    del dit
+    _free(dev)
+
+    # 4. decode
+    log("VAE decode")
+    if vae is None:
+        vae = _load_vae(v, models.vae, vae_dtype, dev)
+    elif offload:
+        vae.to(dev)
+    pixels = vae.decode((x / v.latent_scale).to(vae_dtype))
+    del vae
+    _free(dev)
+    return to_uint8_frames(pixels[:, :, : request.frames])
+
+
+def generate(
+    variant: str | Variant,
+    prompt: str,
+    *,
+    models: ModelPaths | str | os.PathLike | None = None,
+    negative: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler_scale: float | None = None,
+    image: str | os.PathLike | Tensor | None = None,
+    expand_prompt: bool = False,
+    nabla: Any = None,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    offload: bool = True,
+    attention_backend: str | None = None,
+    fp8: bool = False,
+) -> Tensor:
+    """Text (and image) to video or image: frames uint8 [F, H, W, 3] (F = 1 for image variants).
+
+    Defaults (size, frames, steps, guidance, scheduler scale, negative prompt, NABLA) come from the variants table.
+    `models`: the files (ModelPaths), or a models folder in ComfyUI's layout (None: the default one, see
+    download.default_models_dir); nothing is downloaded here, missing files raise MissingFilesError naming them.
+    """
+    request = resolve_request(
+        variant,
+        prompt,
+        negative=negative,
+        width=width,
+        height=height,
+        frames=frames,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        scheduler_scale=scheduler_scale,
+        image=image,
+        expand_prompt=expand_prompt,
+        nabla=nabla,
+    )
+    if not isinstance(models, ModelPaths):
+        from .download import default_models_dir, ensure_files, model_paths
+
+        folder = Path(models) if models is not None else default_models_dir()
+        models = model_paths(ensure_files(request.variant, folder, allow_download=False), folder)
+    missing = [p for p in (models.dit, models.qwen, models.clip, models.vae) if not Path(p).exists()]
+    if missing:
+        raise MissingFilesError(
+            f"Model files do not exist: {', '.join(str(p) for p in missing)}. Check the paths, or run "
+            f"`python -m kandinsky_core download --variant {request.variant.name}`."
+        )
+    return run(
+        request,
+        models,
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        progress=progress,
+        attention_backend=attention_backend,
+        fp8=fp8,
+    )
