@@ -101,7 +101,7 @@ class Variant:
     max_frames: int
     hf_repo: str
     hf_filename: str
-    text_template: str  # "video" | "image2video" | "image" | "image_edit"
+    text_template: str  # "video" | "image" | "image_edit" (I2V uses "video", as generation_utils.generate_sample_i2v)
     text_max_length: int
     vae: str  # "hunyuan" | "flux"
     latent_scale: float
@@ -202,7 +202,7 @@ def _pro(task: str, stage: str, seconds: int, quality: str, sched: float, config
         max_frames=seconds_to_frames(seconds),
         hf_repo=f"{_REPO}{task.upper()}-Pro-{stage}-{seconds}s",
         hf_filename=f"model/kandinsky5pro_{task}_{stage}_{seconds}s.safetensors",
-        text_template="video" if task == "t2v" else "image2video",
+        text_template="video",  # the official I2V pipeline encodes with the "video" template too
         text_max_length=256,
         vae="hunyuan",
         latent_scale=HUNYUAN_LATENT_SCALE,
@@ -279,7 +279,7 @@ def _build_table() -> dict[str, Variant]:
             max_frames=seconds_to_frames(5),
             hf_repo=f"{_REPO}I2V-Lite-5s",
             hf_filename="model/kandinsky5lite_i2v_5s.safetensors",
-            text_template="image2video",
+            text_template="video",  # generate_sample_i2v uses "video"; "image2video" is defined but unused
             text_max_length=256,
             vae="hunyuan",
             latent_scale=HUNYUAN_LATENT_SCALE,

@@ -88,7 +88,7 @@ def test_checkpoints_and_encoders():
     for v in VARIANTS.values():
         if v.is_video:
             assert (v.vae, v.latent_scale, v.text_max_length) == ("hunyuan", 0.476986, 256)
-            assert v.text_template == ("video" if v.task == "t2v" else "image2video")
+            assert v.text_template == "video"  # official generate_sample_i2v encodes I2V prompts as "video"
         else:
             assert (v.vae, v.latent_scale, v.text_max_length) == ("flux", 0.3611, 512)
             assert v.text_template == ("image" if v.task == "t2i" else "image_edit")
