@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -20,6 +22,9 @@ from .layers import (
 )
 from .nabla import NablaParams, tile_tokens, untile_tokens
 from .variants import DiTArch
+
+# (visual tokens before the visual blocks, function running the blocks) -> visual tokens after them
+BlockCacheHook = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 NABLA_TILE = 8  # NABLA groups visual tokens into 8x8 tiles per frame (64-token blocks)
 
@@ -44,7 +49,11 @@ class Kandinsky5DiT(nn.Module):
         operations = operations or ops
         self.arch = arch
         if compute_dtype is None:
-            compute_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+            # float8 storage computes in bf16; no dtype means torch's default (fp32) parameters computing in fp32
+            if dtype is None:
+                compute_dtype = torch.get_default_dtype()
+            else:
+                compute_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
         self.compute_dtype = compute_dtype
         kw = dict(dtype=dtype, device=device, operations=operations)
         a = arch
@@ -98,9 +107,14 @@ class Kandinsky5DiT(nn.Module):
         rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
         nabla: NablaParams | None = None,
         attention_backend: str | None = None,
+        block_cache: BlockCacheHook | None = None,
     ) -> Tensor:
         """Velocity [B, 16, T, H, W] (in x's dtype) for x [B, C_in, T, H, W], text [B, L, 3584], pooled [B, 768],
-        timestep [B] in 0..1000 and text_mask [B, L] (True = real token)."""
+        timestep [B] in 0..1000 and text_mask [B, L] (True = real token).
+
+        `block_cache(visual, run_blocks)`, when given, replaces the pass through the visual blocks: it gets the
+        visual tokens [B, S, D] before the blocks and a function that runs them, and returns the tokens after them
+        (MagCache uses it to reuse a cached residual instead of running the blocks)."""
         out_dtype = x.dtype
         dt = self.compute_dtype
         b = x.shape[0]
@@ -145,8 +159,13 @@ class Kandinsky5DiT(nn.Module):
             # Tile order puts each 8x8 block of tokens together (the official fractal_flatten).
             visual = tile_tokens(visual, grid)
             cos, sin = tile_tokens(cos[None], grid)[0], tile_tokens(sin[None], grid)[0]
-        for block in self.visual_transformer_blocks:
-            visual = block(visual, text, time_embed, (cos, sin), text_mask, nabla, grid, backend=attention_backend)
+
+        def run_visual_blocks(visual: Tensor) -> Tensor:
+            for block in self.visual_transformer_blocks:
+                visual = block(visual, text, time_embed, (cos, sin), text_mask, nabla, grid, backend=attention_backend)
+            return visual
+
+        visual = run_visual_blocks(visual) if block_cache is None else block_cache(visual, run_visual_blocks)
         if nabla is not None:
             visual = untile_tokens(visual, grid)
 

@@ -179,6 +179,7 @@ def sample(
     edit_latent: Tensor | None = None,
     callback: StepCallback | None = None,
     attention_backend: str | None = None,
+    block_cache: Any = None,
 ) -> Tensor:
     """Euler integration of the flow from t=1 (noise) to t=0, returning the sample in DiT latent space.
 
@@ -187,6 +188,8 @@ def sample(
     never evaluated. `callback(step_index, steps, x)` runs after every step with the current latent (clone it
     to keep it: I2V overwrites its frame 0 in place); to cancel, raise from it: the exception propagates and
     sampling stops there. The loop itself never reads a value back from the device.
+    `block_cache` (e.g. `magcache.MagCache` or `magcache.MagCalibration`) gets `begin(steps, cfg)` once, then gives
+    the DiT a `block_cache=hook(step, branch)` for every call (branch 0: positive prompt, 1: negative).
     """
     visual_cond, instruct = _arch_flags(dit)
     _check_inputs(noise, cond, uncond, guidance, visual_cond, instruct, first_frame_latent, edit_latent)
@@ -215,8 +218,14 @@ def sample(
             extra[:, :LATENT_CHANNELS] = edit_latent.to(device=device, dtype=x.dtype)
             extra[:, LATENT_CHANNELS:] = 1
 
-    def velocity(model_input: Tensor, t: Tensor, text: tuple[Tensor, Tensor | None, Tensor]) -> Tensor:
+    if block_cache is not None:
+        block_cache.begin(steps, use_cfg)
+
+    def velocity(
+        model_input: Tensor, t: Tensor, text: tuple[Tensor, Tensor | None, Tensor], step: int, branch: int
+    ) -> Tensor:
         text_embeds, text_mask, pooled = text
+        hook = {} if block_cache is None else {"block_cache": block_cache.hook(step, branch)}
         v = dit(
             model_input,
             text_embeds,
@@ -226,6 +235,7 @@ def sample(
             rope_scale=rope_scale,
             nabla=nabla,
             attention_backend=attention_backend,
+            **hook,
         )
         return v[:, :LATENT_CHANNELS]
 
@@ -235,9 +245,9 @@ def sample(
             x[:, :, :1] = first_frame_latent
         model_input = x if extra is None else torch.cat([x, extra], dim=1)
         t = dit_times[i].expand(B)
-        v = velocity(model_input, t, cond_args)
+        v = velocity(model_input, t, cond_args, i, 0)
         if use_cfg:
-            v_uncond = velocity(model_input, t, uncond_args)
+            v_uncond = velocity(model_input, t, uncond_args, i, 1)
             v = v_uncond + guidance * (v - v_uncond)
         x = x + dts[i] * v.to(x.dtype)
         if callback is not None:

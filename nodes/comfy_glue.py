@@ -1,0 +1,158 @@
+"""The few places the pack touches ComfyUI: devices, ModelPatcher, memory, interrupts, progress and previews.
+
+ComfyUI modules are imported inside the functions, so `nodes/` imports without ComfyUI (unit tests put fakes
+in sys.modules) and importing the pack costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("kandinsky5")
+
+OFFLOAD = {"dit": "unet_offload_device", "text": "text_encoder_offload_device", "vae": "vae_offload_device"}
+
+
+def model_management():
+    import comfy.model_management
+
+    return comfy.model_management
+
+
+def load_device() -> torch.device:
+    return model_management().get_torch_device()
+
+
+def offload_device(kind: str) -> torch.device:
+    return getattr(model_management(), OFFLOAD[kind])()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on accelerators, float32 on the CPU (where bfloat16 matmuls are slow)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def dit_operations() -> Any:
+    """comfy.ops.manual_cast (weights cast to the input's dtype and device at use, so ComfyUI can leave part of
+    the DiT on the offload device: low-VRAM partial loading). Falls back to our layers where comfy lacks one."""
+    from kandinsky_core import layers
+
+    try:
+        import comfy.ops
+
+        cast = comfy.ops.manual_cast
+    except (ImportError, AttributeError):
+        return layers.ops
+    return SimpleNamespace(
+        Linear=eager_weights(getattr(cast, "Linear", layers.Linear)),
+        LayerNorm=getattr(cast, "LayerNorm", layers.LayerNorm),
+        RMSNorm=getattr(cast, "RMSNorm", layers.RMSNorm),
+    )
+
+
+def eager_weights(linear: type) -> type:
+    """The Linear class with torch's own state-dict loading. With dynamic VRAM (comfy-aimdo, on by default on
+    NVIDIA in ComfyUI v0.33.0), comfy.ops.Linear creates no weight until ComfyUI's own loader fills it, unless a
+    subclass brings its own `_load_from_state_dict`; kandinsky_core loads strictly with
+    `load_state_dict(assign=True)`, which needs the parameters to exist. Casting at use (what partial loading relies
+    on) is unchanged."""
+
+    class Linear(linear):
+        def _load_from_state_dict(self, *args, **kwargs):
+            return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    Linear.__qualname__ = f"{linear.__qualname__}[eager]"
+    return Linear
+
+
+class Holder(torch.nn.Module):
+    """Holds one of our models for a ModelPatcher, which writes bookkeeping attributes (device, lowvram flags)
+    onto the module it manages; our models keep read-only properties of those names."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
+def wrap(model: torch.nn.Module, kind: str) -> Any:
+    """A ModelPatcher around one of our models (as `patcher.model.inner`), loading to ComfyUI's torch device and
+    parking on the offload device of its kind ("dit", "text", "vae")."""
+    from comfy.model_patcher import ModelPatcher
+
+    return ModelPatcher(Holder(model), load_device=load_device(), offload_device=offload_device(kind))
+
+
+def load(patcher: Any, memory_required: int) -> None:
+    """Make room (ComfyUI unloads or offloads other models) and load `patcher` onto the torch device."""
+    model_management().load_models_gpu([patcher], memory_required=int(memory_required))
+
+
+def check_interrupted() -> None:
+    """Raises ComfyUI's interrupt exception when the user pressed Cancel (POST /interrupt)."""
+    model_management().throw_exception_if_processing_interrupted()
+
+
+def comfy_dir() -> str:
+    """ComfyUI's `comfy` package folder, where it bundles the Qwen2.5 and CLIP tokenizers."""
+    import os
+
+    import comfy
+
+    return os.path.dirname(os.path.abspath(comfy.__file__))
+
+
+def latent_format(vae_kind: str) -> Any:
+    import comfy.latent_formats as lf
+
+    return lf.HunyuanVideo() if vae_kind == "hunyuan" else lf.Flux()
+
+
+def make_previewer(vae_kind: str) -> Any:
+    """ComfyUI's previewer for the latent space (Latent2RGB from its own factors, or TAESD when installed and
+    chosen), or None when previews are off."""
+    try:
+        import latent_preview
+
+        return latent_preview.get_previewer(load_device(), latent_format(vae_kind))
+    except Exception as e:  # previews are a convenience: never fail a generation for them
+        log.warning("Kandinsky 5: no latent previews (%s)", e)
+        return None
+
+
+def x0_estimate(x_prev: Tensor, x_next: Tensor, t_prev: float, t_next: float) -> Tensor:
+    """The clean latent an Euler step points at: with x_t = (1 - t) x0 + t noise, velocity v = dx/dt and
+    x0 = x_t - t v."""
+    v = (x_next - x_prev) / (t_next - t_prev)
+    return x_next - t_next * v
+
+
+def step_callback(
+    noise: Tensor, times: Tensor, latent_scale: float, vae_kind: str, steps: int
+) -> Callable[[int, int, Tensor], None]:
+    """The sampler's per-step hook: stop on Cancel, advance the progress bar and send a preview of x0."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(steps)
+    previewer = make_previewer(vae_kind)
+    fmt = latent_format(vae_kind) if previewer is not None else None
+    state = {"x": noise.clone()}
+
+    def callback(i: int, n: int, x: Tensor) -> None:
+        check_interrupted()
+        preview = None
+        if previewer is not None:
+            x0 = x0_estimate(state["x"], x, float(times[i]), float(times[i + 1]))
+            state["x"] = x.clone()
+            try:
+                preview = previewer.decode_latent_to_preview_image("JPEG", fmt.process_in(x0 / latent_scale))
+            except Exception as e:
+                log.debug("Kandinsky 5 preview failed: %s", e)
+        bar.update_absolute(i + 1, n, preview)
+
+    return callback

@@ -1,0 +1,249 @@
+"""Kandinsky 5 Sampler: seeded noise, the flow-matching Euler sampler (CFG, NABLA, I2V / I2I), LATENT out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kandinsky_core.errors import InputError
+from kandinsky_core.nabla import NablaParams
+from kandinsky_core.variants import FPS, Variant
+
+from . import comfy_glue
+from .common import CATEGORY, fail
+from .text import from_conditioning
+
+NABLA_MODES = ("auto", "on", "off")
+OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
+HD_AREA_SLACK = 1.5  # sizes up to 1.5x the largest trained area are allowed (e.g. 768x768 on a 768x512 model)
+MAX_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampler settings with every auto value resolved from the variant."""
+
+    steps: int
+    guidance: float
+    scheduler_scale: float
+    nabla: NablaParams | None
+
+
+def resolve_settings(
+    v: Variant, steps: int, guidance: float, scheduler_scale: float, nabla: str, P: float, wT: int, wH: int, wW: int
+) -> Settings:
+    """steps 0, guidance < 0 and scheduler_scale 0 mean the variant's value; NABLA auto follows the variant, on uses
+    the variant's P and windows (or the official 0.9 / 11, 3, 3) unless P / windows are given (non-zero)."""
+    if nabla not in NABLA_MODES:
+        raise InputError(f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}.")
+    params = None
+    if nabla == "on" or (nabla == "auto" and v.nabla is not None):
+        base = v.nabla or OFFICIAL_NABLA
+        params = NablaParams(P=P or base.P, wT=wT or base.wT, wH=wH or base.wH, wW=wW or base.wW)
+    return Settings(
+        steps=steps or v.steps,
+        guidance=v.guidance if guidance < 0 else guidance,
+        scheduler_scale=scheduler_scale or v.scheduler_scale,
+        nabla=params,
+    )
+
+
+def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | None:
+    """What is wrong with a size regardless of the model (None when nothing is): multiples of 16 px (128 with
+    NABLA: 8x8-token tiles) and 4k+1 frames (the VAE packs 4 frames per latent)."""
+    m = 128 if nabla_on else 16
+    why = " (NABLA works on 8x8-token tiles = 128 px; or set nabla to off)" if nabla_on else ""
+    for label, value in (("width", width), ("height", height)):
+        if value < m or value > MAX_SIZE or value % m:
+            lo, hi = max(m, value // m * m), max(m, -(-value // m) * m)
+            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            return f"{label}={value} must be a multiple of {m} px between {m} and {MAX_SIZE}{why}. Nearest: {near}."
+    if length < 1 or (length - 1) % 4:
+        lo = max(1, (length - 1) // 4 * 4 + 1)
+        return (
+            f"length={length} frames must be 4k+1 (1, 5, 9, ..., 121 = 5 s, 241 = 10 s at {FPS} fps): the VAE packs 4 "
+            f"frames per latent. Nearest: {lo} or {lo + 4}."
+        )
+    return None
+
+
+def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool, has_edit: bool) -> None:
+    """InputError when the loaded model cannot make this: missing/unexpected start or edit image, too many frames,
+    frames for an image model, or an HD size on an SD model."""
+    if v.task == "i2v" and not has_start:
+        raise InputError(
+            f"start_latent: {v.name} is an image-to-video model and needs a start image. Encode one with Kandinsky 5 "
+            "VAE Encode and connect it to start_latent, or load a T2V model."
+        )
+    if v.task != "i2v" and has_start:
+        raise InputError(
+            f"start_latent is connected but {v.name} is a {v.task.upper()} model. Disconnect it, or load an I2V model."
+        )
+    if v.task == "i2i" and not has_edit:
+        raise InputError(
+            f"edit_latent: {v.name} is an image-edit model and needs the image to edit. Encode it with Kandinsky 5 "
+            "VAE Encode and connect it to edit_latent, or load a T2I model."
+        )
+    if v.task != "i2i" and has_edit:
+        raise InputError(
+            f"edit_latent is connected but {v.name} is a {v.task.upper()} model. Disconnect it, or load the I2I model."
+        )
+    if v.is_video and length > v.max_frames:
+        raise InputError(
+            f"length={length} frames is more than {v.name} makes: at most {v.max_frames} ({v.max_frames // FPS} s at "
+            f"{FPS} fps). Lower length, or load a 10 s model."
+        )
+    if not v.is_video and length != 1:
+        raise InputError(f"length={length}: {v.name} is an image model and makes 1 frame. Set length to 1.")
+    largest = max(w * h for w, h in v.resolutions)
+    if v.i2v_max_area is None and width * height > HD_AREA_SLACK * largest:
+        sizes = ", ".join(f"{w}x{h}" for w, h in v.resolutions)
+        raise InputError(
+            f"width x height = {width}x{height} is too large for {v.name} ({v.quality.upper()}, trained at {sizes}). "
+            "Pick one of those sizes, or load a Pro HD model for 1024 px class video."
+        )
+
+
+def latent_frames(length: int) -> int:
+    return (length - 1) // 4 + 1
+
+
+def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool) -> int:
+    """Bytes of activations the DiT needs beyond its weights (tokens x width x ~40 live copies)."""
+    arch = model.variant.arch
+    tokens = t * (h // 2) * (w // 2)
+    dtype_size = torch.finfo(model.model.compute_dtype).bits // 8
+    return int(batch * (2 if cfg else 1) * tokens * arch.model_dim * dtype_size * 40)
+
+
+class Sampler:
+    DESCRIPTION = (
+        "Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with classifier-free guidance, "
+        "optional NABLA sparse attention, a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's "
+        "official setting."
+    )
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = (
+        "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with Kandinsky 5 VAE Decode, or "
+        "ComfyUI's VAE Decode with the HunyuanVideo VAE.",
+    )
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt, from Kandinsky 5 Text Encode."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt (ignored when guidance is 1)."}),
+                "width": ("INT", {"default": 768, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip":
+                          "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, 512x768; "
+                          "Pro HD and Image: 1024 px class."}),
+                "height": ("INT", {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip":
+                           "Height in pixels: a multiple of 16 (128 with NABLA)."}),
+                "length": ("INT", {"default": 121, "min": 1, "max": 481, "step": 4, "tooltip":
+                           f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos/images per run."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
+                         "tooltip": "Noise seed (CPU generator: the same seed gives the same result on any device)."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
+                          "Sampling steps. 0 = the variant's (50; distilled: 16)."}),
+                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1, "tooltip":
+                             "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
+                             "1 turns CFG off (the negative prompt is not evaluated)."}),
+                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 50.0, "step": 0.5, "tooltip":
+                                    "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
+                                    "official config says so)."}),
+                "nabla": (list(NABLA_MODES), {"default": "auto", "tooltip":
+                          "NABLA sparse attention. auto: on for the 10 s and HD variants trained with it; on / off "
+                          "force it. On needs width and height in multiples of 128."}),
+                "nabla_P": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                            "NABLA attention mass kept per block (0 = the variant's, e.g. 0.9; 1 = dense)."}),
+                "nabla_wT": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
+                             "NABLA sliding window in latent frames, odd (0 = the variant's, 11)."}),
+                "nabla_wH": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
+                             "NABLA sliding window in tiles along the height, odd (0 = the variant's, 3)."}),
+                "nabla_wW": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
+                             "NABLA sliding window in tiles along the width, odd (0 = the variant's, 3)."}),
+            },
+            "optional": {
+                "start_latent": ("LATENT", {"tooltip": "I2V: the start image from Kandinsky 5 VAE Encode, at width x "
+                                 "height. Needed by I2V models, refused by the others."}),
+                "edit_latent": ("LATENT", {"tooltip": "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at "
+                                "width x height. Needed by I2I models, refused by the others."}),
+            },
+        }  # fmt: skip
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height, length, nabla):
+        if nabla not in NABLA_MODES:
+            return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
+        return check_size(width, height, length, nabla == "on") or True
+
+    def sample(
+        self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
+        nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW, start_latent=None, edit_latent=None,
+    ):  # fmt: skip
+        from kandinsky_core.sampling import dit_to_latent, flow_timesteps, latent_to_dit, make_noise
+        from kandinsky_core.sampling import sample as run_sampler
+
+        with fail("Kandinsky 5 Sampler"):
+            v = model.variant
+            s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
+            problem = check_size(width, height, length, s.nabla is not None)
+            if problem:
+                raise InputError(problem + f" (NABLA is {'on' if s.nabla else 'off'} for {v.name}.)")
+            check_fit(v, width, height, length, start_latent is not None, edit_latent is not None)
+            cond = from_conditioning(positive, "positive")
+            uncond = from_conditioning(negative, "negative") if abs(s.guidance - 1.0) > 1e-6 else None
+
+            shape = (batch_size, 16, latent_frames(length), height // 8, width // 8)
+            comfy_glue.log.info(
+                "Kandinsky 5 Sampler: %s, %dx%d, %d frames, %d steps, guidance %g, scheduler scale %g, NABLA %s",
+                v.name, width, height, length, s.steps, s.guidance, s.scheduler_scale, s.nabla or "off",
+            )  # fmt: skip
+            cfg = uncond is not None
+            comfy_glue.load(model.patcher, memory_estimate(model, batch_size, *shape[2:], cfg))
+            device = comfy_glue.load_device()
+            dtype = model.model.compute_dtype
+            noise = make_noise(shape, seed, dtype=torch.float32, device=device)
+            conditions = {}
+            for name, lat in (("start_latent", start_latent), ("edit_latent", edit_latent)):
+                if lat is not None:
+                    conditions[name] = latent_to_dit(image_latent(lat, name, shape).to(device), v.latent_scale)
+            callback = comfy_glue.step_callback(
+                noise, flow_timesteps(s.steps, s.scheduler_scale), v.latent_scale, v.vae, s.steps
+            )
+            x = run_sampler(
+                model.model,
+                noise,
+                cond.to(device, dtype),
+                uncond.to(device, dtype) if cfg else None,
+                steps=s.steps,
+                guidance=s.guidance,
+                scheduler_scale=s.scheduler_scale,
+                rope_scale=v.rope_scale,
+                nabla=s.nabla,
+                first_frame_latent=conditions.get("start_latent"),
+                edit_latent=conditions.get("edit_latent"),
+                callback=callback,
+                attention_backend=None if model.attention == "auto" else model.attention,
+            )
+            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu()},)
+
+
+def image_latent(latent: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The first frame of a LATENT ([B, 16, T, h, w], or [B, 16, h, w] from an image VAE) as [b, 16, 1, h, w]."""
+    x = latent["samples"]
+    if x.ndim == 4:
+        x = x[:, :, None]
+    h, w = shape[3], shape[4]
+    if x.ndim != 5 or x.shape[1] != 16 or tuple(x.shape[3:]) != (h, w):
+        raise InputError(
+            f"{name} has shape {tuple(x.shape)}: it must be a 16-channel latent of the output size, [1, 16, 1, {h}, "
+            f"{w}] ({w * 8}x{h * 8} px). Resize the image to width x height in Kandinsky 5 VAE Encode."
+        )
+    return x[:, :, :1].float()

@@ -1,0 +1,169 @@
+"""Text Encode (prompt and negative prompt -> CONDITIONING) and Prompt Expansion (the official beautifier)."""
+
+from __future__ import annotations
+
+import torch
+
+from kandinsky_core.errors import InputError
+from kandinsky_core.sampling import TextConditioning
+
+from . import comfy_glue
+from .common import CATEGORY, fail
+
+AUTO = "auto"
+TEMPLATES = ("video", "image2video", "image", "image_edit")
+MAX_LENGTH = {"video": 256, "image2video": 256, "image": 512, "image_edit": 512}  # Qwen tokens after the template
+NEGATIVE_DEFAULT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+    "walking backwards"
+)  # the official video pipelines' default; the image pipelines use ""
+TEMPLATE_TOOLTIP = (
+    "Qwen prompt template. auto: the one of the connected model's variant (video for T2V, image2video for I2V, "
+    "image for T2I, image_edit for I2I)."
+)
+
+
+def pick_template(template: str, model) -> tuple[str, int]:
+    """(template, Qwen max length): from the DiT's variant for auto, else the chosen template."""
+    if template == AUTO:
+        if model is None:
+            raise InputError(
+                "template is auto but no model is connected: connect the Load Kandinsky 5 DiT output to `model`, or "
+                f"pick a template ({', '.join(TEMPLATES)})."
+            )
+        v = model.variant
+        return v.text_template, v.text_max_length
+    if template not in TEMPLATES:
+        raise InputError(f"template {template!r} is unknown. Allowed: auto, {', '.join(TEMPLATES)}.")
+    return template, MAX_LENGTH[template]
+
+
+def image_to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [N, H, W, 3] float 0..1 -> the first image as uint8 [3, H, W]."""
+    return (image[0, ..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(2, 0, 1).contiguous()
+
+
+def to_conditioning(c: TextConditioning, template: str) -> list:
+    """Our TextConditioning as ComfyUI CONDITIONING: [[text_embeds, {pooled_output, attention_mask, ...}]]."""
+    extra = {"pooled_output": c.pooled, "attention_mask": c.text_mask, "kandinsky5_template": template}
+    return [[c.text_embeds, extra]]
+
+
+def from_conditioning(conditioning: list, label: str) -> TextConditioning:
+    """The first entry of a CONDITIONING made by Kandinsky 5 Text Encode."""
+    try:
+        embeds, extra = conditioning[0][0], conditioning[0][1]
+        pooled = extra["pooled_output"]
+    except (IndexError, KeyError, TypeError):
+        raise InputError(
+            f"{label} is not a Kandinsky 5 conditioning (it lacks Qwen embeddings and a pooled CLIP output). "
+            "Connect the output of Kandinsky 5 Text Encode."
+        ) from None
+    mask = extra.get("attention_mask")
+    if mask is None or embeds.ndim != 3 or pooled.ndim != 2:
+        raise InputError(
+            f"{label} has shapes {tuple(embeds.shape)} / {tuple(pooled.shape)}: it was made by another text encoder. "
+            "Connect the output of Kandinsky 5 Text Encode."
+        )
+    return TextConditioning(text_embeds=embeds, text_mask=mask.bool(), pooled=pooled)
+
+
+def activation_memory(encoders, max_length: int) -> int:
+    """Bytes Qwen needs beyond its weights for two prompts of max_length tokens (plus the template)."""
+    try:
+        hidden = encoders.qwen.config.get_text_config().hidden_size
+    except AttributeError:
+        hidden = 3584
+    return 2 * (max_length + 256) * hidden * 4 * 24
+
+
+class TextEncode:
+    DESCRIPTION = "Encodes the prompt and negative prompt with Qwen2.5-VL (under the variant's template) and CLIP-L."
+    CATEGORY = f"{CATEGORY}/conditioning"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("The encoded prompt.", "The encoded negative prompt (unused when guidance is 1).")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoders": ("K5_TEXT_ENCODERS", {"tooltip": "From Load Kandinsky 5 Text Encoders."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to generate."}),
+                "negative_prompt": (
+                    "STRING",
+                    {"multiline": True, "default": NEGATIVE_DEFAULT, "tooltip": "What to avoid (used with "
+                     "guidance > 1). The official video default is filled in; the image models use an empty one."},
+                ),
+                "template": ([AUTO, *TEMPLATES], {"default": AUTO, "tooltip": TEMPLATE_TOOLTIP}),
+            },
+            "optional": {
+                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
+                "edit_image": (
+                    "IMAGE",
+                    {"tooltip": "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."},
+                ),
+            },
+        }  # fmt: skip
+
+    def encode(self, text_encoders, prompt, negative_prompt, template, model=None, edit_image=None):
+        with fail("Kandinsky 5 Text Encode"):
+            if not prompt.strip():
+                raise InputError("prompt is empty. Describe what to generate in the prompt box.")
+            kind, max_length = pick_template(template, model)
+            images = None
+            if edit_image is not None:
+                if kind != "image_edit":
+                    raise InputError(
+                        f"edit_image is connected but the template is {kind!r}: only image_edit (I2I) reads an image. "
+                        "Disconnect it, or use an I2I model / the image_edit template."
+                    )
+                images = [image_to_uint8(edit_image)]
+            enc = text_encoders.encoders
+            comfy_glue.load(text_encoders.patcher, activation_memory(enc, max_length))
+            cond = enc.encode([prompt], kind, max_length, images=images).to("cpu")
+            neg = enc.encode([negative_prompt], kind, max_length, images=images).to("cpu")
+            return to_conditioning(cond, kind), to_conditioning(neg, kind)
+
+
+class PromptExpansion:
+    DESCRIPTION = (
+        "Rewrites a short prompt into a detailed one with Qwen2.5-VL, as the official pipelines' expand_prompt does. "
+        "Needs Qwen's LM head (the Hugging Face text_encoder/ folder; ComfyUI's single file drops it)."
+    )
+    CATEGORY = f"{CATEGORY}/conditioning"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt",)
+    OUTPUT_TOOLTIPS = ("The expanded prompt; connect it to Text Encode's prompt (convert the widget to an input).",)
+    FUNCTION = "expand"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoders": ("K5_TEXT_ENCODERS", {"tooltip": "From Load Kandinsky 5 Text Encoders."}),
+                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The short prompt to expand."}),
+                "template": ([AUTO, *TEMPLATES], {"default": AUTO, "tooltip": TEMPLATE_TOOLTIP}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Sampling seed of the rewrite."}),
+                "max_new_tokens": (
+                    "INT", {"default": 256, "min": 16, "max": 1024, "tooltip": "Longest expansion in Qwen tokens."},
+                ),
+            },
+            "optional": {
+                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
+                "image": ("IMAGE", {"tooltip": "I2V start image or I2I source image: Qwen looks at it."}),
+            },
+        }  # fmt: skip
+
+    def expand(self, text_encoders, prompt, template, seed, max_new_tokens, model=None, image=None):
+        with fail("Kandinsky 5 Prompt Expansion"):
+            if not prompt.strip():
+                raise InputError("prompt is empty. Write a short prompt to expand.")
+            kind, _ = pick_template(template, model)
+            comfy_glue.load(text_encoders.patcher, 0)
+            picture = image_to_uint8(image) if image is not None else None
+            text = text_encoders.encoders.expand_prompt(
+                prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens
+            )
+            return (text,)

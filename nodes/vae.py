@@ -1,0 +1,155 @@
+"""Kandinsky 5 VAE Decode (LATENT -> IMAGE frames) and VAE Encode (IMAGE -> LATENT for I2V / I2I)."""
+
+from __future__ import annotations
+
+import torch
+
+from kandinsky_core.errors import InputError
+
+from . import comfy_glue
+from .common import CATEGORY, fail
+
+TILING = ("auto", "on", "off")
+
+
+def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE output [B, 3, F, H, W] (or [B, 3, H, W]) in -1..1 -> ComfyUI IMAGE [B*F, H, W, 3] in 0..1."""
+    if pixels.ndim == 4:
+        pixels = pixels[:, :, None]
+    frames = pixels.float().clamp(-1, 1).add(1).div(2)
+    return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous().cpu()
+
+
+def image_to_pixels(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI IMAGE [N, H, W, C] in 0..1 -> [N, 3, H', W'] in -1..1, resized to cover width x height and
+    centre-cropped (as the official pipelines prepare a start image) when width and height are given (non-zero).
+
+    Pixels go through 8-bit values first, as an image file read by the official pipeline does."""
+    from kandinsky_core.media import resize_center_crop
+
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise InputError(f"image has shape {tuple(image.shape)}: expected a ComfyUI IMAGE [N, H, W, 3].")
+    u8 = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2)
+    if width and height:
+        u8 = torch.stack([resize_center_crop(x, width, height) for x in u8])
+    return u8.float() / 127.5 - 1.0
+
+
+def param_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def decode_memory(vae_kind: str, shape: tuple[int, ...]) -> int:
+    frames = 4 * (shape[2] - 1) + 1 if vae_kind == "hunyuan" and len(shape) == 5 else 1
+    return int(shape[0] * frames * shape[-2] * shape[-1] * 64 * 128 * 4 * 3)
+
+
+class VAEDecode:
+    DESCRIPTION = "Decodes a Kandinsky 5 (HunyuanVideo or FLUX) latent into frames, tiled to bound memory."
+    CATEGORY = f"{CATEGORY}/latent"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Frames [N, H, W, 3] in 0..1 (all frames of every batch item), for Save Image / video nodes.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE."}),
+                "samples": ("LATENT", {"tooltip": "From Kandinsky 5 Sampler (or any HunyuanVideo / FLUX latent)."}),
+                "tiling": (list(TILING), {"default": "auto", "tooltip": "auto: tiles only when the video is large "
+                           "for the device; on / off force it. Tiles are cross-faded; tiled output differs slightly."}),
+                "tile_px": ("INT", {"default": 256, "min": 64, "max": 2048, "step": 32, "tooltip":
+                            "Spatial tile size in pixels."}),
+                "overlap_px": ("INT", {"default": 64, "min": 0, "max": 512, "step": 16, "tooltip":
+                               "Spatial tile overlap in pixels (less than tile_px)."}),
+                "tile_frames": ("INT", {"default": 16, "min": 4, "max": 256, "step": 4, "tooltip":
+                                "Temporal tile length in frames (HunyuanVideo only), a multiple of 4."}),
+                "overlap_frames": ("INT", {"default": 8, "min": 0, "max": 128, "step": 4, "tooltip":
+                                   "Temporal tile overlap in frames, a multiple of 4 and less than tile_frames."}),
+            }
+        }  # fmt: skip
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_px, overlap_px, tile_frames, overlap_frames):
+        if not 0 <= overlap_px < tile_px:
+            return f"overlap_px={overlap_px} must be at least 0 and less than tile_px={tile_px}."
+        if tile_frames % 4 or overlap_frames % 4 or not 0 <= overlap_frames < tile_frames:
+            return (
+                f"tile_frames={tile_frames} / overlap_frames={overlap_frames}: both must be multiples of 4 and "
+                "overlap_frames less than tile_frames."
+            )
+        return True
+
+    def decode(self, vae, samples, tiling, tile_px, overlap_px, tile_frames, overlap_frames):
+        with fail("Kandinsky 5 VAE Decode"):
+            z = samples["samples"]
+            if z.ndim not in (4, 5) or z.shape[1] != 16:
+                raise InputError(
+                    f"samples has shape {tuple(z.shape)}: expected a 16-channel latent [B, 16, T, H/8, W/8] (or "
+                    "[B, 16, H/8, W/8]). Connect a Kandinsky 5 / HunyuanVideo / FLUX latent."
+                )
+            comfy_glue.load(vae.patcher, decode_memory(vae.kind, tuple(z.shape)))
+            model = vae.vae
+            tiled = {"auto": "auto", "on": True, "off": False}[tiling]
+            z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
+            if vae.kind == "hunyuan":
+                from kandinsky_core.hunyuan_vae import VAETiling
+
+                if z.ndim == 4:
+                    z = z[:, :, None]
+                tiles = VAETiling(tile_px, overlap_px, tile_frames, overlap_frames)
+                pixels = model.decode(z, tiled=tiled, tiling=tiles)
+            else:
+                tile = None if tiled is False or (tiled == "auto" and max(z.shape[-2:]) * 8 <= 2048) else tile_px // 8
+                pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
+            return (pixels_to_image(pixels),)
+
+
+class VAEEncode:
+    DESCRIPTION = "Encodes images into a Kandinsky 5 latent: the I2V start image or the I2I image to edit."
+    CATEGORY = f"{CATEGORY}/latent"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE (the same VAE as for decoding)."}),
+                "images": ("IMAGE", {"tooltip": "The start image (I2V) or the image to edit (I2I)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
+                          "Resize to cover this width and centre-crop, as the official pipelines do. 0 = keep the "
+                          "image's size (then it must already be the sampler's size)."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
+                           "Resize height (with width). 0 = keep the image's size."}),
+            }
+        }  # fmt: skip
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        if (width == 0) != (height == 0):
+            return f"width={width}, height={height}: give both (multiples of 16), or 0 for both to keep the size."
+        if width % 16 or height % 16 or width < 0 or height < 0:
+            return f"width={width}, height={height} must be multiples of 16 (or both 0)."
+        return True
+
+    def encode(self, vae, images, width, height):
+        with fail("Kandinsky 5 VAE Encode"):
+            pixels = image_to_pixels(images, width, height)
+            n, _, h, w = pixels.shape
+            if h % 16 or w % 16:
+                raise InputError(
+                    f"images are {w}x{h} px: Kandinsky 5 needs multiples of 16. Set width and height here (e.g. the "
+                    "sampler's) to resize and crop."
+                )
+            comfy_glue.load(vae.patcher, decode_memory(vae.kind, (n, 16, 1, h // 8, w // 8)))
+            model = vae.vae
+            x = pixels.to(device=comfy_glue.load_device(), dtype=param_dtype(model))[:, :, None]  # [N, 3, 1, H, W]
+            latent = model.encode(x).float()
+            if latent.ndim == 4:
+                latent = latent[:, :, None]
+            return ({"samples": latent.cpu()},)

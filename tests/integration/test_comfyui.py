@@ -1,0 +1,297 @@
+"""The pack inside a real headless ComfyUI: /object_info, --quick-test-for-ci, T2V / I2V / T2I graphs through
+POST /prompt compared frame by frame with kandinsky_core run directly, interrupt, and bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import comfy_graphs as graphs
+import numpy as np
+import pytest
+import torch
+from comfy_server import CLIP, FLUX_VAE, FRAMES, HUNYUAN_VAE, PACK, QWEN, H, W
+from PIL import Image
+
+from kandinsky_core import pipeline
+from kandinsky_core.download import ModelPaths
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "a red fox running through fresh snow"
+NODES = (
+    "Kandinsky5LoadDiT",
+    "Kandinsky5LoadTextEncoders",
+    "Kandinsky5LoadVAE",
+    "Kandinsky5TextEncode",
+    "Kandinsky5PromptExpansion",
+    "Kandinsky5Sampler",
+    "Kandinsky5VAEDecode",
+    "Kandinsky5VAEEncode",
+)
+
+
+def dit_name(comfyui, variant: str) -> str:
+    return comfyui.models["dit"][variant].name
+
+
+def reference(comfyui, variant: str, vae: str, seed: int, frames: int, image: torch.Tensor | None = None):
+    """kandinsky_core on the same tiny files, in this process: uint8 frames [F, H, W, 3]."""
+    m = comfyui.models
+    request = pipeline.resolve_request(
+        variant, PROMPT, negative=graphs.NEGATIVE, width=W, height=H, frames=frames, seed=seed, steps=2, image=image
+    )
+    paths = ModelPaths(dit=m["dit"][variant], qwen=m["qwen"], clip=m["clip"], vae=m[vae])
+    return pipeline.run(request, paths, device="cpu", dtype=torch.float32, progress=False)
+
+
+def read_frames(files: list[Path]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(np.int16)
+
+
+def assert_frames_match(got: np.ndarray, want: torch.Tensor) -> None:
+    """SaveImage truncates 255 * x where kandinsky_core rounds: one step of 8-bit difference at most, plus float
+    noise from comfy.ops casting (the same math); a different seed or model differs by tens on average."""
+    want = want.numpy().astype(np.int16)
+    assert got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() <= 2 and diff.mean() < 0.75, f"max {diff.max()}, mean {diff.mean():.3f}"
+    assert want.std() > 5  # not a blank output that would match anything
+
+
+def test_every_node_is_listed_with_tooltips(comfyui):
+    status, info = comfyui.request("/object_info")
+    assert status == 200
+    for name in NODES:
+        assert name in info, f"{name} missing from /object_info"
+        node = info[name]
+        assert node["category"].startswith("Kandinsky 5")
+        assert node["display_name"].startswith(("Kandinsky 5", "Load Kandinsky 5"))
+        assert node["description"]
+        for section in ("required", "optional"):
+            for input_name, spec in node["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert all(node["output_tooltips"]), f"{name} lacks output tooltips"
+    dit_files = info["Kandinsky5LoadDiT"]["input"]["required"]["dit_name"][0]
+    assert dit_name(comfyui, "t2v-lite-sft-5s") in dit_files
+    assert QWEN in info["Kandinsky5LoadTextEncoders"]["input"]["required"]["qwen_name"][0]
+    assert HUNYUAN_VAE in info["Kandinsky5LoadVAE"]["input"]["required"]["vae_name"][0]
+
+
+def test_quick_test_for_ci_imports_the_pack_without_failure(comfyui):
+    python = os.environ.get("COMFYUI_PYTHON") or "python"
+    cmd = [python, "main.py", "--cpu", "--quick-test-for-ci", "--base-directory", str(comfyui.base)]
+    cmd += ["--database-url", "sqlite:///:memory:"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run(cmd, cwd=os.environ["COMFYUI_DIR"], env=env, capture_output=True, text=True, timeout=180)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    assert f"custom_nodes/{PACK}" in log  # listed under "Import times for custom nodes"
+
+
+def test_t2v_graph_matches_kandinsky_core(comfyui, tiny_variants):
+    g = graphs.text2x(
+        dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=7, prefix="t2v"
+    )
+    since = time.monotonic()
+    entry = comfyui.run(g)
+    files = comfyui.output_files(entry, "7")
+    assert len(files) == FRAMES and all(f.is_file() for f in files)
+    got = read_frames(files)
+    assert_frames_match(got, reference(comfyui, "t2v-lite-sft-5s", "hunyuan_vae", 7, FRAMES))
+    other_seed = reference(comfyui, "t2v-lite-sft-5s", "hunyuan_vae", 8, FRAMES).numpy()
+    assert np.abs(got - other_seed).mean() > 5  # the comparison above can fail
+    # ComfyUI's progress bar advanced once per step, and latent previews (JPEG over the WebSocket) were sent
+    deadline = time.monotonic() + 5
+    while len(comfyui.progress("5", since)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [(v, m) for _, v, m in comfyui.progress("5", since)] == [(1, 2), (2, 2)]
+    previews = comfyui.previews(since)
+    assert len(previews) >= 2 and all(b"JFIF" in p[:64] for p in previews), [p[:16] for p in previews]
+
+
+def test_i2v_graph_matches_kandinsky_core(comfyui, tiny_variants):
+    pixels = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(comfyui.base / "input" / "start.png")
+    g = graphs.text2x(
+        dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=9, prefix="i2v"
+    )
+    graphs.with_start_image(g, "start.png", W, H)
+    files = comfyui.output_files(comfyui.run(g), "7")
+    assert len(files) == FRAMES
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    assert_frames_match(read_frames(files), reference(comfyui, "i2v-lite-5s", "hunyuan_vae", 9, FRAMES, image))
+
+
+def test_t2i_graph_matches_kandinsky_core(comfyui, tiny_variants):
+    g = graphs.text2x(dit_name(comfyui, "t2i-lite"), FLUX_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=11, prefix="t2i")
+    files = comfyui.output_files(comfyui.run(g), "7")
+    assert len(files) == 1
+    with Image.open(files[0]) as im:
+        assert im.size == (W, H)
+    assert_frames_match(read_frames(files), reference(comfyui, "t2i-lite", "flux_vae", 11, 1))
+
+
+def test_interrupt_stops_sampling_and_the_next_prompt_runs(comfyui):
+    t2v = dit_name(comfyui, "t2v-lite-sft-5s")
+    long = graphs.text2x(t2v, HUNYUAN_VAE, QWEN, CLIP, PROMPT, 512, 512, 41, seed=1, steps=200, prefix="long")
+    started = time.monotonic()
+    status, body = comfyui.queue(long)
+    assert status == 200, body
+    deadline = started + 60
+    while len(comfyui.progress("5", started)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert comfyui.request("/interrupt", {})[0] == 200
+    interrupted = time.monotonic()
+    entry = comfyui.wait(body["prompt_id"], timeout=60)
+    messages = dict(entry["status"]["messages"])
+    assert "execution_interrupted" in messages, entry["status"]
+    assert messages["execution_interrupted"]["node_id"] == "5"  # stopped inside the sampler
+    steps_done = [v for _, v, _ in comfyui.progress("5", started)]
+    assert 2 <= len(steps_done) and max(steps_done) < 200
+    assert len(comfyui.progress("5", interrupted)) <= 1  # at most the step that was running
+    assert "outputs" not in entry or "7" not in entry.get("outputs", {})
+    assert not list((comfyui.base / "output").glob("long_*"))
+
+    short = graphs.text2x(t2v, HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=2, prefix="after_interrupt")
+    files = comfyui.output_files(comfyui.run(short), "7")
+    assert len(files) == FRAMES
+
+
+def validation_errors(comfyui, graph: dict) -> str:
+    """The node_errors of a refused prompt (400), as one string to search."""
+    status, body = comfyui.queue(graph)
+    assert status == 400, body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation", body
+    return " | ".join(
+        f"{node}: {e['message']} {e.get('details', '')}"
+        for node, errs in body["node_errors"].items()
+        for e in errs["errors"]
+    )
+
+
+def execution_error(comfyui, graph: dict) -> dict:
+    status, body = comfyui.queue(graph)
+    assert status == 200, body
+    entry = comfyui.wait(body["prompt_id"], timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    return dict(entry["status"]["messages"])["execution_error"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(width=100), "width=100 must be a multiple of 16 px"),
+        (dict(height=40), "height=40 must be a multiple of 16 px"),
+        (dict(length=6), "length=6 frames must be 4k+1"),
+        (dict(nabla="on", width=96), "multiple of 128 px"),
+    ],
+)
+def test_bad_sizes_are_refused_at_validation(comfyui, change, expected):
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
+    g["5"]["inputs"].update(change)
+    errors = validation_errors(comfyui, g)
+    assert "5:" in errors and expected in errors, errors
+
+
+def test_vae_file_in_the_dit_loader_is_refused_at_validation(comfyui):
+    g = graphs.text2x("flux_vae_by_mistake.safetensors", HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
+    errors = validation_errors(comfyui, g)
+    assert "1:" in errors and "not a Kandinsky 5 DiT" in errors and "VAE" in errors, errors
+
+
+def test_wrong_variant_override_is_refused_at_validation(comfyui):
+    g = graphs.text2x(
+        dit_name(comfyui, "t2i-lite"), FLUX_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=0, variant="t2v-pro-sft-5s-sd"
+    )
+    errors = validation_errors(comfyui, g)
+    assert "does not fit" in errors and "t2i-lite" in errors, errors
+
+
+def test_i2v_model_without_start_image_is_an_execution_error(comfyui):
+    g = graphs.text2x(dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
+    g["7"]["inputs"]["filename_prefix"] = "never_written"
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "5" and err["node_type"] == "Kandinsky5Sampler"
+    assert err["exception_type"].endswith("InputError")
+    assert "start_latent" in err["exception_message"] and "VAE Encode" in err["exception_message"]
+    assert not list((comfyui.base / "output").glob("never_written*"))
+
+
+def test_hd_size_on_a_lite_model_is_an_execution_error(comfyui):
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, 1280, 768, 1, seed=0)
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "5"
+    assert "1280x768 is too large for t2v-lite-sft-5s" in err["exception_message"]
+    assert "Pro HD" in err["exception_message"]
+
+
+def test_missing_tokenizer_is_an_execution_error_naming_the_loader(comfyui):
+    g = graphs.text2x(
+        dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, "qwen_without_tokenizer/", CLIP, PROMPT, W, H, 1, seed=0
+    )
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "2" and err["node_type"] == "Kandinsky5LoadTextEncoders"
+    assert "Load Kandinsky 5 Text Encoders" in err["exception_message"]
+    assert "No Qwen2.5-VL tokenizer found" in err["exception_message"]
+
+
+def test_prompt_expansion_matches_kandinsky_core(comfyui):
+    from kandinsky_core.text_encoders import load_text_encoders
+
+    g = graphs.loaders(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP)
+    del g["3"]
+    g["4"] = {
+        "class_type": "Kandinsky5PromptExpansion",
+        "inputs": {"text_encoders": ["2", 0], "prompt": "a fox", "template": "auto", "seed": 5, "max_new_tokens": 16,
+                   "model": ["1", 0]},
+    }  # fmt: skip
+    g["5"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}
+    got = comfyui.run(g)["outputs"]["5"]["text"][0]
+    encoders = load_text_encoders(comfyui.models["qwen"], comfyui.models["clip"], dtype=torch.float32)
+    assert got == encoders.expand_prompt("a fox", "video", seed=5, max_new_tokens=16)
+    assert got.strip()
+
+
+AIMDO_SCRIPT = """
+import dataclasses, json, sys
+sys.path.append(sys.argv[1])  # ComfyUI, after this repository (our `nodes` package shadows ComfyUI's nodes.py)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.memory_management
+comfy.memory_management.aimdo_enabled = True  # what main.py sets when dynamic VRAM is on (NVIDIA GPUs)
+import torch
+from kandinsky_core import variants
+from kandinsky_core.loading import load_dit
+from tiny import make_inputs
+from nodes.comfy_glue import dit_operations
+arch = variants.DiTArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[3]).items()})
+v = dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=arch)
+ours, _ = load_dit(sys.argv[2], v, dtype=torch.float32)
+comfy, _ = load_dit(sys.argv[2], v, dtype=torch.float32, operations=dit_operations())
+assert all(getattr(m, "comfy_cast_weights", True) for m in comfy.modules() if isinstance(m, torch.nn.Linear))
+x = make_inputs(arch, grid=(2, 4, 6))
+assert torch.equal(ours(**x), comfy(**x))
+print("AIMDO-OK")
+"""
+
+
+def test_dit_loads_from_comfy_ops_with_dynamic_vram_on(comfyui):
+    """With ComfyUI's dynamic VRAM on, comfy.ops.Linear defers its weights; the DiT still loads strictly and gives
+    exactly what it gives with our own layers."""
+    import dataclasses
+    import json
+
+    from comfy_server import REPO, tiny_archs
+
+    arch = json.dumps(dataclasses.asdict(tiny_archs()["t2v-lite-sft-5s"]))
+    python = os.environ.get("COMFYUI_PYTHON") or "python"
+    path = str(comfyui.models["dit"]["t2v-lite-sft-5s"])
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="2")
+    cmd = [python, "-c", AIMDO_SCRIPT, os.environ["COMFYUI_DIR"], path, arch]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert "AIMDO-OK" in r.stdout, (r.stdout + r.stderr)[-3000:]

@@ -1,0 +1,432 @@
+"""The node layer without ComfyUI: fake `folder_paths` / `comfy.*` / `latent_preview` modules record what the nodes
+ask of ComfyUI, and the nodes run on tiny real-weight files against kandinsky_core called directly.
+(The real ComfyUI runs in tests/integration.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TINY_ARCHS, make_tiny_dit_file
+
+from kandinsky_core import variants
+from kandinsky_core.errors import InputError, WeightsError
+from kandinsky_core.nabla import NablaParams
+from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, common, files, loaders, text
+from nodes import sampler as sampler_node
+from nodes import vae as vae_node
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FakeComfy:
+    """Stand-ins for the ComfyUI modules the nodes use; they record calls."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.loads: list[tuple[object, int]] = []
+        self.progress: list[tuple[int, int, object]] = []
+        self.previews: list[torch.Tensor] = []
+        self.interrupt_at: int | None = None
+        self.steps_seen = 0
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        fake = self
+        fp = types.ModuleType("folder_paths")
+        fp.get_folder_paths = lambda kind: [str(fake.root / kind)]
+        fp.get_filename_list = lambda kind: sorted(
+            p.relative_to(fake.root / kind).as_posix() for p in (fake.root / kind).rglob("*") if p.is_file()
+        )
+        fp.get_full_path = lambda kind, name: (
+            str(fake.root / kind / name) if (fake.root / kind / name).is_file() else None
+        )
+
+        comfy = types.ModuleType("comfy")
+        comfy.__file__ = str(fake.root / "comfy" / "__init__.py")
+        comfy.__path__ = []
+        mm = types.ModuleType("comfy.model_management")
+        cpu = torch.device("cpu")
+        mm.get_torch_device = lambda: cpu
+        mm.unet_offload_device = mm.text_encoder_offload_device = mm.vae_offload_device = lambda: cpu
+
+        def load_models_gpu(models, memory_required=0):
+            fake.loads += [(m, memory_required) for m in models]
+
+        def interrupted():
+            if fake.interrupt_at is not None and fake.steps_seen >= fake.interrupt_at:
+                raise Interrupted("processing interrupted")
+            fake.steps_seen += 1
+
+        mm.load_models_gpu = load_models_gpu
+        mm.throw_exception_if_processing_interrupted = interrupted
+        patcher = types.ModuleType("comfy.model_patcher")
+
+        class ModelPatcher:
+            def __init__(self, model, load_device, offload_device):
+                self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+        patcher.ModelPatcher = ModelPatcher
+        utils = types.ModuleType("comfy.utils")
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                fake.progress.append((value, total, preview))
+
+        utils.ProgressBar = ProgressBar
+        formats = types.ModuleType("comfy.latent_formats")
+
+        class Format:
+            def __init__(self, scale, shift=0.0):
+                self.scale, self.shift = scale, shift
+
+            def process_in(self, latent):
+                return (latent - self.shift) * self.scale
+
+        formats.HunyuanVideo = lambda: Format(0.476986)
+        formats.Flux = lambda: Format(0.3611, 0.1159)
+        preview = types.ModuleType("latent_preview")
+
+        class Previewer:
+            def decode_latent_to_preview_image(self, fmt, x0):
+                fake.previews.append(x0.clone())
+                return ("JPEG", "image", 512)
+
+        preview.get_previewer = lambda device, latent_format: Previewer()
+        comfy.model_management, comfy.model_patcher, comfy.utils = mm, patcher, utils
+        comfy.latent_formats = formats
+        return {
+            "folder_paths": fp,
+            "comfy": comfy,
+            "comfy.model_management": mm,
+            "comfy.model_patcher": patcher,
+            "comfy.utils": utils,
+            "comfy.latent_formats": formats,
+            "latent_preview": preview,
+        }
+
+
+TEXT_DIM = 8
+TINY_T2V = dataclasses.replace(TINY_ARCHS["lite"], in_text_dim=TEXT_DIM, in_text_dim2=TEXT_DIM)
+TINY_NAME = "kandinsky5lite_t2v_sft_5s.safetensors"
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch):
+    fake = FakeComfy(tmp_path / "models")
+    for kind in ("diffusion_models", "text_encoders", "vae"):
+        (fake.root / kind).mkdir(parents=True)
+    for name, module in fake.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "comfy.ops", raising=False)
+    monkeypatch.setitem(
+        variants.VARIANTS, "t2v-lite-sft-5s", dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=TINY_T2V)
+    )
+    return fake
+
+
+def conditioning(seed: int, length: int = 4) -> TextConditioning:
+    g = torch.Generator().manual_seed(seed)
+    return TextConditioning(
+        torch.randn(1, length, TEXT_DIM, generator=g),
+        torch.ones(1, length, dtype=torch.bool),
+        torch.randn(1, TEXT_DIM, generator=g),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Node definitions
+
+
+def test_every_node_is_registered_with_display_name_category_and_tooltips():
+    assert len(NODE_CLASS_MAPPINGS) == 8
+    for key, cls in NODE_CLASS_MAPPINGS.items():
+        assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
+        assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+
+
+def test_every_input_has_a_tooltip_and_reaches_the_function(comfy):
+    for key, cls in NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        for section in ("required", "optional"):
+            for name, (_, *options) in spec.get(section, {}).items():
+                assert options and options[0].get("tooltip"), f"{key}.{name} has no tooltip"
+                assert name in params, f"{key}.{name} is not a parameter of {cls.FUNCTION}"
+                if section == "optional":
+                    assert params[name].default is None
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is not None:  # ComfyUI passes only widget values, by name
+            assert set(inspect.signature(validate).parameters) <= set(spec["required"])
+
+
+def test_pack_imports_without_comfyui_and_without_transformers():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 8, m.NODE_CLASS_MAPPINGS\n"
+        "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    env = dict(os.environ, PYTHONPATH="")
+    r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_auto_settings_come_from_the_variant():
+    v = variants.VARIANTS["t2v-lite-distilled16steps-5s"]
+    s = sampler_node.resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
+    assert (s.steps, s.guidance, s.scheduler_scale, s.nabla) == (16, 1.0, 5.0, None)
+    s = sampler_node.resolve_settings(v, 8, 2.5, 7.0, "auto", 0.0, 0, 0, 0)
+    assert (s.steps, s.guidance, s.scheduler_scale) == (8, 2.5, 7.0)
+    sparse = variants.VARIANTS["t2v-pro-sft-10s-hd"]
+    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "auto", 0, 0, 0, 0).nabla == NablaParams(0.7, 11, 3, 3)
+    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "off", 0, 0, 0, 0).nabla is None
+    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "on", 0.5, 0, 5, 0).nabla == NablaParams(0.5, 11, 5, 3)
+    # "on" for a dense variant: the official Lite 10 s settings
+    assert sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 0, 0, 0).nabla == NablaParams(0.9, 11, 3, 3)
+    with pytest.raises(InputError, match="odd"):
+        sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 4, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((768, 512, 121, False), None),
+        ((100, 512, 121, False), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
+        ((768, 520, 5, False), "height=520 must be a multiple of 16"),
+        ((768, 512, 120, False), "length=120 frames must be 4k+1"),
+        ((768, 576, 5, True), "height=576 must be a multiple of 128 px between 128 and 4096 (NABLA"),
+        ((768, 512, 1, True), None),
+    ],
+)
+def test_check_size(args, expected):
+    got = sampler_node.check_size(*args)
+    assert got == expected if expected is None else expected in got
+
+
+def test_check_fit_names_the_input_and_the_fix():
+    i2v, lite, pro_hd = (variants.VARIANTS[n] for n in ("i2v-lite-5s", "t2v-lite-sft-5s", "t2v-pro-sft-5s-hd"))
+    with pytest.raises(InputError, match="start_latent: i2v-lite-5s is an image-to-video model.*VAE Encode"):
+        sampler_node.check_fit(i2v, 768, 512, 121, False, False)
+    sampler_node.check_fit(i2v, 768, 512, 121, True, False)
+    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
+        sampler_node.check_fit(lite, 768, 512, 121, True, False)
+    with pytest.raises(InputError, match="1280x768 is too large for t2v-lite-sft-5s.*Pro HD"):
+        sampler_node.check_fit(lite, 1280, 768, 121, False, False)
+    sampler_node.check_fit(pro_hd, 1280, 768, 121, False, False)
+    with pytest.raises(InputError, match="at most 121"):
+        sampler_node.check_fit(lite, 768, 512, 241, False, False)
+    with pytest.raises(InputError, match="image model and makes 1 frame"):
+        sampler_node.check_fit(variants.VARIANTS["t2i-lite"], 1024, 1024, 5, False, False)
+    with pytest.raises(InputError, match="edit_latent: i2i-lite"):
+        sampler_node.check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
+
+
+def test_x0_estimate_recovers_the_clean_latent_of_a_straight_flow():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    t1, t2 = 0.8, 0.55
+    x_t1, x_t2 = (1 - t1) * x0 + t1 * noise, (1 - t2) * x0 + t2 * noise
+    torch.testing.assert_close(comfy_glue.x0_estimate(x_t1, x_t2, t1, t2), x0)
+
+
+def test_conditioning_round_trip_and_foreign_conditioning():
+    c = conditioning(1)
+    back = text.from_conditioning(text.to_conditioning(c, "video"), "positive")
+    assert torch.equal(back.text_embeds, c.text_embeds) and torch.equal(back.pooled, c.pooled)
+    assert torch.equal(back.text_mask, c.text_mask)
+    sdxl_style = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(InputError, match="negative.*Kandinsky 5 Text Encode"):
+        text.from_conditioning(sdxl_style, "negative")
+    with pytest.raises(InputError, match="template is auto but no model"):
+        text.pick_template("auto", None)
+    assert text.pick_template("image", None) == ("image", 512)
+
+
+def test_image_layouts():
+    pixels = torch.linspace(-1, 1, 2 * 3 * 5 * 4 * 6).reshape(2, 3, 5, 4, 6)
+    image = vae_node.pixels_to_image(pixels)
+    assert image.shape == (10, 4, 6, 3)
+    torch.testing.assert_close(image[7, 2, 3], (pixels[1, :, 2, 2, 3] + 1) / 2)  # batch 1, frame 2
+    u8 = torch.randint(0, 256, (1, 4, 6, 3), generator=torch.Generator().manual_seed(0))
+    back = vae_node.image_to_pixels(u8.float() / 255, 0, 0)
+    torch.testing.assert_close(back, u8.permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+
+def test_fail_prefixes_the_node_and_keeps_the_class():
+    with pytest.raises(WeightsError, match=r"^Load Kandinsky 5 VAE: bad file$"):
+        with common.fail("Load Kandinsky 5 VAE"):
+            raise WeightsError("bad file")
+    with pytest.raises(ZeroDivisionError):
+        with common.fail("x"):
+            raise ZeroDivisionError
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nodes on fake ComfyUI modules and tiny files
+
+
+def test_model_lists_and_missing_files(comfy):
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    folder = comfy.root / "text_encoders" / "org" / "qwen"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    (comfy.root / "text_encoders" / "notes.txt").write_text("not a model")
+    assert files.list_models("diffusion_models") == [TINY_NAME]
+    assert files.list_models("text_encoders", folders=True) == ["org/qwen/", "org/qwen/model.safetensors"]
+    assert files.resolve("text_encoders", "org/qwen/", "qwen_name") == folder
+    with pytest.raises(FileNotFoundError, match="'gone.safetensors' is not in ComfyUI's vae folder"):
+        files.resolve("vae", "gone.safetensors", "vae_name")
+
+
+def test_load_dit_validation_refuses_other_files_and_wrong_variants(comfy):
+    import tiny_flux_vae
+
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    vae_file = tiny_flux_vae.write_tiny_flux_vae(comfy.root / "diffusion_models", "bfl")
+    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "auto") is True
+    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-lite-sft-5s") is True
+    msg = loaders.LoadDiT.VALIDATE_INPUTS(vae_file.name, "auto")
+    assert "not a Kandinsky 5 DiT" in msg and "image VAE" in msg
+    msg = loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-pro-sft-5s-sd")
+    assert "does not fit" in msg and "t2v-lite-sft-5s" in msg
+    assert "not in models/diffusion_models" in loaders.LoadDiT.VALIDATE_INPUTS("nope.safetensors", "auto")
+    assert loaders.vae_kind(vae_file) == "flux"
+
+
+def run_sampler_node(model, **overrides):
+    kw = dict(
+        width=64, height=32, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0,
+        nabla="auto", nabla_P=0.0, nabla_wT=0, nabla_wH=0, nabla_wW=0,
+    )  # fmt: skip
+    kw.update(overrides)
+    pos, neg = text.to_conditioning(conditioning(1), "video"), text.to_conditioning(conditioning(2), "video")
+    return sampler_node.Sampler().sample(model, pos, neg, **kw)[0]["samples"]
+
+
+def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    assert model.variant.name == "t2v-lite-sft-5s" and model.patcher.model.inner is model.model
+    latent = run_sampler_node(model)
+
+    v = model.variant
+    noise = make_noise((1, 16, 2, 4, 8), 3)
+    want = sample(
+        model.model, noise, conditioning(1), conditioning(2), steps=3, guidance=v.guidance,
+        scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
+    )  # fmt: skip
+    assert latent.shape == (1, 16, 2, 4, 8)
+    torch.testing.assert_close(latent, dit_to_latent(want, v.latent_scale), rtol=0, atol=0)
+    # ComfyUI was asked to load the DiT with an activation estimate; one progress update per step, with a preview
+    assert comfy.loads[-1][0] is model.patcher and comfy.loads[-1][1] > 0
+    assert [p[:2] for p in comfy.progress] == [(1, 3), (2, 3), (3, 3)] and all(p[2] for p in comfy.progress)
+    # the last preview is the final latent in ComfyUI's HunyuanVideo space (latent * scale_factor)
+    torch.testing.assert_close(comfy.previews[-1], latent_to_dit(latent, 0.476986), rtol=1e-4, atol=1e-4)
+    other = run_sampler_node(model, seed=4)
+    assert (other - latent).abs().mean() > 0.1
+
+
+def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    comfy.interrupt_at = 1
+    with pytest.raises(Interrupted):
+        run_sampler_node(model, steps=10)
+    assert [p[0] for p in comfy.progress] == [1]  # stopped after the first step
+    comfy.interrupt_at = None
+    with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: length=6 frames must be 4k\+1"):
+        run_sampler_node(model, length=6)
+    with pytest.raises(InputError, match="multiple of 128 px.*NABLA is on"):
+        run_sampler_node(model, nabla="on")
+    start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
+    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
+        run_sampler_node(model, start_latent=start)
+    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto") is True
+    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto")
+
+
+def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
+    import tiny_vae
+
+    tiny_vae.write_diffusers_folder(comfy.root / "vae" / "HunyuanVideo" / "vae", seed=0)
+    assert files.list_models("vae", folders=True)[0] == "HunyuanVideo/vae/"
+    (vae,) = loaders.LoadVAE().load("HunyuanVideo/vae/", "fp32")
+    assert vae.kind == "hunyuan"
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 16, 2, 4, 6, generator=g)
+    (image,) = vae_node.VAEDecode().decode(vae, {"samples": latent}, "off", 256, 64, 16, 8)
+    want = vae.vae.decode(latent, tiled=False).clamp(-1, 1)
+    assert image.shape == (5, 32, 48, 3)
+    torch.testing.assert_close(image, ((want + 1) / 2)[0].permute(1, 2, 3, 0))
+
+    pictures = torch.rand(1, 40, 60, 3, generator=g)  # resized to cover 48x32 and centre-cropped
+    (encoded,) = vae_node.VAEEncode().encode(vae, pictures, 48, 32)
+    assert encoded["samples"].shape == (1, 16, 1, 4, 6)
+    assert vae_node.VAEEncode.VALIDATE_INPUTS(48, 0) != True  # noqa: E712
+
+
+def test_dit_operations_use_comfy_manual_cast_with_our_rmsnorm_as_fallback(comfy, monkeypatch):
+    from kandinsky_core import layers
+
+    ops = types.ModuleType("comfy.ops")
+
+    class manual_cast:  # an older comfy.ops without RMSNorm
+        class Linear(torch.nn.Linear):
+            comfy_cast_weights = True
+
+        class LayerNorm(torch.nn.LayerNorm):
+            comfy_cast_weights = True
+
+    ops.manual_cast = manual_cast
+    monkeypatch.setitem(sys.modules, "comfy.ops", ops)
+    monkeypatch.setattr(sys.modules["comfy"], "ops", ops, raising=False)
+    got = comfy_glue.dit_operations()
+    assert issubclass(got.Linear, manual_cast.Linear) and got.Linear.comfy_cast_weights
+    assert (got.LayerNorm, got.RMSNorm) == (manual_cast.LayerNorm, layers.RMSNorm)
+
+
+def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy, monkeypatch):
+    from kandinsky_core import text_encoders
+
+    calls = []
+
+    def fake_load(qwen, clip, **kw):
+        calls.append((qwen, clip, kw["tokenizer_dir"]))
+        return types.SimpleNamespace(qwen=torch.nn.Linear(1, 1), clip=torch.nn.Linear(1, 1))
+
+    monkeypatch.setattr(text_encoders, "load_text_encoders", fake_load)
+    te = comfy.root / "text_encoders"
+    for folder in ("qwen", "clip"):
+        (te / folder).mkdir()
+        (te / folder / "config.json").write_text("{}")
+        (te / folder / "model.safetensors").write_bytes(b"")
+    (te / "clip_l.safetensors").write_bytes(b"")
+    loaders.LoadTextEncoders().load("qwen/", "clip/", "default")
+    loaders.LoadTextEncoders().load("qwen/", "clip_l.safetensors", "default")
+    assert calls[0] == (te / "qwen", te / "clip", None)
+    assert calls[1] == (te / "qwen", te / "clip_l.safetensors", str(comfy.root / "comfy"))
+    assert comfy.loads == []  # loading a node's model only registers it; ComfyUI loads it when it is used
