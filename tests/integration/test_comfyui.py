@@ -286,6 +286,9 @@ def test_dit_loads_from_comfy_ops_with_dynamic_vram_on(comfyui):
     import dataclasses
     import json
 
+    if not (Path(os.environ["COMFYUI_DIR"]) / "comfy" / "memory_management.py").exists():
+        pytest.skip("this ComfyUI has no dynamic VRAM (comfy/memory_management.py appeared after v0.3.64)")
+
     from comfy_server import REPO, tiny_archs
 
     arch = json.dumps(dataclasses.asdict(tiny_archs()["t2v-lite-sft-5s"]))
