@@ -1,0 +1,29 @@
+"""kandinsky_core is ComfyUI-free: every module imports without comfy, touches no GPU and compiles nothing."""
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kandinsky_core
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_core_module_imports_without_comfy_cuda_or_compile():
+    modules = sorted(
+        f"kandinsky_core.{m.name}" for m in pkgutil.iter_modules(kandinsky_core.__path__) if m.name != "__main__"
+    )
+    assert {"kandinsky_core.model", "kandinsky_core.nabla", "kandinsky_core.pipeline"} <= set(modules)
+    code = (
+        "import importlib, sys, torch\n"
+        "compiled = []\n"
+        "torch.compile = lambda *a, **k: compiled.append(a) or (a[0] if a else (lambda f: f))\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert not [m for m in sys.modules if m == 'comfy' or m.startswith('comfy.') or m == 'folder_paths']\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert not compiled, compiled\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
