@@ -17,10 +17,11 @@ from torch import Tensor
 
 from .download import ModelPaths
 from .errors import InputError, MissingFilesError
+from .magcache import MagCache, MagCacheParams, MagCalibration
 from .media import read_image, resize_center_crop, to_uint8_frames
 from .variants import Variant, get_variant, validate_size
 
-__all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device"]
+__all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device", "read_mag_ratios"]
 
 # t2v_pipeline.py / i2v_pipeline.py __call__ default; the image pipelines default to "".
 VIDEO_NEGATIVE = (
@@ -252,16 +253,33 @@ def run(
     attention_backend: str | None = None,
     fp8: bool = False,
     log: Callable[[str], None] | None = None,
+    magcache: Any = None,
+    block_swap: int | None = None,
+    text_block_swap: int | None = None,
+    vae_tiled: bool | str = "auto",
 ) -> Tensor:
     """Generate `request` from the files in `models`; returns frames uint8 [F, H, W, 3] on the CPU.
 
     Stages: text encoders (loaded, used, dropped) -> VAE encode of the input image (then parked on the CPU when
-    `offload`) -> DiT (loaded, sampled, dropped) -> VAE decode. `fp8` stores the DiT's block weights in float8."""
+    `offload`) -> DiT (loaded, sampled, dropped) -> VAE decode. `fp8` stores the DiT's block weights in float8.
+    `magcache`: a `magcache.MagCacheParams` (skip visual blocks with those ratios and controls), a
+    `magcache.MagCalibration` (measure this model's ratios; read them from it afterwards) or None.
+    `block_swap`: None keeps the whole DiT on the device; N keeps its first N visual blocks there and swaps the others
+    in from the host one at a time (`offload.enable_block_swap`; for small accelerators). `text_block_swap` does the
+    same for Qwen2.5-VL's decoder layers (28 of them, ~13 GB in bf16). `vae_tiled` (HunyuanVideo VAE): True / False
+    force tiled / untiled decoding, "auto" tiles when an untiled pass would not fit."""
     from .loading import load_dit
     from .sampling import make_noise, sample
     from .text_encoders import load_text_encoders
 
     log = log or (lambda msg: None)
+    block_cache = _block_cache(magcache)
+    for name, value in (("block_swap", block_swap), ("text_block_swap", text_block_swap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(
+                f"{name}={value!r} is not allowed: give the number of blocks to keep on the accelerator (0 or more; "
+                "the rest are swapped in from the host one at a time), or None to keep the whole model there."
+            )
     v = request.variant
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)
@@ -269,7 +287,15 @@ def run(
 
     # 1. text: both prompts, then the encoders leave the accelerator
     log(f"text encoders: {models.qwen} + {models.clip}")
-    encoders = load_text_encoders(models.qwen, models.clip, dtype=dtype, device=dev, tokenizer_dir=models.tokenizer_dir)
+    text_dev = dev if text_block_swap is None else torch.device("cpu")
+    encoders = load_text_encoders(
+        models.qwen, models.clip, dtype=dtype, device=text_dev, tokenizer_dir=models.tokenizer_dir
+    )
+    if text_block_swap is not None:
+        from .offload import swap_layers
+
+        encoders.clip.to(dev)
+        swap_layers(encoders.qwen, encoders.qwen.model.language_model.layers, dev, text_block_swap)
     images = [request.image] if v.task == "i2i" else None
     prompt = request.prompt
     if request.expand_prompt:
@@ -296,7 +322,14 @@ def run(
 
     # 3. DiT sampling
     log(f"DiT: {models.dit}")
-    dit, _ = load_dit(models.dit, v, dtype=dtype, device=dev, fp8=fp8)
+    if block_swap is None:
+        dit, _ = load_dit(models.dit, v, dtype=dtype, device=dev, fp8=fp8)
+    else:
+        from .offload import enable_block_swap
+
+        dit, _ = load_dit(models.dit, v, dtype=dtype, device="cpu", fp8=fp8)
+        swap = enable_block_swap(dit, dev, blocks_on_device=block_swap)
+        log(f"block swap: {len(swap.swapped)} of {len(dit.visual_transformer_blocks)} visual blocks swapped in")
     noise = make_noise(request.latent_shape, request.seed, dtype=torch.float32, device=dev)
     callback, bar = _progress_callback(request.steps, progress)
     try:
@@ -314,10 +347,14 @@ def run(
             edit_latent=edit.to(dev) if edit is not None else None,
             callback=callback,
             attention_backend=attention_backend,
+            block_cache=block_cache,
         )
     finally:
         if bar is not None:
             bar.close()
+    if isinstance(block_cache, MagCache):
+        log(f"MagCache: {len(block_cache.skipped)} of {request.steps * (2 if uncond is not None else 1)} DiT calls "
+            "reused the cached residual")  # fmt: skip
     del dit
     _free(dev)
 
@@ -327,10 +364,60 @@ def run(
         vae = _load_vae(v, models.vae, vae_dtype, dev)
     elif offload:
         vae.to(dev)
-    pixels = vae.decode((x / v.latent_scale).to(vae_dtype))
+    tiling = {} if v.vae == "flux" else {"tiled": vae_tiled}
+    pixels = vae.decode((x / v.latent_scale).to(vae_dtype), **tiling)
     del vae
     _free(dev)
     return to_uint8_frames(pixels[:, :, : request.frames])
+
+
+def _block_cache(magcache: Any) -> Any:
+    """The sampler's block cache for run(magcache=...): a fresh MagCache for MagCacheParams, a MagCalibration as is."""
+    if magcache is None or isinstance(magcache, MagCalibration):
+        return magcache
+    if isinstance(magcache, MagCacheParams):
+        return MagCache(magcache)
+    raise InputError(
+        f"magcache={magcache!r:.60} is not allowed: pass MagCacheParams (e.g. MagCacheParams.for_variant(variant)), a "
+        "MagCalibration, or None."
+    )
+
+
+def read_mag_ratios(text: str, source: str) -> tuple[float, ...]:
+    """MagCache ratios from JSON text: a list of numbers, or an object with a "ratios" list (what a calibration run
+    writes). `source` names where the text came from, for the error message."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(
+            f"{source} is not valid JSON ({e}). Give the file a calibration run wrote (generate --calibrate-magcache "
+            "FILE.json), or a JSON list of numbers."
+        ) from None
+    ratios = data.get("ratios") if isinstance(data, dict) else data
+    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
+        raise InputError(
+            f'{source} holds no MagCache ratios: expected a JSON list of numbers, or an object with a "ratios" '
+            "list ([positive, negative] per step from step 1), as written by generate --calibrate-magcache."
+        )
+    return MagCacheParams(tuple(ratios)).ratios
+
+
+def mag_ratios_json(calibration: MagCalibration, request: Request) -> str:
+    """The JSON a calibration run writes: the measured ratios and what they were measured with."""
+    import json
+
+    return json.dumps(
+        {
+            "variant": request.variant.name,
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "size": [request.width, request.height, request.frames],
+            "ratios": list(calibration.ratios()),
+        },
+        indent=1,
+    )
 
 
 def generate(
@@ -355,6 +442,8 @@ def generate(
     offload: bool = True,
     attention_backend: str | None = None,
     fp8: bool = False,
+    magcache: Any = None,
+    block_swap: int | None = None,
 ) -> Tensor:
     """Text (and image) to video or image: frames uint8 [F, H, W, 3] (F = 1 for image variants).
 
@@ -397,4 +486,6 @@ def generate(
         progress=progress,
         attention_backend=attention_backend,
         fp8=fp8,
+        magcache=magcache,
+        block_swap=block_swap,
     )

@@ -1,6 +1,8 @@
 """ComfyUI nodes: thin adapters over kandinsky_core (model management, folder_paths, progress, previews)."""
 
+from .block_swap import BlockSwap
 from .loaders import LoadDiT, LoadTextEncoders, LoadVAE
+from .magcache import MagCacheCalibrate, MagCacheNode
 from .sampler import Sampler
 from .text import PromptExpansion, TextEncode
 from .vae import VAEDecode, VAEEncode
@@ -14,6 +16,9 @@ NODES = {
     "Kandinsky5Sampler": (Sampler, "Kandinsky 5 Sampler"),
     "Kandinsky5VAEDecode": (VAEDecode, "Kandinsky 5 VAE Decode"),
     "Kandinsky5VAEEncode": (VAEEncode, "Kandinsky 5 VAE Encode"),
+    "Kandinsky5MagCache": (MagCacheNode, "Kandinsky 5 MagCache"),
+    "Kandinsky5MagCacheCalibrate": (MagCacheCalibrate, "Kandinsky 5 MagCache Calibrate"),
+    "Kandinsky5BlockSwap": (BlockSwap, "Kandinsky 5 Block Swap"),
 }
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in NODES.items()}

@@ -206,7 +206,11 @@ class Sampler:
                 v.name, width, height, length, s.steps, s.guidance, s.scheduler_scale, s.nabla or "off",
             )  # fmt: skip
             cfg = uncond is not None
-            comfy_glue.load(model.patcher, memory_estimate(model, batch_size, *shape[2:], cfg))
+            estimate = memory_estimate(model, batch_size, *shape[2:], cfg)
+            swap_setting = getattr(model, "block_swap", None)  # from Kandinsky 5 Block Swap
+            cache_setting = getattr(model, "block_cache", None)  # from Kandinsky 5 MagCache / MagCache Calibrate
+            if swap_setting is None:
+                comfy_glue.load(model.patcher, estimate)
             device = comfy_glue.load_device()
             dtype = model.model.compute_dtype
             noise = make_noise(shape, seed, dtype=torch.float32, device=device)
@@ -217,21 +221,30 @@ class Sampler:
             callback = comfy_glue.step_callback(
                 noise, flow_timesteps(s.steps, s.scheduler_scale), v.latent_scale, v.vae, s.steps
             )
-            x = run_sampler(
-                model.model,
-                noise,
-                cond.to(device, dtype),
-                uncond.to(device, dtype) if cfg else None,
-                steps=s.steps,
-                guidance=s.guidance,
-                scheduler_scale=s.scheduler_scale,
-                rope_scale=v.rope_scale,
-                nabla=s.nabla,
-                first_frame_latent=conditions.get("start_latent"),
-                edit_latent=conditions.get("edit_latent"),
-                callback=callback,
-                attention_backend=None if model.attention == "auto" else model.attention,
-            )
+            block_cache = None if cache_setting is None else cache_setting.make(v)
+            swap = None if swap_setting is None else swap_setting.place(model, estimate)
+            try:
+                x = run_sampler(
+                    model.model,
+                    noise,
+                    cond.to(device, dtype),
+                    uncond.to(device, dtype) if cfg else None,
+                    steps=s.steps,
+                    guidance=s.guidance,
+                    scheduler_scale=s.scheduler_scale,
+                    rope_scale=v.rope_scale,
+                    nabla=s.nabla,
+                    first_frame_latent=conditions.get("start_latent"),
+                    edit_latent=conditions.get("edit_latent"),
+                    callback=callback,
+                    attention_backend=None if model.attention == "auto" else model.attention,
+                    block_cache=block_cache,
+                )
+            finally:
+                if swap is not None:
+                    swap_setting.release(model, swap)
+            if cache_setting is not None:
+                cache_setting.done(block_cache, s.steps, cfg, v)
             return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu()},)
 
 

@@ -60,14 +60,16 @@ def variant_json(v: Variant) -> dict[str, Any]:
 
 
 def detect_file(path: str) -> dict[str, Any]:
-    """{"variant": name} for a Kandinsky 5 DiT, {"variant": None, "error": why} for anything else (header only)."""
-    from .loaders import AUTO, inspect_dit
+    """{"variant": detected, "fits": every variant of the file's architecture} for a Kandinsky 5 DiT,
+    {"variant": None, "error": why} for anything else. Reads the header only."""
+    from kandinsky_core import loading
 
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _detected:
         try:
-            _detected[key] = {"variant": inspect_dit(Path(path), AUTO).name}
+            found = loading.detect_variant(loading.read_safetensors_header(path), filename=Path(path).name)
+            _detected[key] = {"variant": found.variant, "fits": list(found.candidates)}
         except KandinskyError as e:
             _detected[key] = {"variant": None, "error": str(e)}
     return _detected[key]

@@ -335,3 +335,174 @@ OFFICIAL_SCHEDULES = {
 @pytest.mark.parametrize("name, steps, cfg", list(OFFICIAL_SCHEDULES))
 def test_schedules_recorded_from_the_official_code(name, steps, cfg):
     assert drive(MagCache(MagCacheParams.for_variant(name)), steps, cfg) == OFFICIAL_SCHEDULES[name, steps, cfg]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Front ends: `generate --magcache / --calibrate-magcache / --block-swap` through the real pipeline on tiny files
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A models folder with a tiny t2v-lite-sft-5s DiT, the tiny official text encoders and the tiny HunyuanVideo VAE
+    (the layout of tests/test_pipeline.py); yields (folder, tiny arch)."""
+    import dataclasses
+    import shutil
+
+    import tiny_text
+    import tiny_vae
+
+    from kandinsky_core import download, variants
+    from tests.tiny import make_tiny_dit_file
+
+    root = tmp_path_factory.mktemp("magcache_models")
+    models = root / "models"
+    t = tiny_text.make_tiny_text_encoders(root / "official", "folder", qwen_hidden=32, clip_hidden=32)
+    (models / "text_encoders").mkdir(parents=True)
+    shutil.move(t.qwen, models / "text_encoders" / download.QWEN_DIR)
+    shutil.move(t.clip, models / "text_encoders" / download.CLIP_DIR)
+    tiny_vae.write_diffusers_folder(models / "vae" / download.HUNYUAN_VAE_DIR / "vae", seed=0)
+    arch = dataclasses.replace(TINY_ARCHS["lite"], in_text_dim=32, in_text_dim2=32)
+    filename = variants.VARIANTS["t2v-lite-sft-5s"].hf_filename.split("/")[-1]
+    make_tiny_dit_file(models / "diffusion_models" / filename, arch, seed=0)
+    return models, arch
+
+
+@pytest.fixture
+def spied(tiny_models, monkeypatch):
+    """Runs the CLI on the tiny files; records the block cache the sampler got, the block swap and the final latent."""
+    import dataclasses
+
+    from kandinsky_core import cli, offload, sampling, variants
+
+    models, arch = tiny_models
+    monkeypatch.setitem(
+        variants.VARIANTS, "t2v-lite-sft-5s", dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=arch)
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen: dict = {}
+    real_sample, real_swap = sampling.sample, offload.enable_block_swap
+
+    def sample_spy(*a, **k):
+        seen["cache"] = k.get("block_cache")
+        seen["latent"] = real_sample(*a, **k)
+        return seen["latent"]
+
+    def swap_spy(*a, **k):
+        seen["swap"] = real_swap(*a, **k)
+        return seen["swap"]
+
+    real_layers = offload.swap_layers
+
+    def layers_spy(model, layers, *a, **k):
+        seen.setdefault("swapped_layers", []).append(type(layers[0]).__name__)
+        return real_layers(model, layers, *a, **k)
+
+    monkeypatch.setattr(sampling, "sample", sample_spy)
+    monkeypatch.setattr(offload, "enable_block_swap", swap_spy)
+    monkeypatch.setattr(offload, "swap_layers", layers_spy)
+
+    def generate(out, *extra):
+        seen.clear()
+        args = ["generate", "--variant", "t2v-lite-sft-5s", "--prompt", "a fox", "--models-dir", str(models)]
+        args += ["--width", "64", "--height", "64", "--frames", "5", "--steps", "8", "--quiet", "--output", str(out)]
+        assert cli.main([*args, *extra]) == 0
+        return dict(seen)
+
+    return generate
+
+
+def test_cli_calibration_block_swap_and_magcache_reach_the_sampler(spied, tmp_path):
+    import json
+
+    ratios_file = tmp_path / "ratios.json"
+    swaps = ["--block-swap", "0", "--text-block-swap", "0"]
+    calibrated = spied(tmp_path / "cal.mp4", "--calibrate-magcache", str(ratios_file), *swaps)
+    calibration = calibrated["cache"]
+    assert isinstance(calibration, MagCalibration)
+    data = json.loads(ratios_file.read_text())
+    assert data["variant"] == "t2v-lite-sft-5s" and data["steps"] == 8
+    assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 2 * 7
+    assert all(r > 0 for r in data["ratios"])  # both CFG branches measured at every step from 1
+    assert calibrated["swap"].swapped == [0, 1] and calibrated["swap"].loads == 8 * 2 * 2  # steps x branches x blocks
+    assert calibrated["swapped_layers"] == ["Qwen2_5_VLDecoderLayer", "VisualBlock"]
+
+    plain = spied(tmp_path / "plain.mp4")
+    assert plain["cache"] is None and "swap" not in plain
+    # neither measuring nor swapping (DiT blocks, Qwen layers) changes a number
+    assert torch.equal(calibrated["latent"], plain["latent"])
+
+    flags = ["--magcache", "--magcache-threshold", "0.5", "--magcache-k", "3", "--magcache-retention", "0.25"]
+    cached = spied(tmp_path / "cached.mp4", *flags, "--magcache-ratios", str(ratios_file), "--block-swap", "1")
+    cache = cached["cache"]
+    assert isinstance(cache, MagCache)
+    assert cache.params == MagCacheParams(tuple(data["ratios"]), threshold=0.5, K=3, retention=0.25)
+    assert cache.skipped == official_rule(cache.params.ratios, 8, True, 0.5, 3, 0.25) and cache.skipped
+    assert cached["swap"].loads == 8 * 2 - len(cache.skipped)  # one swapped block, run only by computed calls
+    err = (cached["latent"] - plain["latent"]).norm() / plain["latent"].norm()
+    assert 0 < err < 0.5
+
+
+def test_cli_magcache_uses_the_official_ratios(tmp_path, capsys, monkeypatch):
+    import torch as _torch
+
+    from kandinsky_core import cli, pipeline
+
+    seen = {}
+
+    def fake_run(request, models, **kw):
+        seen.update(kw)
+        return _torch.zeros(request.frames, request.height, request.width, 3, dtype=_torch.uint8)
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    for name in ("dit.safetensors", "qwen", "clip", "vae"):
+        (tmp_path / name).mkdir()
+    args = ["generate", "--variant", "t2v-pro-sft-5s-sd", "--prompt", "a fox", "--magcache", "--quiet"]
+    args += ["--output", str(tmp_path / "o.mp4"), "--block-swap", "12"]
+    args += ["--dit", str(tmp_path / "dit.safetensors"), "--text-encoder", str(tmp_path / "qwen")]
+    args += ["--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert seen["magcache"] == MagCacheParams.for_variant("t2v-pro-sft-5s-sd") and seen["block_swap"] == 12
+    assert seen["magcache"].threshold == 0.12 and seen["magcache"].K == 2 and seen["magcache"].retention == 0.2
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--variant", "t2v-lite-distilled16steps-5s", "--magcache"],
+         "t2v-lite-distilled16steps-5s has no official MagCache ratios.*--calibrate-magcache ratios.json"),
+        (["--variant", "t2v-lite-sft-5s", "--magcache-k", "3"], "--magcache-k given without --magcache"),
+        (["--variant", "t2v-lite-sft-5s", "--magcache", "--magcache-ratios", "nope.json"],
+         "--magcache-ratios nope.json does not exist.*--calibrate-magcache nope.json"),
+        (["--variant", "t2v-lite-sft-5s", "--magcache", "--calibrate-magcache", "r.json"],
+         "--calibrate-magcache measures ratios in a full run"),
+        (["--variant", "t2v-lite-sft-5s", "--magcache", "--magcache-retention", "2"], "retention=2.0 is not allowed"),
+        (["--variant", "t2v-lite-sft-5s", "--block-swap", "-1"], "--block-swap -1 is not allowed.*0 .. 32"),
+    ],
+)  # fmt: skip
+def test_cli_magcache_errors_come_before_any_model_is_touched(extra, expected, tmp_path, capsys, monkeypatch):
+    import re
+
+    from kandinsky_core import cli, download, pipeline
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model file was looked up or loaded before the arguments were validated")
+
+    for module, name in ((pipeline, "run"), (download, "ensure_files"), (download, "plan_downloads")):
+        monkeypatch.setattr(module, name, forbidden)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["generate", "--prompt", "a fox", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(expected, err), err
+
+
+def test_ratio_files_are_checked():
+    from kandinsky_core.pipeline import read_mag_ratios
+
+    assert read_mag_ratios("[1, 0.5]", "x") == (1.0, 0.5)
+    assert read_mag_ratios('{"ratios": [1.02, 1.03]}', "x") == (1.02, 1.03)
+    with pytest.raises(InputError, match="r.json is not valid JSON"):
+        read_mag_ratios("[1,", "r.json")
+    with pytest.raises(InputError, match='r.json holds no MagCache ratios.*"ratios" list'):
+        read_mag_ratios('{"steps": 3}', "r.json")
+    with pytest.raises(InputError, match="ratios must be a non-empty list of numbers >= 0"):
+        read_mag_ratios("[1, -2]", "r.json")

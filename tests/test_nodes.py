@@ -153,7 +153,7 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 
 
 def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 8
+    assert len(NODE_CLASS_MAPPINGS) == 11
     for key, cls in NODE_CLASS_MAPPINGS.items():
         assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
         assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
@@ -181,7 +181,7 @@ def test_pack_imports_without_comfyui_and_without_transformers():
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 8, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 11, m.NODE_CLASS_MAPPINGS\n"
         "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -430,3 +430,109 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
     assert calls[0] == (te / "qwen", te / "clip", None)
     assert calls[1] == (te / "qwen", te / "clip_l.safetensors", str(comfy.root / "comfy"))
     assert comfy.loads == []  # loading a node's model only registers it; ComfyUI loads it when it is used
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MagCache, MagCache Calibrate and Block Swap: K5_DIT -> K5_DIT settings the Sampler honours
+
+
+def tiny_model(comfy):
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    return loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")[0]
+
+
+def core_sample(model, steps, block_cache=None):
+    """What the Sampler node must compute (run_sampler_node's defaults: seed 3, 64x32, 5 frames, CFG 5)."""
+    v = model.variant
+    return sample(
+        model.model, make_noise((1, 16, 2, 4, 8), 3), conditioning(1), conditioning(2), steps=steps,
+        guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale, block_cache=block_cache,
+    )  # fmt: skip
+
+
+def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
+    from kandinsky_core.magcache import OFFICIAL_MAG_RATIOS, MagCache, MagCacheParams
+    from nodes.magcache import MagCacheNode
+
+    model = tiny_model(comfy)
+    (cached_model,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
+    assert cached_model.patcher is model.patcher and not hasattr(model, "block_cache")  # the input is unchanged
+    latent = run_sampler_node(cached_model, steps=8)
+
+    cache = MagCache(MagCacheParams(OFFICIAL_MAG_RATIOS["t2v-lite-sft-5s"], threshold=0.5, K=2, retention=0.0))
+    want = core_sample(model, 8, cache)
+    torch.testing.assert_close(latent, dit_to_latent(want, model.variant.latent_scale), rtol=0, atol=0)
+    assert cache.skipped  # the cache did skip, so the node's latent differs from the plain one
+    plain = run_sampler_node(model, steps=8)
+    assert not torch.equal(plain, latent)
+    torch.testing.assert_close(plain, dit_to_latent(core_sample(model, 8), model.variant.latent_scale), rtol=0, atol=0)
+
+
+def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy, monkeypatch, tmp_path):
+    import json
+
+    from kandinsky_core.magcache import MagCalibration
+    from nodes.magcache import MagCacheCalibrate, MagCacheNode
+
+    monkeypatch.setattr(sys.modules["folder_paths"], "get_output_directory", lambda: str(tmp_path / "out"), False)
+    model = tiny_model(comfy)
+    (calibrating,) = MagCacheCalibrate().apply(model, "k5cal")
+    latent = run_sampler_node(calibrating, steps=4)
+    torch.testing.assert_close(latent, run_sampler_node(model, steps=4), rtol=0, atol=0)  # nothing skipped
+
+    path = tmp_path / "out" / "k5cal_t2v-lite-sft-5s_4steps.json"
+    data = json.loads(path.read_text())
+    calibration = MagCalibration()
+    core_sample(model, 4, calibration)
+    assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 6
+    for text_form in (path.read_text(), json.dumps(data["ratios"]), ", ".join(str(r) for r in data["ratios"])):
+        (m,) = MagCacheNode().apply(model, 0.12, 2, 0.2, text_form)
+        assert m.block_cache.params.ratios == tuple(data["ratios"])
+    assert "letters, digits" in MagCacheCalibrate.VALIDATE_INPUTS("../x")
+
+
+def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
+    from nodes.magcache import MagCacheNode
+
+    model = dataclasses.replace(tiny_model(comfy), variant=variants.VARIANTS["t2v-lite-distilled16steps-5s"])
+    with pytest.raises(InputError, match=r"^Kandinsky 5 MagCache: ratios: t2v-lite-distilled16steps-5s has no "
+                       r"official MagCache ratios.*Kandinsky 5 MagCache Calibrate"):  # fmt: skip
+        MagCacheNode().apply(model, 0.12, 2, 0.2, "")
+    with pytest.raises(InputError, match="is not a list of numbers"):
+        MagCacheNode().apply(model, 0.12, 2, 0.2, "1.0, fast")
+    with pytest.raises(InputError, match="retention=1.5 is not allowed"):
+        MagCacheNode().apply(model, 0.12, 2, 1.5, "1.0, 1.0")
+
+
+def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, monkeypatch):
+    from kandinsky_core import offload
+    from nodes.block_swap import BlockSwap
+    from nodes.magcache import MagCacheNode
+
+    mm = sys.modules["comfy.model_management"]
+    freed, unloaded, swaps = [], [], []
+    model = tiny_model(comfy)
+    held = types.SimpleNamespace(model=model.patcher, model_unload=lambda: unloaded.append(True))
+    monkeypatch.setattr(mm, "free_memory", lambda need, device: freed.append((need, device)), False)
+    monkeypatch.setattr(mm, "current_loaded_models", [held], False)
+    real_swap = offload.enable_block_swap
+    monkeypatch.setattr(offload, "enable_block_swap", lambda *a, **k: swaps.append(real_swap(*a, **k)) or swaps[-1])
+
+    plain = run_sampler_node(model, steps=3)
+    loads = len(comfy.loads)
+    (swapping,) = BlockSwap().apply(model, 1, True)
+    latent = run_sampler_node(swapping, steps=3)
+    torch.testing.assert_close(latent, plain, rtol=0, atol=0)
+    assert len(comfy.loads) == loads  # ComfyUI was not asked to load the whole DiT...
+    assert unloaded == [True] and mm.current_loaded_models == []  # ...it was asked to let go of it
+    ((need, device),) = freed
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    assert device == torch.device("cpu") and 0 < need and need - comfy.loads[-1][1] <= weights
+    assert swaps[0].swapped == [1] and swaps[0].loads == 3 * 2  # steps x CFG branches, one swapped block
+    blocks = model.model.visual_transformer_blocks
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # swapping ended with the run
+
+    (both,) = MagCacheNode().apply(swapping, 0.12, 2, 0.2, "")
+    assert both.block_swap == swapping.block_swap and both.block_cache is not None
+    with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
+        BlockSwap().apply(model, 3, True)

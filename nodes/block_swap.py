@@ -1,0 +1,99 @@
+"""Kandinsky 5 Block Swap: K5_DIT in, K5_DIT out carrying a block-swap setting the Kandinsky 5 Sampler honours.
+
+ComfyUI already offloads on its own: when a DiT does not fit, its ModelPatcher loads what fits and comfy.ops casts
+the rest to the GPU layer by layer at use (partial loading; the loader builds the DiT from comfy.ops for this). That
+is the default and usually the best choice: it adapts to the free memory and to the other models in the workflow.
+Block swap instead pins the peak: the non-block layers and `blocks_on_device` visual blocks stay on the GPU, every
+other block is copied in whole just before it runs (the next one prefetched on a side stream) and dropped after.
+Prefer it when ComfyUI's estimate still runs out of memory (long videos: activations grow with the frame count),
+when a fixed budget matters (e.g. Lite 5 s 768x512 on a 12 GB card) or with --highvram / --gpu-only, where ComfyUI
+does not load partially.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kandinsky_core.errors import InputError
+
+from . import comfy_glue
+from .common import CATEGORY, fail
+from .magcache import with_setting
+
+
+def release_from_comfy(patcher: Any) -> None:
+    """If ComfyUI holds this DiT loaded, unload it (its weights go back to the offload device)."""
+    mm = comfy_glue.model_management()
+    loaded = getattr(mm, "current_loaded_models", [])
+    for entry in list(loaded):
+        if getattr(entry, "model", None) is patcher:
+            entry.model_unload()
+            loaded.remove(entry)
+
+
+@dataclass(frozen=True)
+class BlockSwapSetting:
+    blocks_on_device: int
+    prefetch: bool = True
+
+    def resident_bytes(self, dit: Any) -> int:
+        """Weights on the GPU during sampling: everything but the swapped blocks, plus the two in flight."""
+        from kandinsky_core.offload import block_bytes
+
+        blocks = dit.visual_transformer_blocks
+        total = sum(p.numel() * p.element_size() for p in dit.parameters())
+        swapped = [block_bytes(b) for b in blocks[self.blocks_on_device :]]
+        return total - sum(swapped) + sum(sorted(swapped)[-2:])
+
+    def place(self, model: Any, activations: int) -> Any:
+        """Make room in ComfyUI for the resident part and the activations, then start swapping; returns the swap."""
+        from kandinsky_core.offload import enable_block_swap
+
+        release_from_comfy(model.patcher)
+        device = comfy_glue.load_device()
+        comfy_glue.model_management().free_memory(self.resident_bytes(model.model) + activations, device)
+        offload = getattr(model.patcher, "offload_device", "cpu")
+        return enable_block_swap(
+            model.model, device, self.blocks_on_device, offload_device=offload, prefetch=self.prefetch
+        )
+
+    def release(self, model: Any, swap: Any) -> None:
+        swap.remove()
+        model.model.to(getattr(model.patcher, "offload_device", "cpu"))
+
+
+class BlockSwap:
+    DESCRIPTION = (
+        "Runs the Kandinsky 5 DiT with most of its visual blocks in system memory: each is copied to the GPU just "
+        "before it runs (the next one prefetched) and dropped after, with exactly the same result. For small GPUs; "
+        "ComfyUI's own partial loading needs no node and is usually enough."
+    )
+    CATEGORY = f"{CATEGORY}/speed"
+    RETURN_TYPES = ("K5_DIT",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler swaps its blocks.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache)."}),
+                "blocks_on_device": ("INT", {"default": 0, "min": 0, "max": 128, "tooltip":
+                                     "Visual blocks kept on the GPU (Lite has 32, Pro 60); the others are swapped "
+                                     "in one at a time. More: faster, more memory. 0 swaps all of them."}),
+                "prefetch": ("BOOLEAN", {"default": True, "tooltip":
+                             "Copy the next block on a side CUDA stream while the current one computes."}),
+            }
+        }  # fmt: skip
+
+    def apply(self, model, blocks_on_device, prefetch):
+        with fail("Kandinsky 5 Block Swap"):
+            total = model.variant.arch.num_visual_blocks
+            if not 0 <= blocks_on_device <= total:
+                raise InputError(
+                    f"blocks_on_device={blocks_on_device}: {model.variant.name} has {total} visual blocks. Use 0 .. "
+                    f"{total} ({total} keeps them all on the GPU, i.e. no swapping)."
+                )
+            return (with_setting(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))),)

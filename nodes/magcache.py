@@ -1,0 +1,176 @@
+"""Kandinsky 5 MagCache and MagCache Calibrate: K5_DIT in, K5_DIT out carrying a block-cache setting that the
+Kandinsky 5 Sampler hands to kandinsky_core.sampling.sample (`block_cache=`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kandinsky_core.errors import InputError
+from kandinsky_core.magcache import (
+    DEFAULT_K,
+    DEFAULT_RETENTION,
+    DEFAULT_THRESHOLD,
+    OFFICIAL_MAG_RATIOS,
+    MagCache,
+    MagCacheParams,
+    MagCalibration,
+)
+
+from . import comfy_glue
+from .common import CATEGORY, fail
+
+
+def with_setting(model: Any, **settings: Any) -> Any:
+    """A copy of a K5_DIT link value with extra settings (the patcher and weights are shared, not copied)."""
+    out = copy.copy(model)
+    for name, value in settings.items():
+        setattr(out, name, value)
+    return out
+
+
+def parse_ratios(text: str) -> tuple[float, ...] | None:
+    """None for an empty string; else the ratios of a calibration file's JSON, a JSON list, or numbers separated
+    by commas / whitespace."""
+    from kandinsky_core.pipeline import read_mag_ratios
+
+    text = text.strip()
+    if not text:
+        return None
+    if text[0] in "[{":
+        return read_mag_ratios(text, "ratios")
+    try:
+        return MagCacheParams(tuple(float(v) for v in re.split(r"[,\s]+", text) if v)).ratios
+    except ValueError:
+        raise InputError(
+            f"ratios {text[:40]!r}... is not a list of numbers. Paste the JSON a Kandinsky 5 MagCache Calibrate run "
+            'wrote (or its "ratios" list), numbers separated by commas, or leave it empty for the official ratios.'
+        ) from None
+
+
+@dataclass(frozen=True)
+class MagCacheSetting:
+    """What the MagCache node puts on a K5_DIT: the sampler calls `make()` for a fresh cache and `done(cache)`."""
+
+    params: MagCacheParams
+
+    def make(self, variant: Any) -> MagCache:
+        return MagCache(self.params)
+
+    def done(self, cache: MagCache, steps: int, cfg: bool, variant: Any = None) -> None:
+        comfy_glue.log.info(
+            "Kandinsky 5 MagCache: %d of %d DiT calls reused the cached residual", len(cache.skipped),
+            steps * (2 if cfg else 1),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CalibrationSetting:
+    """Measures the ratios during the sampler's run and writes them as JSON into ComfyUI's output folder."""
+
+    filename_prefix: str
+
+    def make(self, variant: Any) -> MagCalibration:
+        return MagCalibration()
+
+    def done(self, cache: MagCalibration, steps: int, cfg: bool, variant: Any = None) -> Path:
+        import folder_paths
+
+        name = getattr(variant, "name", "model")
+        path = Path(folder_paths.get_output_directory()) / f"{self.filename_prefix}_{name}_{steps}steps.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ratios = list(cache.ratios())
+        path.write_text(json.dumps({"variant": name, "steps": steps, "cfg": cfg, "ratios": ratios}, indent=1))
+        comfy_glue.log.info(
+            "Kandinsky 5 MagCache Calibrate: wrote %s; paste its contents into Kandinsky 5 MagCache's ratios", path
+        )
+        return path
+
+
+class MagCacheNode:
+    DESCRIPTION = (
+        "MagCache for the Kandinsky 5 Sampler: at steps where the visual blocks' residual is predictable from the "
+        "last computed one (magnitude ratios calibrated per model), the blocks are skipped and the cached residual "
+        "reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro sft / no-CFG video and Image "
+        "Lite; calibrate others with Kandinsky 5 MagCache Calibrate."
+    )
+    CATEGORY = f"{CATEGORY}/speed"
+    RETURN_TYPES = ("K5_DIT",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler uses MagCache with it.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                              "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
+                              "less faithful. Official: 0.12."}),
+                "K": ("INT", {"default": DEFAULT_K, "min": 0, "max": 20, "tooltip":
+                      "Most steps skipped in a row per CFG branch. Official: 2."}),
+                "retention": ("FLOAT", {"default": DEFAULT_RETENTION, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                              "First fraction of the steps that always run the blocks (they shape the layout). "
+                              "Official: 0.2."}),
+                "ratios": ("STRING", {"default": "", "multiline": True, "tooltip":
+                           "Empty: the variant's official ratios. Or the JSON a Kandinsky 5 MagCache Calibrate run "
+                           "wrote to the output folder (or numbers separated by commas), for distilled, pretrain, "
+                           "I2V or fine-tuned models."}),
+            }
+        }  # fmt: skip
+
+    def apply(self, model, threshold, K, retention, ratios):
+        with fail("Kandinsky 5 MagCache"):
+            values = parse_ratios(ratios)
+            if values is None:
+                name = model.variant.name
+                if name not in OFFICIAL_MAG_RATIOS:
+                    raise InputError(
+                        f"ratios: {name} has no official MagCache ratios (they exist for "
+                        f"{', '.join(OFFICIAL_MAG_RATIOS)}). Run the model once through Kandinsky 5 MagCache Calibrate "
+                        "and the Sampler, then paste the JSON it writes to the output folder into ratios."
+                    )
+                values = OFFICIAL_MAG_RATIOS[name]
+            params = MagCacheParams(values, threshold=threshold, K=K, retention=retention)
+            return (with_setting(model, block_cache=MagCacheSetting(params)),)
+
+
+class MagCacheCalibrate:
+    DESCRIPTION = (
+        "Measures this model's MagCache ratios during one full Kandinsky 5 Sampler run (nothing is skipped) and "
+        "writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step count, guidance "
+        "and a size you will generate with."
+    )
+    CATEGORY = f"{CATEGORY}/speed"
+    RETURN_TYPES = ("K5_DIT",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same DiT; the next Kandinsky 5 Sampler run measures the ratios.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "filename_prefix": ("STRING", {"default": "kandinsky5_magcache", "tooltip":
+                                    "The ratios go to output/<prefix>_<variant>_<steps>steps.json."}),
+            }
+        }  # fmt: skip
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix):
+        if not re.fullmatch(r"[\w.\-]+", filename_prefix or ""):
+            return f"filename_prefix {filename_prefix!r}: use letters, digits, '_', '-' and '.' only."
+        return True
+
+    def apply(self, model, filename_prefix):
+        with fail("Kandinsky 5 MagCache Calibrate"):
+            problem = self.VALIDATE_INPUTS(filename_prefix)
+            if problem is not True:
+                raise InputError(problem)
+            return (with_setting(model, block_cache=CalibrationSetting(filename_prefix)),)

@@ -1,0 +1,98 @@
+"""js/kandinsky5.js in headless Chromium on the real ComfyUI frontend (tests/browser/k5_browser_test.mjs), and the
+GET /kandinsky5/variants route it reads. Needs COMFYUI_DIR (see docs/comfyui.md), Debian `chromium` and
+`npm ci` in tests/browser; without them the browser test is skipped with a warning saying what is missing.
+The canvas screenshot is kept in $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+from comfy_server import CLIP, HUNYUAN_VAE, QWEN, REPO
+
+BROWSER_DIR = REPO / "tests" / "browser"
+SCRIPT = BROWSER_DIR / "k5_browser_test.mjs"
+TIMEOUT = 300
+
+
+def _skip(reason: str) -> None:
+    warnings.warn(UserWarning(f"browser test NOT run: {reason}"), stacklevel=2)
+    pytest.skip(reason)
+
+
+def _bundled_workflow() -> Path | None:
+    """A bundled T2V Lite UI workflow (workflows/, from scripts/make_workflows.py), when there is one."""
+    chosen = os.environ.get("K5_BROWSER_WORKFLOW")  # a path, or "none" for the small graph in the test script
+    if chosen:
+        return None if chosen == "none" else Path(chosen)
+    preferred = REPO / "workflows" / "t2v-lite-sft-5s.json"
+    if preferred.is_file():
+        return preferred
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        text = path.read_text()
+        if "t2v" in path.name and "lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
+            return path
+    return None
+
+
+def test_variants_route_serves_the_table_and_detected_files(comfyui):
+    status, body = comfyui.request("/api/kandinsky5/variants")
+    assert status == 200, body
+    assert body["fps"] == 24 and body["nabla_tile_px"] == 128
+    distilled = body["variants"]["t2v-lite-distilled16steps-5s"]["defaults"]
+    assert (distilled["steps"], distilled["guidance"], distilled["scheduler_scale"]) == (16, 1.0, 5.0)
+    files = body["files"]
+    # the tiny Lite architecture is swapped into t2v-lite-sft-5s and i2v-lite-5s (tiny_variants_pack)
+    t2v = files["kandinsky5lite_t2v_sft_5s.safetensors"]
+    assert t2v["variant"] == "t2v-lite-sft-5s" and set(t2v["fits"]) == {"t2v-lite-sft-5s", "i2v-lite-5s"}
+    assert files["kandinsky5lite_i2v_5s.safetensors"]["variant"] == "i2v-lite-5s"
+    assert files["kandinsky5lite_t2i.safetensors"] == {"variant": "t2i-lite", "fits": ["t2i-lite"]}
+    assert files["flux_vae_by_mistake.safetensors"]["variant"] is None
+    assert "flux_vae_by_mistake.safetensors" in files["flux_vae_by_mistake.safetensors"]["error"]
+
+
+def test_extension_in_headless_chromium(request, tmp_path):
+    if not os.environ.get("COMFYUI_DIR"):
+        _skip("COMFYUI_DIR is not set (docs/comfyui.md)")
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not chromium:
+        _skip("no chromium executable: `apt-get install -y chromium` (Debian) or set CHROMIUM")
+    node = shutil.which("node")
+    if not node:
+        _skip("no node executable: install Node.js 18+")
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        _skip(f"playwright-core is not installed: run `npm ci` in {BROWSER_DIR}")
+    comfyui = request.getfixturevalue("comfyui")
+
+    artifacts = Path(os.environ.get("KANDINSKY_ARTIFACTS_DIR") or tmp_path)
+    workflow = _bundled_workflow()
+    files = {
+        "dit_t2v": "kandinsky5lite_t2v_sft_5s.safetensors",
+        "dit_t2i": "kandinsky5lite_t2i.safetensors",
+        "qwen": QWEN,
+        "clip": CLIP,
+        "vae": HUNYUAN_VAE,
+    }
+    env = dict(os.environ, COMFY_URL=comfyui.url, K5_ARTIFACTS=str(artifacts), K5_FILES=json.dumps(files))
+    env.update(CHROMIUM=chromium, NO_PROXY="127.0.0.1,localhost")
+    if workflow:
+        env["K5_WORKFLOW"] = str(workflow)
+    run = subprocess.run([node, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    out = f"{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
+    assert run.returncode == 0, f"browser test failed:\n{out}\n{comfyui.log_tail()}"
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+
+    # The prompt the page queued runs to the end on the tiny model.
+    entry = comfyui.wait(results["prompt_id"])
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+
+    from PIL import Image
+
+    shot = Image.open(results["screenshot"]).convert("L")
+    lo, hi = shot.getextrema()
+    assert shot.size[0] >= 800 and hi - lo > 100, f"screenshot {results['screenshot']} looks empty"
