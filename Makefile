@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint docs generate
+.PHONY: venv test lint docs workflows generate
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ lint: venv
 
 docs: venv
 	$(BIN)/python scripts/update_docs.py
+
+# workflows/*.json from the variants table, and their API twins in workflows/api/
+workflows: venv
+	$(BIN)/python scripts/make_workflows.py
 
 # The main job: text-to-video with the distilled Lite model (downloads the weights it needs, ~25 GB, on first use).
 PROMPT ?= a red fox running through fresh snow at golden hour, cinematic

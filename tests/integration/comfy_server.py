@@ -50,6 +50,7 @@ def tiny_archs() -> dict:
         "t2v-lite-sft-5s": dataclasses.replace(TINY_ARCHS["lite"], **dims),
         "i2v-lite-5s": dataclasses.replace(TINY_ARCHS["lite"], **dims),
         "t2i-lite": dataclasses.replace(TINY_ARCHS["image"], **dims),
+        "i2i-lite": dataclasses.replace(TINY_ARCHS["image_i2i"], **dims),
     }
 
 

@@ -1,0 +1,298 @@
+"""The bundled workflows (no ComfyUI needed): one per variant, fresh (regenerating changes nothing), their settings
+equal the variants table, the Note names the files and the download command, and the UI->API conversion follows
+the frontend's widget serialisation (control_after_generate values, links, Reroute, muted and bypassed nodes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from kandinsky_core.errors import InputError
+from kandinsky_core.queue import ui_to_api, widget_names
+from kandinsky_core.variants import VARIANTS
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ui(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def by_type(graph: dict, kind: str) -> list[tuple[str, dict]]:
+    return [(i, n) for i, n in graph.items() if n["class_type"] == kind]
+
+
+def one(graph: dict, kind: str) -> tuple[str, dict]:
+    found = by_type(graph, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def test_every_variant_has_a_workflow_and_a_twin_and_nothing_else():
+    assert {p.stem for p in WORKFLOWS.glob("*.json")} == set(VARIANTS)
+    assert {p.stem for p in (WORKFLOWS / "api").glob("*.json")} == set(VARIANTS)
+
+
+def test_generated_files_are_fresh(capsys):
+    """Regenerating from the variants table and the UI files gives exactly the committed files (--check)."""
+    script = load_script()
+    assert script.main(["--check"]) == 0, capsys.readouterr().out
+    for path, text in script.expected_files(OBJECT_INFO).items():
+        assert path.read_text() == text, f"{path} is stale: run python scripts/make_workflows.py"
+
+
+def test_check_fails_on_a_stale_twin(monkeypatch, tmp_path, capsys):
+    script = load_script()
+    for sub in ("", "api"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        for f in (WORKFLOWS / sub).glob("*.json"):
+            (tmp_path / sub / f.name).write_text(f.read_text())
+    twin = tmp_path / "api" / "t2i-lite.json"
+    graph = json.loads(twin.read_text())
+    graph[one(graph, "Kandinsky5Sampler")[0]]["inputs"]["steps"] = 49  # edited by hand
+    twin.write_text(json.dumps(graph, indent=2) + "\n")
+    (tmp_path / "api" / "old-variant.json").write_text("{}")
+    monkeypatch.setattr(script, "WORKFLOWS", tmp_path)
+    monkeypatch.setattr(script, "API", tmp_path / "api")
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    assert script.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "stale or missing: api/t2i-lite.json" in out and "not generated" in out and "old-variant.json" in out
+    assert out.count("stale or missing") == 1
+
+
+def test_twins_are_the_conversion_of_the_ui_files():
+    for name in VARIANTS:
+        assert ui_to_api(ui(name), OBJECT_INFO) == api(name), name
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_defaults_equal_the_variants_table(name):
+    v = VARIANTS[name]
+    g = api(name)
+    _, dit = one(g, "Kandinsky5LoadDiT")
+    assert dit["inputs"]["variant"] == name
+    assert dit["inputs"]["dit_name"] == v.hf_filename.split("/")[-1]  # download.py puts it in diffusion_models/
+    _, te = one(g, "Kandinsky5LoadTextEncoders")
+    assert te["inputs"]["qwen_name"] == "Qwen2.5-VL-7B-Instruct/"
+    assert te["inputs"]["clip_name"] == "clip-vit-large-patch14/"
+    _, vae = one(g, "Kandinsky5LoadVAE")
+    assert vae["inputs"]["vae_name"] == {"hunyuan": "HunyuanVideo/vae/", "flux": "FLUX.1-dev/vae/"}[v.vae]
+    _, enc = one(g, "Kandinsky5TextEncode")
+    assert enc["inputs"]["template"] == v.text_template
+    assert enc["inputs"]["prompt"].strip()
+    negative = enc["inputs"]["negative_prompt"]
+    assert negative.startswith("Static, 2D cartoon") if v.is_video else negative == ""
+    sid, s = one(g, "Kandinsky5Sampler")
+    i = s["inputs"]
+    assert (i["width"], i["height"]) == v.default_size and (i["width"], i["height"]) in v.resolutions
+    assert i["length"] == (v.max_frames if v.is_video else 1)
+    assert (i["steps"], i["guidance"], i["scheduler_scale"]) == (v.steps, v.guidance, v.scheduler_scale)
+    if v.nabla is None:
+        assert i["nabla"] == "off"
+    else:
+        assert i["nabla"] == "on"
+        assert (i["nabla_P"], i["nabla_wT"], i["nabla_wH"], i["nabla_wW"]) == (
+            v.nabla.P, v.nabla.wT, v.nabla.wH, v.nabla.wW,
+        )  # fmt: skip
+    assert i["batch_size"] == 1 and isinstance(i["seed"], int)
+    did = dit and one(g, "Kandinsky5LoadDiT")[0]
+    assert i["model"] == [did, 0] and enc["inputs"]["model"] == [did, 0]
+    eid = one(g, "Kandinsky5TextEncode")[0]
+    assert i["positive"] == [eid, 0] and i["negative"] == [eid, 1]
+    decid, dec = one(g, "Kandinsky5VAEDecode")
+    assert dec["inputs"]["samples"] == [sid, 0]
+    if v.is_video:
+        _, save = one(g, "SaveAnimatedWEBP")
+        assert save["inputs"]["fps"] == 24.0 and save["inputs"]["images"] == [decid, 0]
+        assert not by_type(g, "SaveImage")
+    else:
+        _, save = one(g, "SaveImage")
+        assert save["inputs"]["images"] == [decid, 0]
+    assert save["inputs"]["filename_prefix"] == f"kandinsky5/{name}"
+
+
+@pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.task in ("i2v", "i2i")])
+def test_image_inputs_go_through_vae_encode(name):
+    v = VARIANTS[name]
+    g = api(name)
+    lid, load = one(g, "LoadImage")
+    assert load["inputs"]["image"] == "example.png"
+    eid, encode = one(g, "Kandinsky5VAEEncode")
+    assert encode["inputs"]["images"] == [lid, 0] and (encode["inputs"]["width"], encode["inputs"]["height"]) == (
+        v.default_size
+    )
+    sampler = one(g, "Kandinsky5Sampler")[1]["inputs"]
+    key, other = ("start_latent", "edit_latent") if v.task == "i2v" else ("edit_latent", "start_latent")
+    assert sampler[key] == [eid, 0] and other not in sampler
+    text = one(g, "Kandinsky5TextEncode")[1]["inputs"]
+    if v.task == "i2i":  # Qwen sees the image at the output size (resized to cover, centre-cropped)
+        sid, scale = one(g, "ImageScale")
+        assert text["edit_image"] == [sid, 0] and scale["inputs"]["image"] == [lid, 0]
+        size = scale["inputs"]["width"], scale["inputs"]["height"]
+        assert size == v.default_size and scale["inputs"]["crop"] == "center"
+    else:
+        assert "edit_image" not in text and not by_type(g, "ImageScale")
+
+
+def test_text_variants_have_no_image_inputs():
+    for name, v in VARIANTS.items():
+        if v.task in ("t2v", "t2i"):
+            g = api(name)
+            assert not by_type(g, "LoadImage") and not by_type(g, "Kandinsky5VAEEncode")
+            s = one(g, "Kandinsky5Sampler")[1]["inputs"]
+            assert "start_latent" not in s and "edit_latent" not in s
+
+
+def test_known_official_numbers():
+    """A few values checked by hand against the official configs (independent of the table's code)."""
+    s = one(api("t2v-lite-distilled16steps-5s"), "Kandinsky5Sampler")[1]["inputs"]
+    assert (s["steps"], s["guidance"], s["scheduler_scale"], s["nabla"], s["length"]) == (16, 1.0, 5.0, "off", 121)
+    s = one(api("t2v-pro-sft-10s-hd"), "Kandinsky5Sampler")[1]["inputs"]
+    assert (s["width"], s["height"], s["length"], s["nabla"], s["nabla_P"]) == (1280, 768, 241, "on", 0.7)
+    s = one(api("i2v-pro-5s-hd"), "Kandinsky5Sampler")[1]["inputs"]
+    assert (s["scheduler_scale"], s["nabla_P"]) == (5.0, 0.8)
+    s = one(api("t2i-lite"), "Kandinsky5Sampler")[1]["inputs"]
+    assert (s["width"], s["height"], s["length"], s["guidance"], s["scheduler_scale"]) == (1024, 1024, 1, 3.5, 3.0)
+    assert one(api("t2v-lite-nocfg-10s"), "Kandinsky5Sampler")[1]["inputs"]["guidance"] == 1.0
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_note_lists_files_places_and_download_command(name):
+    v = VARIANTS[name]
+    notes = [n for n in ui(name)["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert f"python -m kandinsky_core download --variant {name}" in text
+    assert f"models/diffusion_models/{v.hf_filename.split('/')[-1]}" in text
+    assert f"https://huggingface.co/{v.hf_repo}" in text
+    assert "models/text_encoders/Qwen2.5-VL-7B-Instruct/" in text and "Qwen/Qwen2.5-VL-7B-Instruct" in text
+    assert "models/text_encoders/clip-vit-large-patch14/" in text and "openai/clip-vit-large-patch14" in text
+    if v.vae == "flux":
+        assert "models/vae/FLUX.1-dev/" in text and "black-forest-labs/FLUX.1-dev" in text and "gated" in text
+    else:
+        assert "models/vae/HunyuanVideo/" in text and "hunyuanvideo-community/HunyuanVideo" in text
+
+
+def test_ui_files_are_in_the_frontend_format():
+    for name in VARIANTS:
+        w = ui(name)
+        assert {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"} <= set(w)
+        ids = {n["id"] for n in w["nodes"]}
+        assert w["last_node_id"] == max(ids) and w["last_link_id"] == max(link[0] for link in w["links"])
+        for link_id, src, src_slot, dst, dst_slot, kind in w["links"]:
+            s = next(n for n in w["nodes"] if n["id"] == src)
+            d = next(n for n in w["nodes"] if n["id"] == dst)
+            assert link_id in s["outputs"][src_slot]["links"] and s["outputs"][src_slot]["type"] == kind
+            assert d["inputs"][dst_slot]["link"] == link_id and d["inputs"][dst_slot]["type"] == kind
+        for n in w["nodes"]:
+            assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties", "widgets_values"} <= set(n)
+            if n["type"] in OBJECT_INFO:
+                assert n["properties"]["Node name for S&R"] == n["type"]
+                assert len(n["widgets_values"]) == len(widget_names(OBJECT_INFO[n["type"]])), n["type"]
+
+
+# ---- the converter against the frontend's serialisation, on hand-written graphs ----
+
+INT = ["INT", {"default": 0, "min": 0, "max": 100}]
+CORE_INFO = {  # as ComfyUI 0.3.x's /object_info describes KSampler and friends (trimmed)
+    "KSampler": {
+        "input": {"required": {
+            "model": ["MODEL"], "seed": ["INT", {"default": 0, "control_after_generate": True}], "steps": INT,
+            "cfg": ["FLOAT", {"default": 8.0}], "sampler_name": [["euler", "ddim"]], "scheduler": [["normal"]],
+            "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "latent_image": ["LATENT"],
+            "denoise": ["FLOAT", {"default": 1.0}],
+        }},
+        "input_order": {"required": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                                     "negative", "latent_image", "denoise"]},
+        "output": ["LATENT"], "output_name": ["LATENT"], "display_name": "KSampler",
+    },
+    "Noise": {"input": {"required": {"noise_seed": INT, "strength": ["FLOAT", {"control_after_generate": True}],
+                                     "count": ["INT", {"control_after_generate": False}]},
+                        "optional": {"seed": INT, "latent": ["LATENT", {}]}},
+              "output": ["LATENT"], "display_name": "Noise"},
+    "Source": {"input": {"required": {"value": INT}}, "output": ["MODEL", "CONDITIONING", "LATENT"]},
+}  # fmt: skip
+
+
+def node(nid, kind, widgets, inputs=(), mode=0, order=0, outputs=()):
+    return {"id": nid, "type": kind, "mode": mode, "order": order, "widgets_values": widgets,
+            "inputs": [dict(x) for x in inputs], "outputs": [dict(x) for x in outputs]}  # fmt: skip
+
+
+def test_widget_order_follows_the_frontend():
+    # KSampler: seed (control_after_generate) -> "randomize" after it; Noise: noise_seed by name (no option),
+    # a FLOAT with the option, an INT whose option is False (no control), an optional seed by name
+    assert widget_names(CORE_INFO["KSampler"]) == ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"]
+    assert widget_names(CORE_INFO["Noise"]) == ["noise_seed", None, "strength", None, "count", "seed", None]
+    # our sampler's seed declares control_after_generate; Prompt Expansion's seed gets one by its name
+    assert widget_names(OBJECT_INFO["Kandinsky5Sampler"])[3:6] == ["batch_size", "seed", None]
+    assert widget_names(OBJECT_INFO["LoadImage"]) == ["image", None]  # the upload button serialises "image"
+    expansion = ["prompt", "template", "seed", None, "max_new_tokens"]
+    assert widget_names(OBJECT_INFO["Kandinsky5PromptExpansion"]) == expansion
+
+
+def test_ui_to_api_on_a_frontend_style_graph():
+    src_out = [{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "C", "type": "CONDITIONING", "links": [2, 3]},
+               {"name": "L", "type": "LATENT", "links": [4]}]  # fmt: skip
+    graph = {
+        "nodes": [
+            node(1, "Source", [5], outputs=src_out),
+            node(2, "Reroute", [], inputs=[{"name": "", "type": "*", "link": 4}],
+                 outputs=[{"name": "", "type": "LATENT", "links": [5]}]),
+            node(3, "Noise", [7, "fixed", 0.5, "increment", 3, 9, "randomize"], mode=4,
+                 inputs=[{"name": "latent", "type": "LATENT", "link": 5}],
+                 outputs=[{"name": "LATENT", "type": "LATENT", "links": [6]}]),
+            node(4, "KSampler", [123, "randomize", 20, 7.5, "ddim", "normal", 1.0], order=1, inputs=[
+                {"name": "model", "type": "MODEL", "link": 1}, {"name": "positive", "type": "CONDITIONING", "link": 2},
+                {"name": "negative", "type": "CONDITIONING", "link": 3},
+                {"name": "latent_image", "type": "LATENT", "link": 6},
+                {"name": "steps", "type": "INT", "link": None, "widget": {"name": "steps"}},
+            ]),
+            node(5, "Note", ["hello"]),
+            node(6, "KSampler", [1, "fixed", 1, 1.0, "euler", "normal", 1.0], mode=2),
+        ],
+        "links": [[1, 1, 0, 4, 0, "MODEL"], [2, 1, 1, 4, 1, "CONDITIONING"], [3, 1, 1, 4, 2, "CONDITIONING"],
+                  [4, 1, 2, 2, 0, "LATENT"], [5, 2, 0, 3, 0, "LATENT"], [6, 3, 0, 4, 3, "LATENT"]],
+    }  # fmt: skip
+    got = ui_to_api(graph, CORE_INFO)
+    assert set(got) == {"1", "4"}  # Reroute, bypassed Noise, Note and the muted sampler are gone
+    assert got["4"]["inputs"] == {
+        "seed": 123, "steps": 20, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "normal", "denoise": 1.0,
+        "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["1", 2],
+    }  # fmt: skip
+    assert got["4"]["class_type"] == "KSampler" and got["4"]["_meta"]["title"] == "KSampler"
+    assert got["1"]["inputs"] == {"value": 5}
+
+
+def test_unknown_node_type_is_named():
+    graph = {"nodes": [node(7, "SomePackNode", [])], "links": []}
+    with pytest.raises(InputError, match="node 7 is a 'SomePackNode', which this ComfyUI does not have"):
+        ui_to_api(graph, CORE_INFO)
+
+
+def test_subgraphs_and_dynamic_inputs_are_refused_with_the_fix():
+    sub = {"nodes": [node(3, "a1b2-uuid", [])], "links": [],
+           "definitions": {"subgraphs": [{"id": "a1b2-uuid", "name": "Text to Image"}]}}  # fmt: skip
+    with pytest.raises(InputError, match=r"node 3 is a subgraph \(Text to Image\).*Export \(API\)"):
+        ui_to_api(sub, CORE_INFO)
+    info = {"SaveVideo": {"input": {"required": {"video": ["VIDEO", {}], "format": ["COMFY_DYNAMICCOMBO_V3", {}]}},
+                          "output": []}}  # fmt: skip
+    with pytest.raises(InputError, match=r"node 4 \(SaveVideo\) has a dynamic input \(format\).*Export \(API\)"):
+        ui_to_api({"nodes": [node(4, "SaveVideo", ["auto"])], "links": []}, info)
