@@ -48,8 +48,13 @@ def _auto_backend() -> str:
     return installed[0]
 
 
+_validated: set[str] = set()  # concrete names already checked: the hot path (and compiled blocks) skip the probe
+
+
 def select_backend(name: str | None = "auto") -> str:
     """Resolve a backend name ("auto", "flash_attn_3", "flash_attn_2", "sdpa") to one that is installed."""
+    if name in _validated:
+        return name
     name = name or "auto"
     if name == "auto":
         return _auto_backend()
@@ -61,6 +66,7 @@ def select_backend(name: str | None = "auto") -> str:
             f"Installed backends: {', '.join(available_backends())}. Install it or choose 'auto'."
         )
     _log_once(f"Kandinsky attention backend: {name}")
+    _validated.add(name)
     return name
 
 

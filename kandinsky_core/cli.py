@@ -1,4 +1,4 @@
-"""`python -m kandinsky_core variants | download | generate`.
+"""`python -m kandinsky_core variants | download | generate | queue`.
 
 Heavy modules (torch models, huggingface_hub, PyAV) are imported inside the commands, so `variants` and argument
 errors answer at once. Expected failures (KandinskyError) print one paragraph to stderr and exit with status 2.
@@ -58,7 +58,44 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--output", type=Path, help="output .mp4 (video) or .png (image); default kandinsky5.mp4/.png")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    m = g.add_argument_group("speed and memory")
+    m.add_argument("--magcache", action="store_true", help="MagCache: skip the visual blocks at predictable steps")
+    m.add_argument("--magcache-threshold", type=float, help="MagCache error threshold (default 0.12)")
+    m.add_argument("--magcache-k", type=int, help="MagCache: most steps skipped in a row (default 2)")
+    m.add_argument("--magcache-retention", type=float, help="MagCache: first fraction of steps never skipped (0.2)")
+    m.add_argument("--magcache-ratios", type=Path, help="ratios JSON from --calibrate-magcache (variants without "
+                   "official ratios: distilled, pretrain, image)")  # fmt: skip
+    m.add_argument("--calibrate-magcache", type=Path, metavar="FILE.json", help="measure this model's MagCache "
+                   "ratios during a full run and write them to FILE.json")  # fmt: skip
+    m.add_argument("--block-swap", type=int, metavar="N", help="keep N visual blocks on the accelerator and swap the "
+                   "rest in from host memory one at a time (small GPUs; 0 = all swapped)")  # fmt: skip
+    m.add_argument("--text-block-swap", type=int, metavar="N", help="the same for Qwen2.5-VL's 28 decoder layers "
+                   "(~13 GB in bf16; e.g. 12 on a 12 GB card)")  # fmt: skip
+    m.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (compiled during the first "
+                   "step; runs uncompiled if the compiler fails)")  # fmt: skip
+    q = sub.add_parser("queue", help="run a ComfyUI workflow (UI or API .json) on a ComfyUI server, headless")
+    q.add_argument("workflow", type=Path, help="workflow .json (e.g. workflows/t2v-lite-sft-5s.json)")
+    q.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
+    q.add_argument("--prompt", help="prompt of the Kandinsky 5 Text Encode node")
+    q.add_argument("--negative", help="negative prompt of the Kandinsky 5 Text Encode node")
+    q.add_argument("--seed", type=int, help="seed of the Kandinsky 5 Sampler")
+    q.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="set an input; NODE is a node id, title or type (e.g. Kandinsky5Sampler.steps=20)")  # fmt: skip
+    q.add_argument("--output-dir", type=Path, default=Path("."), help="where the outputs are downloaded")
+    q.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default %(default)g)")
     return p
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from .queue import run_workflow
+
+    try:
+        run_workflow(args.workflow, args.server, args.prompt, args.negative, args.seed, args.sets, args.output_dir,
+                     args.timeout)  # fmt: skip
+    except KeyboardInterrupt:
+        print("\nstopped waiting; a queued prompt keeps running on the server (Cancel it in ComfyUI).", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_variants(args: argparse.Namespace) -> int:
@@ -120,6 +157,56 @@ def _resolve_models(args: argparse.Namespace, variant):
     return ModelPaths(paths["dit"], paths["qwen"], paths["clip"], paths["vae"], tokenizer_dir=tokenizer_dir)
 
 
+def _magcache(args: argparse.Namespace, variant):
+    """MagCacheParams, a MagCalibration (--calibrate-magcache) or None, checked before anything is loaded."""
+    from .magcache import (
+        DEFAULT_K,
+        DEFAULT_RETENTION,
+        DEFAULT_THRESHOLD,
+        OFFICIAL_MAG_RATIOS,
+        MagCacheParams,
+        MagCalibration,
+    )
+    from .pipeline import read_mag_ratios
+
+    tuning = {"--magcache-threshold": args.magcache_threshold, "--magcache-k": args.magcache_k,
+              "--magcache-retention": args.magcache_retention, "--magcache-ratios": args.magcache_ratios}  # fmt: skip
+    given = [flag for flag, value in tuning.items() if value is not None]
+    if args.calibrate_magcache is not None:
+        if args.magcache or given:
+            raise InputError(
+                "--calibrate-magcache measures ratios in a full run (no block is skipped): drop --magcache and "
+                f"{', '.join(given) or 'its settings'}, or drop --calibrate-magcache."
+            )
+        return MagCalibration()
+    if not args.magcache:
+        if given:
+            raise InputError(f"{', '.join(given)} given without --magcache. Add --magcache to use MagCache.")
+        return None
+    if args.magcache_ratios is not None:
+        path = args.magcache_ratios
+        if not path.is_file():
+            raise InputError(
+                f"--magcache-ratios {path} does not exist. Write it with a calibration run: generate --variant "
+                f"{variant.name} ... --calibrate-magcache {path}."
+            )
+        ratios = read_mag_ratios(path.read_text(), f"--magcache-ratios {path}")
+    elif variant.name in OFFICIAL_MAG_RATIOS:
+        ratios = OFFICIAL_MAG_RATIOS[variant.name]
+    else:
+        raise InputError(
+            f"--magcache: {variant.name} has no official MagCache ratios (official ratios exist for "
+            f"{', '.join(OFFICIAL_MAG_RATIOS)}). Measure them once with a full run: generate --variant {variant.name} "
+            "... --calibrate-magcache ratios.json, then add --magcache --magcache-ratios ratios.json."
+        )
+    return MagCacheParams(
+        ratios,
+        threshold=DEFAULT_THRESHOLD if args.magcache_threshold is None else args.magcache_threshold,
+        K=DEFAULT_K if args.magcache_k is None else args.magcache_k,
+        retention=DEFAULT_RETENTION if args.magcache_retention is None else args.magcache_retention,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .media import check_output_path
     from .variants import get_variant, seconds_to_frames
@@ -151,6 +238,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         expand_prompt=args.expand_prompt,
         nabla=False if args.no_nabla else None,
     )
+    magcache = _magcache(args, variant)
+    if args.block_swap is not None and args.block_swap < 0:
+        raise InputError(
+            f"--block-swap {args.block_swap} is not allowed: give how many visual blocks stay on the accelerator "
+            f"(0 .. {variant.arch.num_visual_blocks}; 0 swaps them all)."
+        )
+    if args.text_block_swap is not None and args.text_block_swap < 0:
+        raise InputError(
+            f"--text-block-swap {args.text_block_swap} is not allowed: give how many Qwen2.5-VL decoder layers stay "
+            "on the accelerator (0 .. 28; 0 swaps them all)."
+        )
+    calibration_file = args.calibrate_magcache
+    if calibration_file is not None and calibration_file.exists() and not args.overwrite:
+        raise InputError(f"--calibrate-magcache {calibration_file} exists. Pick another file, or add --overwrite.")
     output = args.output or Path("kandinsky5.mp4" if variant.is_video else "kandinsky5.png")
     output.parent.mkdir(parents=True, exist_ok=True)
     output = check_output_path(output, video=variant.is_video, overwrite=args.overwrite)
@@ -173,14 +274,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         attention_backend=args.attention,
         fp8=args.fp8,
         log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+        magcache=magcache,
+        block_swap=args.block_swap,
+        text_block_swap=args.text_block_swap,
+        compile=args.compile,
     )
     write_output(frames_out, output, overwrite=args.overwrite)
+    if calibration_file is not None:
+        from .pipeline import mag_ratios_json
+
+        calibration_file.parent.mkdir(parents=True, exist_ok=True)
+        calibration_file.write_text(mag_ratios_json(magcache, request))
+        print(f"wrote MagCache ratios to {calibration_file} (use: --magcache --magcache-ratios {calibration_file})")
     f, h, w = frames_out.shape[:3]
     print(f"wrote {output} ({w}x{h}, {f} frame{'s' if f > 1 else ''}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 
-COMMANDS = {"variants": cmd_variants, "download": cmd_download, "generate": cmd_generate}
+COMMANDS = {"variants": cmd_variants, "download": cmd_download, "generate": cmd_generate, "queue": cmd_queue}
 
 
 def main(argv: list[str] | None = None) -> int:

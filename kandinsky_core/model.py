@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .attention import select_backend
 from .errors import InputError
 from .layers import (
     OutLayer,
@@ -117,6 +118,7 @@ class Kandinsky5DiT(nn.Module):
         (MagCache uses it to reuse a cached residual instead of running the blocks)."""
         out_dtype = x.dtype
         dt = self.compute_dtype
+        attention_backend = select_backend(attention_backend)  # once per call, not once per block
         b = x.shape[0]
         grid = self._token_grid(x, nabla)
         a = self.arch

@@ -257,6 +257,7 @@ def run(
     block_swap: int | None = None,
     text_block_swap: int | None = None,
     vae_tiled: bool | str = "auto",
+    compile: bool = False,
 ) -> Tensor:
     """Generate `request` from the files in `models`; returns frames uint8 [F, H, W, 3] on the CPU.
 
@@ -267,7 +268,8 @@ def run(
     `block_swap`: None keeps the whole DiT on the device; N keeps its first N visual blocks there and swaps the others
     in from the host one at a time (`offload.enable_block_swap`; for small accelerators). `text_block_swap` does the
     same for Qwen2.5-VL's decoder layers (28 of them, ~13 GB in bf16). `vae_tiled` (HunyuanVideo VAE): True / False
-    force tiled / untiled decoding, "auto" tiles when an untiled pass would not fit."""
+    force tiled / untiled decoding, "auto" tiles when an untiled pass would not fit. `compile`: torch.compile the DiT's
+    blocks (`compile.compile_dit`; compiled on the first step, eager again if the compiler fails)."""
     from .loading import load_dit
     from .sampling import make_noise, sample
     from .text_encoders import load_text_encoders
@@ -330,6 +332,11 @@ def run(
         dit, _ = load_dit(models.dit, v, dtype=dtype, device="cpu", fp8=fp8)
         swap = enable_block_swap(dit, dev, blocks_on_device=block_swap)
         log(f"block swap: {len(swap.swapped)} of {len(dit.visual_transformer_blocks)} visual blocks swapped in")
+    if compile:
+        from .compile import compile_dit
+
+        compile_dit(dit)
+        log("torch.compile: the DiT blocks compile during the first step")
     noise = make_noise(request.latent_shape, request.seed, dtype=torch.float32, device=dev)
     callback, bar = _progress_callback(request.steps, progress)
     try:
@@ -444,6 +451,7 @@ def generate(
     fp8: bool = False,
     magcache: Any = None,
     block_swap: int | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Text (and image) to video or image: frames uint8 [F, H, W, 3] (F = 1 for image variants).
 
@@ -488,4 +496,5 @@ def generate(
         fp8=fp8,
         magcache=magcache,
         block_swap=block_swap,
+        compile=compile,
     )

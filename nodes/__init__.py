@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin adapters over kandinsky_core (model management, folder_paths, progress, previews)."""
 
 from .block_swap import BlockSwap
+from .compile import Compile
 from .loaders import LoadDiT, LoadTextEncoders, LoadVAE
 from .magcache import MagCacheCalibrate, MagCacheNode
 from .sampler import Sampler
@@ -19,6 +20,7 @@ NODES = {
     "Kandinsky5MagCache": (MagCacheNode, "Kandinsky 5 MagCache"),
     "Kandinsky5MagCacheCalibrate": (MagCacheCalibrate, "Kandinsky 5 MagCache Calibrate"),
     "Kandinsky5BlockSwap": (BlockSwap, "Kandinsky 5 Block Swap"),
+    "Kandinsky5Compile": (Compile, "Kandinsky 5 Compile"),
 }
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in NODES.items()}

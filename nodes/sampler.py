@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,7 @@ class Sampler:
             estimate = memory_estimate(model, batch_size, *shape[2:], cfg)
             swap_setting = getattr(model, "block_swap", None)  # from Kandinsky 5 Block Swap
             cache_setting = getattr(model, "block_cache", None)  # from Kandinsky 5 MagCache / MagCache Calibrate
+            compile_setting = getattr(model, "compile", None)  # from Kandinsky 5 Compile
             if swap_setting is None:
                 comfy_glue.load(model.patcher, estimate)
             device = comfy_glue.load_device()
@@ -223,23 +225,25 @@ class Sampler:
             )
             block_cache = None if cache_setting is None else cache_setting.make(v)
             swap = None if swap_setting is None else swap_setting.place(model, estimate)
+            compiled = compile_setting.applied(model.model) if compile_setting else contextlib.nullcontext()
             try:
-                x = run_sampler(
-                    model.model,
-                    noise,
-                    cond.to(device, dtype),
-                    uncond.to(device, dtype) if cfg else None,
-                    steps=s.steps,
-                    guidance=s.guidance,
-                    scheduler_scale=s.scheduler_scale,
-                    rope_scale=v.rope_scale,
-                    nabla=s.nabla,
-                    first_frame_latent=conditions.get("start_latent"),
-                    edit_latent=conditions.get("edit_latent"),
-                    callback=callback,
-                    attention_backend=None if model.attention == "auto" else model.attention,
-                    block_cache=block_cache,
-                )
+                with compiled:
+                    x = run_sampler(
+                        model.model,
+                        noise,
+                        cond.to(device, dtype),
+                        uncond.to(device, dtype) if cfg else None,
+                        steps=s.steps,
+                        guidance=s.guidance,
+                        scheduler_scale=s.scheduler_scale,
+                        rope_scale=v.rope_scale,
+                        nabla=s.nabla,
+                        first_frame_latent=conditions.get("start_latent"),
+                        edit_latent=conditions.get("edit_latent"),
+                        callback=callback,
+                        attention_backend=None if model.attention == "auto" else model.attention,
+                        block_cache=block_cache,
+                    )
             finally:
                 if swap is not None:
                     swap_setting.release(model, swap)

@@ -20,6 +20,7 @@ def fresh_probes():
         attn_mod._module.cache_clear()
         attn_mod._auto_backend.cache_clear()
         attn_mod._logged.clear()
+        attn_mod._validated.clear()
 
     reset()
     yield

@@ -153,7 +153,7 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 
 
 def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 11
+    assert len(NODE_CLASS_MAPPINGS) == 12
     for key, cls in NODE_CLASS_MAPPINGS.items():
         assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
         assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
@@ -181,7 +181,7 @@ def test_pack_imports_without_comfyui_and_without_transformers():
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 11, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 12, m.NODE_CLASS_MAPPINGS\n"
         "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -536,3 +536,42 @@ def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, 
     assert both.block_swap == swapping.block_swap and both.block_cache is not None
     with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
         BlockSwap().apply(model, 3, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compile: K5_DIT -> K5_DIT with a torch.compile setting, applied for the sampler's run only
+
+
+def test_compile_node_setting_compiles_during_its_block_only_with_the_same_latent(comfy):
+    from kandinsky_core.compile import compile_state
+    from nodes.compile import Compile, CompileSetting
+
+    model = tiny_model(comfy)
+    (compiling,) = Compile().apply(model, "default", "eager")
+    assert compiling.compile == CompileSetting("default", "eager") and compiling.patcher is model.patcher
+    assert not hasattr(model, "compile")  # the input is unchanged
+    torch._dynamo.reset()
+    plain = core_sample(model, 1)
+    with compiling.compile.applied(model.model) as state:
+        latent = core_sample(model, 1)
+        assert state.compiled_calls > 0 and not state.failed
+    torch._dynamo.reset()
+    torch.testing.assert_close(latent, plain, rtol=0, atol=0)
+    assert compile_state(model.model) is None  # eager again for the other users of the loaded DiT
+    with pytest.raises(InputError, match=r"^Kandinsky 5 Compile: mode 'fast' / backend 'inductor': allowed modes"):
+        Compile().apply(model, "fast", "inductor")
+
+
+def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
+    from nodes.compile import Compile, CompileSetting
+
+    model = tiny_model(comfy)
+    used = []
+    real = CompileSetting.applied
+    monkeypatch.setattr(CompileSetting, "applied", lambda self, dit: used.append(dit) or real(self, dit))
+    (compiling,) = Compile().apply(model, "default", "eager")
+    torch._dynamo.reset()
+    latent = run_sampler_node(compiling, steps=2)
+    torch._dynamo.reset()
+    assert used == [model.model]
+    torch.testing.assert_close(latent, run_sampler_node(model, steps=2), rtol=0, atol=0)
