@@ -42,12 +42,13 @@ from einops import rearrange
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 from kandinsky_core.compile import compile_dit, compile_state  # noqa: E402
 from kandinsky_core.model import Kandinsky5DiT  # noqa: E402
 from kandinsky_core.variants import get_variant  # noqa: E402
 from tests.tiny import TINY_ARCHS, random_state_dict  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 FAMILIES = {"lite": "t2v-lite-sft-5s", "pro": "t2v-pro-sft-5s-sd", "image": "t2i-lite"}
 CPU_BLOCKS = {"lite": (2, 2), "pro": (1, 1), "image": (2, 2)}  # (text, visual) blocks at reduced CPU size
 
@@ -311,11 +312,7 @@ def main() -> None:
             row = run_dtype(args, off, arch, variant.rope_scale, getattr(torch, name.strip()), grid)
             report += table_row("tiny" if args.tiny else variant.name, row)
             print(report.splitlines()[-1], flush=True)
-    print(report)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {RESULTS}")
+    publish(report, append=not args.no_append)
 
 
 if __name__ == "__main__":

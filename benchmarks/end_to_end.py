@@ -39,11 +39,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 from kandinsky_core import pipeline, variants  # noqa: E402
 from kandinsky_core.download import ensure_files, model_paths  # noqa: E402
 from kandinsky_core.magcache import OFFICIAL_MAG_RATIOS, MagCacheParams  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 PROMPT = "A red fox walks through deep snow in a birch forest at sunrise, cinematic"
 STAGES = {"text encoders": "text", "VAE encode": "vae encode", "DiT": "sampling", "VAE decode": "vae decode"}
 
@@ -381,10 +382,7 @@ def plan_only(args) -> None:
         "| variant | size | budget | Qwen swap | DiT swap | VAE tiled | text (GiB) | sampling (GiB) "
         "| VAE decode (GiB) |\n| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
     )
-    print(report)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write("\n" + report)
+    publish(report, append=not args.no_append, quiet_append=True)
 
 
 def main() -> None:
@@ -451,11 +449,7 @@ def main() -> None:
         "| variant | MagCache | settings | stage | estimated peak (GiB) | measured accelerator peak (GiB) "
         "| host peak (GiB) |\n| --- | --- | --- | --- | ---: | ---: | ---: |\n" + "\n".join(memory_rows) + "\n"
     )
-    print(report)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {RESULTS}")
+    publish(report, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 from kandinsky_core.layers import apply_rope, rope_3d  # noqa: E402
 from kandinsky_core.nabla import (  # noqa: E402
     NablaParams,
@@ -40,8 +42,6 @@ from kandinsky_core.nabla import (  # noqa: E402
     tile_query_groups,
     tile_tokens,
 )
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def structured_qkv(grid, heads, head_dim, strength, device, dtype, seed=0):
@@ -303,11 +303,7 @@ def main() -> None:
             report += "\n" + run_case(
                 f"Lite 10 s full size, {label}", (61, 32, 48), 28, 64, args, with_masked_dense=False, qk=kind
             )
-    print(report)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write("\n" + report)
-        print(f"appended to {RESULTS}")
+    publish(report, append=not args.no_append)
 
 
 if __name__ == "__main__":
