@@ -27,7 +27,7 @@ def run_cli(args, capsys):
     rc = cli.main(args)
     elapsed = time.perf_counter() - start
     out, err = capsys.readouterr()
-    assert elapsed < 2.0
+    assert elapsed < 5.0  # no model is touched (see forbid_models); generous for a loaded CI machine
     return rc, out, err
 
 

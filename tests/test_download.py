@@ -92,7 +92,7 @@ def test_offline_env_fails_at_once_listing_every_file(tmp_path, monkeypatch):
     start = time.perf_counter()
     with pytest.raises(MissingFilesError) as err:
         download.ensure_files(get_variant("t2i-lite"), tmp_path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # "within seconds": no network wait at all
     msg = str(err.value)
     assert "HF_HUB_OFFLINE" in msg and "3 file(s)" in msg
     for repo, dest in (
