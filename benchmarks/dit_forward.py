@@ -42,8 +42,7 @@ from einops import rearrange
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-
+from benchmarks.results import publish  # noqa: E402
 from kandinsky_core.compile import compile_dit, compile_state  # noqa: E402
 from kandinsky_core.model import Kandinsky5DiT  # noqa: E402
 from kandinsky_core.variants import get_variant  # noqa: E402

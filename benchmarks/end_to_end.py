@@ -39,8 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-
+from benchmarks.results import publish  # noqa: E402
 from kandinsky_core import pipeline, variants  # noqa: E402
 from kandinsky_core.download import ensure_files, model_paths  # noqa: E402
 from kandinsky_core.magcache import OFFICIAL_MAG_RATIOS, MagCacheParams  # noqa: E402

@@ -30,8 +30,7 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results import publish  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
-
+from benchmarks.results import publish  # noqa: E402
 from kandinsky_core.layers import apply_rope, rope_3d  # noqa: E402
 from kandinsky_core.nabla import (  # noqa: E402
     NablaParams,
