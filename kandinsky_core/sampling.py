@@ -58,6 +58,13 @@ def flow_timesteps(num_steps: int, scheduler_scale: float) -> Tensor:
     return scheduler_scale * t / (1 + (scheduler_scale - 1) * t)
 
 
+def x0_estimate(x_prev: Tensor, x_next: Tensor, t_prev: float, t_next: float) -> Tensor:
+    """The clean latent an Euler step points at: with x_t = (1 - t) x0 + t noise, velocity v = dx/dt and
+    x0 = x_t - t v."""
+    v = (x_next - x_prev) / (t_next - t_prev)
+    return x_next - t_next * v
+
+
 def make_noise(
     shape: tuple[int, ...] | torch.Size,
     seed: int,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kandinsky_core.sampling import x0_estimate
+
 log = logging.getLogger("kandinsky5")
 
 OFFLOAD = {"dit": "unet_offload_device", "text": "text_encoder_offload_device", "vae": "vae_offload_device"}
@@ -123,13 +125,6 @@ def make_previewer(vae_kind: str) -> Any:
     except Exception as e:  # previews are a convenience: never fail a generation for them
         log.warning("Kandinsky 5: no latent previews (%s)", e)
         return None
-
-
-def x0_estimate(x_prev: Tensor, x_next: Tensor, t_prev: float, t_next: float) -> Tensor:
-    """The clean latent an Euler step points at: with x_t = (1 - t) x0 + t noise, velocity v = dx/dt and
-    x0 = x_t - t v."""
-    v = (x_next - x_prev) / (t_next - t_prev)
-    return x_next - t_next * v
 
 
 def step_callback(

@@ -244,14 +244,6 @@ def test_check_fit_names_the_input_and_the_fix():
         sampler_node.check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
 
 
-def test_x0_estimate_recovers_the_clean_latent_of_a_straight_flow():
-    g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
-    t1, t2 = 0.8, 0.55
-    x_t1, x_t2 = (1 - t1) * x0 + t1 * noise, (1 - t2) * x0 + t2 * noise
-    torch.testing.assert_close(comfy_glue.x0_estimate(x_t1, x_t2, t1, t2), x0)
-
-
 def test_conditioning_round_trip_and_foreign_conditioning():
     c = conditioning(1)
     back = text.from_conditioning(text.to_conditioning(c, "video"), "positive")

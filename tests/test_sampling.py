@@ -16,6 +16,7 @@ from kandinsky_core.sampling import (
     make_noise,
     normalize_first_frames,
     sample,
+    x0_estimate,
 )
 
 
@@ -239,3 +240,11 @@ def test_input_errors(kwargs, match):
             scheduler_scale=1.0, first_frame_latent=args.get("first_frame_latent"),
             edit_latent=args.get("edit_latent"),
         )  # fmt: skip
+
+
+def test_x0_estimate_recovers_the_clean_latent_of_a_straight_flow():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    t1, t2 = 0.8, 0.55
+    x_t1, x_t2 = (1 - t1) * x0 + t1 * noise, (1 - t2) * x0 + t2 * noise
+    torch.testing.assert_close(x0_estimate(x_t1, x_t2, t1, t2), x0)
