@@ -372,6 +372,10 @@ def load_dit(
             target = _target_dtype(name, t.dtype, dtype, fp8)
             if t.dtype != target:
                 t = t.to(target)
+            elif t.device.type == "cpu":
+                # safetensors maps CPU tensors straight from the file, at any byte offset: an owned copy is aligned
+                # as every other tensor is, so the same weights give the same numbers wherever they are copied
+                t = t.clone()
             state[name] = t
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False), v

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from prerequisites import missing
 from safetensors.torch import save_file
 from tiny_text import make_tiny_text_encoders, quantize_fp8_scaled
 
@@ -118,10 +119,11 @@ def _real_qwen_tokenizer_dir() -> Path | None:
     return d if d is not None and (d / "vocab.json").is_file() else None
 
 
-@pytest.mark.skipif(_real_qwen_tokenizer_dir() is None, reason="needs ComfyUI's real Qwen tokenizer (COMFYUI_DIR)")
 def test_official_crop_starts_with_the_real_tokenizer():
     from kandinsky_core.text_encoders import load_qwen_tokenizer
 
+    if _real_qwen_tokenizer_dir() is None:
+        missing("ComfyUI's Qwen2.5 tokenizer (COMFYUI_DIR/comfy/text_encoders/qwen25_tokenizer; `make test` sets it)")
     tokenizer = load_qwen_tokenizer(_real_qwen_tokenizer_dir())
     assert crop_starts_for(tokenizer) == OFFICIAL_CROP_START
     for kind, length in {"video": 129, "image2video": 132, "image": 41, "image_edit": 52}.items():
