@@ -5,7 +5,8 @@ Stages:
    scripts/comfyui_runtime.py) and the oldest supported release (always built and cached).
 2. Browser: Debian's chromium (installed with apt-get when missing and this is a root Linux machine) and
    `npm ci` in tests/browser for playwright-core.
-3. pytest on everything (unit tests, the integration suite and the browser test) against the newest release.
+3. pytest on everything (unit tests, the integration suite and the browser test) against the newest release,
+   the opt-in CPU compile tests included (torch.compile with inductor, compiled flex_attention).
 4. pytest on the node and interop integration tests against the oldest release.
 
 With CI=true a stage that cannot provide its prerequisite fails the run, and so does every test that then lacks it
@@ -128,7 +129,11 @@ def main(argv: list[str]) -> int:
     stages.run("browser (chromium, playwright-core)", browser)
 
     base = dict(
-        os.environ, KANDINSKY_ARTIFACTS_DIR=str(ARTIFACTS), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")
+        os.environ,
+        KANDINSKY_ARTIFACTS_DIR=str(ARTIFACTS),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+        K5_TEST_INDUCTOR="1",  # the tests that compile on the CPU (about 30 s together) run here too
+        KANDINSKY_TEST_CPU_FLEX="1",
     )
     for var in ("COMFYUI_DIR", "COMFYUI_PYTHON"):
         base.pop(var, None)
