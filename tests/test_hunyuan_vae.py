@@ -211,6 +211,59 @@ def test_tiled_error_is_no_worse_than_the_reference_tiling(vae, tiling, z):
     assert 0 < ours < 1.25 * theirs
 
 
+def diffusers_temporal_tiling(tiling: VAETiling):
+    """diffusers' AutoencoderKLHunyuanVideo on the same weights, with its frame-wise (temporal) tiling at the same
+    tile settings and no spatial tiling (the videos here fit one spatial tile)."""
+    ref = diffusers_vae()
+    ref.use_framewise_decoding = ref.use_framewise_encoding = True
+    ref.tile_sample_min_num_frames = tiling.tile_frames
+    ref.tile_sample_stride_num_frames = tiling.tile_frames - tiling.overlap_frames
+    return ref
+
+
+def test_temporal_tiles_equal_diffusers_tiled_decode_and_encode(vae):
+    """Without a temporal overlap nothing is blended, so our temporal tiling must give exactly what diffusers' does:
+    the same causal clips (3 latents = 9 frames here), and a clip that starts mid-video drops its first decoded
+    frame (a lone first frame, decoded as an image) and its first latent when encoding."""
+    tiling = VAETiling(tile_px=256, overlap_px=64, tile_frames=8, overlap_frames=0)
+    ref = diffusers_temporal_tiling(tiling)
+    z = latent(7, size=2)  # 25 frames of 16x16 px: clips at latents 0-2, 2-4, 4-6
+    want = ref.decode(z).sample
+    got = vae.decode(z, tiled=True, tiling=tiling, clamp=False)
+    assert got.shape == want.shape == (1, 3, 25, 16, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - vae.decode(z, tiled=False, clamp=False)).abs().max() > 1e-2  # tiling changes frames
+
+    x = video(25, size=16)
+    torch.testing.assert_close(
+        vae.encode(x, tiled=True, tiling=tiling), ref.encode(x).latent_dist.mean, rtol=0, atol=1e-5
+    )
+
+
+def test_temporal_tile_overlaps_match_diffusers_but_for_the_crossfade_weights(vae):
+    """diffusers' defaults (clips of 16 + 1 frames, 4 overlapping) on 7 latents (25 frames): clips at latents 0-4
+    and 3-6. Every frame outside the overlap is exactly diffusers'; in the 4 overlapping frames (13-16) both blend
+    the same two clips (the later one without its lone first frame), diffusers with weights 0, 1/4, 2/4, 3/4 for
+    the later clip, we with 1/5 .. 4/5 (the ramp our spatial tiles use too)."""
+    tiling = VAETiling(tile_px=256, overlap_px=64, tile_frames=16, overlap_frames=4)
+    ref = diffusers_temporal_tiling(tiling)
+    z = latent(7, size=2, seed=1)
+    want = ref.decode(z).sample
+    got = vae.decode(z, tiled=True, tiling=tiling, clamp=False)
+    assert got.shape == want.shape == (1, 3, 25, 16, 16)
+    outside = [f for f in range(25) if not 13 <= f <= 16]
+    torch.testing.assert_close(got[:, :, outside], want[:, :, outside], rtol=0, atol=1e-5)
+
+    untiled = diffusers_vae()  # each clip decoded alone by diffusers
+    first = untiled.decode(z[:, :, 0:5]).sample[:, :, 13:17]  # frames 13-16 of the clip at latents 0-4
+    later = untiled.decode(z[:, :, 3:7]).sample[:, :, 1:5]  # the clip at latents 3-6 starts at frame 12: drop it
+    theirs = torch.tensor([0, 1, 2, 3]) / 4
+    ours = torch.tensor([1, 2, 3, 4]) / 5
+    for weights, result in ((theirs, want), (ours, got)):
+        w = weights.view(1, 1, 4, 1, 1)
+        torch.testing.assert_close(result[:, :, 13:17], (1 - w) * first + w * later, rtol=0, atol=1e-5)
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of tensor storages created inside the mode and alive at once (weights excluded)."""
 
