@@ -97,8 +97,11 @@ def test_templates_and_instructions_are_the_official_strings():
 
 
 def test_crop_removes_exactly_the_template_prefix(folder_encoders):
-    tokenizer = folder_encoders.qwen_tokenizer
-    starts = folder_encoders.crop_starts
+    assert_crop_keeps_the_prompt(folder_encoders.qwen_tokenizer, folder_encoders.crop_starts)
+
+
+def assert_crop_keeps_the_prompt(tokenizer, starts: dict[str, int]) -> None:
+    """Cropping a templated prompt at `starts` keeps the prompt and the template's suffix, nothing of the prefix."""
     prompt = PROMPTS[0]
     for kind in PROMPT_TEMPLATES:
         template = "\n".join(PROMPT_TEMPLATES[kind])
@@ -126,6 +129,7 @@ def test_official_crop_starts_with_the_real_tokenizer():
         missing("ComfyUI's Qwen2.5 tokenizer (COMFYUI_DIR/comfy/text_encoders/qwen25_tokenizer; `make test` sets it)")
     tokenizer = load_qwen_tokenizer(_real_qwen_tokenizer_dir())
     assert crop_starts_for(tokenizer) == OFFICIAL_CROP_START
+    assert_crop_keeps_the_prompt(tokenizer, OFFICIAL_CROP_START)
     for kind, length in {"video": 129, "image2video": 132, "image": 41, "image_edit": 52}.items():
         prefix = "\n".join(PROMPT_TEMPLATES[kind]).split("{}")[0]
         assert len(tokenizer(prefix)["input_ids"]) == length
