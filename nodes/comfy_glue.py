@@ -95,6 +95,21 @@ def load(patcher: Any, memory_required: int) -> None:
     model_management().load_models_gpu([patcher], memory_required=int(memory_required))
 
 
+def available_memory(patcher: Any) -> int:
+    """Bytes `patcher`'s model may use for activations once loaded on the torch device: the free memory plus what
+    other loaded models hold there (load_models_gpu evicts them on demand), less the weights of this model not yet
+    on the device and ComfyUI's reserve."""
+    mm = model_management()
+    device = patcher.load_device
+    free = mm.get_free_memory(device)
+    for loaded in getattr(mm, "current_loaded_models", []):
+        other = loaded.model
+        if other is not None and other is not patcher and loaded.device == device:
+            free += other.loaded_size()
+    free -= patcher.model_size() - patcher.loaded_size()
+    return int(free - mm.extra_reserved_memory())
+
+
 def check_interrupted() -> None:
     """Raises ComfyUI's interrupt exception when the user pressed Cancel (POST /interrupt)."""
     model_management().throw_exception_if_processing_interrupted()
