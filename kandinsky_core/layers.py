@@ -198,7 +198,7 @@ class SelfAttention(MultiheadAttention):
         q, k, v = self.qkv(x)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if nabla is not None:
-            out = nabla_attention(q, k, v, grid, nabla)
+            out = nabla_attention(q, k, v, grid, nabla, backend=backend)
         else:
             out = attention(q, k, v, key_mask=key_mask, backend=backend)
         return self.out(out)

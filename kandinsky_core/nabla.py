@@ -253,6 +253,16 @@ def block_sparse_attention_sdpa(
 
 _compiled_flex = None
 _flex_broken = False
+# Why compiled flex_attention is not used in this process (None while it works or was never tried on CUDA).
+flex_failure: str | None = None
+
+# NABLA's blocks are 64 tokens: torch.compile's default flex_attention config uses BLOCK_M = 128 on CUDA (every GPU
+# generation, bf16) and then raises "Q and KV block size must be divisible by BLOCK_M and BLOCK_N".
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def _on_cuda(x: Tensor) -> bool:
+    return x.is_cuda
 
 
 def _get_compiled_flex():
@@ -285,8 +295,10 @@ def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Ten
     """Block-sparse attention with compiled flex_attention; q, k, v [B, S, H, D], block_mask [B, H, N, N] bool."""
     b, s, h, _ = q.shape
     n = s // BLOCK
-    flex_mask = _to_flex_block_mask(block_mask.expand(b, h, n, n), s, full_blocks=q.is_cuda)
-    out = _get_compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=flex_mask)
+    cuda = _on_cuda(q)
+    flex_mask = _to_flex_block_mask(block_mask.expand(b, h, n, n), s, full_blocks=cuda)
+    kw = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if cuda else {}
+    out = _get_compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=flex_mask, **kw)
     return out.transpose(1, 2).contiguous()
 
 
@@ -315,37 +327,54 @@ def nabla_attention(
     *,
     executor: str = "auto",
     return_mask: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """NABLA self-attention on tile-ordered q, k, v [B, S, H, D] of a (T, H, W) token grid.
 
-    executor: "auto" (compiled flex on CUDA, SDPA gather path otherwise or if compiling fails),
-    "flex" or "sdpa". With return_mask, also returns the [B, H, N, N] block mask.
+    executor: "auto" (compiled flex on CUDA, the SDPA gather path elsewhere), "flex" or "sdpa". On CUDA, when
+    compiled flex_attention fails, "auto" runs dense attention (`backend`, see attention.py) from then on: the
+    gather path is slower than dense flash attention on a GPU, and NABLA only exists to be faster than dense. The
+    failure is logged once and kept in `flex_failure`. With return_mask, also returns the [B, H, N, N] block mask
+    (None where dense attention ran).
     """
-    global _flex_broken
+    global _flex_broken, flex_failure
     if executor not in ("auto", "flex", "sdpa"):
         raise InputError(f"NABLA executor {executor!r} is unknown: use 'auto', 'flex' or 'sdpa'.")
     _check_grid(grid)
     t, h, w = grid
     if q.shape[1] != t * h * w:
         raise InputError(f"NABLA got {q.shape[1]} tokens for a {t}x{h}x{w} token grid; they must match.")
+    cuda = _on_cuda(q)
+    if executor == "auto" and cuda and _flex_broken:
+        return _dense(q, k, v, backend, return_mask)
     sta = sliding_tile_mask(t, h // TILE, w // TILE, params.wT, params.wH, params.wW, q.device)
     block_mask = nabla_block_mask(q, k, sta, params.P)
 
-    use_flex = executor == "flex" or (executor == "auto" and q.is_cuda and not _flex_broken)
     out = None
-    if use_flex:
-        if executor == "flex":
+    if executor == "flex":
+        out = block_sparse_attention_flex(q, k, v, block_mask)
+    elif executor == "auto" and cuda:
+        try:
             out = block_sparse_attention_flex(q, k, v, block_mask)
-        else:
-            try:
-                out = block_sparse_attention_flex(q, k, v, block_mask)
-                _log_once("NABLA executor: compiled flex_attention")
-            except Exception as e:  # compiler or Triton missing: the gather path gives the same result
-                _flex_broken = True
-                _log_once(f"NABLA: compiled flex_attention failed ({type(e).__name__}: {e}); using the SDPA path")
+            _log_once("NABLA executor: compiled flex_attention")
+        except Exception as e:  # compiler, Triton or kernel config: dense attention is never slower than the rest
+            _flex_broken = True
+            flex_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning(
+                "NABLA: compiled flex_attention failed (%s); running dense attention instead for the rest of this "
+                "process (on a GPU the gather path would be slower than dense)", flex_failure[:300],
+            )  # fmt: skip
+            return _dense(q, k, v, backend, return_mask)
     if out is None:
         _log_once("NABLA executor: block-sparse SDPA gather path")
         out = block_sparse_attention_sdpa(
             q, k, v, block_mask, query_groups=tile_query_groups(t, h // TILE, w // TILE, q.device)
         )
     return (out, block_mask) if return_mask else out
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, backend: str | None, return_mask: bool):
+    from .attention import attention
+
+    out = attention(q, k, v, backend=backend)
+    return (out, None) if return_mask else out

@@ -331,3 +331,58 @@ def test_flex_executor_only_runs_compiled_flex(monkeypatch):
     assert seen["fn"] is flex_attention and seen["kwargs"] == {"fullgraph": True}
     assert torch.equal(seen["block_mask"].to_dense().bool(), block_mask)
     assert torch.equal(out, q * 2) and out.is_contiguous()
+
+
+def fake_cuda_flex(monkeypatch, behaviour):
+    """NABLA told its tensors are on CUDA, with a stand-in for the compiled flex_attention."""
+    calls = []
+
+    def compiled(q, k, v, block_mask, **kwargs):
+        calls.append(kwargs)
+        return behaviour(q, k, v, block_mask, **kwargs)
+
+    monkeypatch.setattr(nb, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(nb, "_compiled_flex", compiled)
+    monkeypatch.setattr(nb, "_flex_broken", False)
+    monkeypatch.setattr(nb, "flex_failure", None)
+    return calls
+
+
+def test_cuda_flex_runs_with_64x64_kernel_blocks(monkeypatch):
+    """torch.compile's default flex config uses BLOCK_M=128 on CUDA, which NABLA's 64-token blocks refuse
+    ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"): the kernel blocks must be 64x64."""
+
+    def flex(q, k, v, block_mask, kernel_options=None):
+        if (kernel_options or {}).get("BLOCK_M", 128) % 64 or 64 % (kernel_options or {}).get("BLOCK_M", 128):
+            raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N.")
+        return q
+
+    calls = fake_cuda_flex(monkeypatch, flex)
+    q, k, v = structured_qkv(1, 4, 2, 8, seed=21)
+    out = nabla_attention(q, k, v, (1, 16, 16), NablaParams(0.9))
+    assert calls == [{"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]
+    assert torch.equal(out, q.contiguous()) and nb.flex_failure is None
+
+
+def test_cuda_flex_failure_falls_back_to_dense_attention_never_the_gather_path(monkeypatch, caplog):
+    """On a GPU the gather path is slower than dense flash attention: when flex fails, dense attention runs, the
+    reason is logged once and kept in nabla.flex_failure, and flex is not retried."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N. We got Q_BLOCK_SIZE=64")
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("the gather path ran on CUDA")
+
+    calls = fake_cuda_flex(monkeypatch, broken)
+    monkeypatch.setattr(nb, "block_sparse_attention_sdpa", no_gather)
+    q, k, v = structured_qkv(1, 4, 2, 8, seed=22)
+    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    with caplog.at_level("INFO", logger="kandinsky5"):
+        for _ in range(3):
+            out = nabla_attention(q, k, v, (1, 16, 16), NablaParams(0.9))
+            torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    assert len(calls) == 1  # not retried once broken
+    assert "divisible by BLOCK_M" in nb.flex_failure
+    warnings = [r for r in caplog.records if "dense attention instead" in r.getMessage()]
+    assert len(warnings) == 1
