@@ -147,13 +147,69 @@ def vae_decode(frames: int, width: int, height: int, models: str) -> dict:
     return {"memory_required": requested, "error": error, "weights": names, "vae_bytes": vae.patcher.model_size()}
 
 
+def text_encode(record_only: bool) -> dict:
+    """Kandinsky 5 Text Encode (the real node) on the released Qwen2.5-VL-7B language model (bf16) and CLIP-L
+    (fp32) as the loader builds them, on the meta device (sizes without the 16 GB of weights)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from kandinsky_core import offload
+    from kandinsky_core.text_encoders import CLIP_L_TEXT_CONFIG, QWEN25_VL_7B_CONFIG
+
+    nodes = pack()
+    with torch.device("meta"):
+        qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B_CONFIG)).to(torch.bfloat16)
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
+    qwen.model.visual, qwen.lm_head = None, None  # as the loader leaves them until an image / an expansion
+    module = torch.nn.ModuleDict({"qwen": qwen, "clip": clip})
+
+    def encode(*args, **kwargs):
+        raise AssertionError("encoded with weights not on the device")
+
+    encoders = SimpleNamespace(qwen=qwen, clip=clip, encode=encode)
+    model = nodes.loaders.TextEncodersModel(nodes.comfy_glue.wrap(module, "text"), encoders)
+    swaps = []
+    real_swap = offload.swap_layers
+
+    def swap_layers(model, layers, device, resident=0, offload_device="cpu", prefetch=True):
+        swaps.append({"resident": resident, "layers": len(layers), "device": str(device),
+                      "layer_bytes": offload.block_bytes(layers[0])})  # fmt: skip
+        if record_only:  # meta weights cannot be copied: record the plan only
+            return SimpleNamespace(remove=lambda: None)
+        return real_swap(model, layers, device, resident, offload_device, prefetch)
+
+    offload.swap_layers = swap_layers
+    requested = []
+    real_load = nodes.comfy_glue.load
+
+    def load(patcher, memory_required):
+        requested.append(int(memory_required))
+        return real_load(patcher, memory_required)
+
+    nodes.comfy_glue.load = load
+    names = [n for n, _ in model.patcher.model.named_parameters()]
+    try:
+        nodes.text.TextEncode().encode(model, "a red fox", "", "video")
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"memory_required": requested, "swaps": swaps, "error": error, "weights": names,
+            "model_bytes": model.patcher.model_size()}  # fmt: skip
+
+
 def main() -> None:
     scenario, free_gib, *rest = sys.argv[1:]
     record_only = "--record-only" in rest
     rest = [r for r in rest if r != "--record-only"]
     record = install(float(free_gib), max(float(free_gib) + 1.0, 24.0), record_only)
     try:
-        result = {"vae_decode": lambda: vae_decode(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])}[scenario]()
+        scenarios = {
+            "vae_decode": lambda: vae_decode(int(rest[0]), int(rest[1]), int(rest[2]), rest[3]),
+            "text_encode": lambda: text_encode(record_only),
+        }
+        result = scenarios[scenario]()
     except Exception:
         result = {"crash": traceback.format_exc()}
     print("RESULT " + json.dumps({**result, **record}))

@@ -65,3 +65,25 @@ def test_vae_decode_really_moves_weights_to_cuda(comfy_python, models):
     result = fake_cuda(comfy_python, "vae_decode", 22, 121, 768, 512, models)
     assert result["moved"], result
     assert CUDA_ERROR in result["error"]
+
+
+def test_text_encode_on_an_11_gib_card_swaps_qwen_layers_instead_of_a_partial_load(comfy_python):
+    """Qwen2.5-VL-7B's language model (bf16) + CLIP-L (fp32) are 13.6 GiB. On an 11 GiB card ComfyUI's partial
+    loader moved 183 of their 534 weights and left the rest of these plain transformers modules on the CPU, with
+    nothing to cast them: the first layer left behind fails with mismatched devices. Now the encoders are never
+    partially loaded by ComfyUI; everything but Qwen's decoder layers, and as many of those as fit, go to the card
+    and the other layers are swapped in one at a time."""
+    result = fake_cuda(comfy_python, "text_encode", 11, "--record-only")
+    for call in result["load_calls"]:
+        assert call["full_load"] or call["lowvram_model_memory"] > call["model_size"], result["load_calls"]
+    (swap,) = result["swaps"]
+    assert swap["device"] == "cuda:0" and 0 < swap["resident"] < swap["layers"], swap
+    rest = result["model_bytes"] - swap["layers"] * swap["layer_bytes"]
+    on_card = rest + (swap["resident"] + 2) * swap["layer_bytes"]  # + the swapped layer and its prefetch
+    assert on_card <= 11 * 2**30 - 0.4 * 2**30, f"{on_card / 2**30:.2f} GiB planned on an 11 GiB card"
+
+
+def test_text_encode_on_a_15_gib_card_loads_the_encoders_whole(comfy_python):
+    result = fake_cuda(comfy_python, "text_encode", 15, "--record-only")
+    assert result["swaps"] == []
+    assert sorted(set(result["moved"])) == sorted(result["weights"]), result["load_calls"]
