@@ -1,0 +1,429 @@
+"""One-command GPU check: environment, NABLA, DiT forward against the official code, NABLA vs dense in the DiT,
+block swap, fp8 storage, torch.compile. Writes JSON and appends one table to benchmarks/RESULTS.md.
+
+    python benchmarks/gpu_check.py --device cuda --official /path/to/kandinsky-5 --json out/gpu_check.json
+    python benchmarks/gpu_check.py --small --device cpu          # every section at toy sizes, under 3 minutes
+
+Full size (CUDA, bf16, at most ~10 minutes on one H200): NABLA at the Lite 10 s shape (61x32x48 tokens, 28 heads
+of 64); the Lite DiT (all 32 blocks, random weights) at the Lite 5 s shape (768x512, 121 frames) against the
+official DiffusionTransformer3D, both eager and both compiled; the Lite DiT at the 10 s shape with NABLA against
+dense attention; block swap; fp8 storage; compile time. --small runs the same code on the tests' tiny Lite-like
+architecture and small grids. The official section needs a kandinsky-5 checkout (--official or
+$KANDINSKY5_OFFICIAL); without one it reports "skipped: no official checkout".
+
+Every section runs even when an earlier one failed; a failed section records its error (status "failed: ...") and
+the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results import RESULTS, publish  # noqa: E402
+from kandinsky_core import nabla as nb  # noqa: E402
+from kandinsky_core.compile import compile_dit, compile_state  # noqa: E402
+from kandinsky_core.model import Kandinsky5DiT  # noqa: E402
+from kandinsky_core.nabla import NablaParams  # noqa: E402
+from kandinsky_core.variants import get_variant  # noqa: E402
+from tests.tiny import TINY_ARCHS, random_state_dict  # noqa: E402
+
+TARGETS = {
+    "nabla_vs_dense": "NABLA >= 5x dense at 90% block sparsity, Lite 10 s shape",
+    "dit_vs_official": "our DiT forward <= 0.8x the official, Lite 5 s, compiled vs compiled",
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, object]:
+    """Median seconds of `repeats` calls after one warm-up call, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def peak_mib(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def section_environment(args) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device}
+    for name in ("triton", "flash_attn", "flash_attn_interface", "sageattention"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", "installed (no __version__)")
+        except Exception as e:
+            env[name] = f"not usable ({type(e).__name__})"
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+        env["cuda"] = torch.version.cuda
+    from kandinsky_core.attention import available_backends
+
+    env["attention_backends"] = available_backends()
+    return env
+
+
+def section_nabla(args) -> dict:
+    """NABLA attention alone: the executor auto picks, flex vs gather vs dense with the token mask, times, peaks."""
+    device, dtype = args.device, args.dtype
+    grid, heads = ((4, 32, 32), 2) if args.small else ((61, 32, 48), 28)
+    t, h, w = grid
+    s = t * h * w
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, s, heads, 64, generator=g).to(device, dtype) for _ in range(3))
+    blocks = s // 64
+    offset = torch.randn(1, blocks, heads, 64, generator=g).repeat_interleave(64, 1).to(device, dtype)
+    q, k = q + 2.5 * offset, k + 2.5 * offset  # peaked block map, as a trained model's
+    params = NablaParams(0.9)
+    sta = nb.sliding_tile_mask(t, h // 8, w // 8, params.wT, params.wH, params.wW, device)
+    mask = nb.nabla_block_mask(q, k, sta, params.P)
+    out = {"grid": list(grid), "heads": heads, "tokens": s, "block_density": float(mask.float().mean())}
+
+    nb._logged.discard("NABLA executor: compiled flex_attention")
+    auto_out = nb.nabla_attention(q, k, v, grid, params)
+    out["auto_executor"] = executor_name(q.is_cuda)
+    repeats = args.repeats
+    out["dense_s"], dense = timed(lambda: nb._dense(q, k, v, None, False), device, repeats)
+    out["gather_s"], gather = timed(
+        lambda: nb.block_sparse_attention_sdpa(q, k, v, mask, query_groups=nb.tile_query_groups(t, h // 8, w // 8,
+                                               q.device)), device, repeats)  # fmt: skip
+    out["mask_s"], _ = timed(lambda: nb.nabla_block_mask(q, k, sta, params.P), device, repeats)
+    out["auto_total_s"], _ = timed(lambda: nb.nabla_attention(q, k, v, grid, params), device, repeats)
+    out["gather_vs_auto_max_diff"] = max_diff(auto_out, gather)
+    if args.small:  # dense attention with the token mask (an S x S mask: small sizes only)
+        token_mask = mask.repeat_interleave(64, -1).repeat_interleave(64, -2)
+        masked = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=token_mask
+        ).transpose(1, 2)
+        out["gather_vs_masked_dense_max_diff"] = max_diff(gather, masked)
+    if q.is_cuda or args.cpu_flex:
+        try:
+            out["flex_s"], flex = timed(lambda: nb.block_sparse_attention_flex(q, k, v, mask), device, repeats)
+            out["flex_vs_gather_max_diff"] = max_diff(flex, gather)
+            out["flex_peak_mib"] = peak_mib(lambda: nb.block_sparse_attention_flex(q, k, v, mask), device)
+        except Exception as e:
+            out["flex"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    else:
+        out["flex"] = "skipped on CPU (compiling it takes 15-35 s on 2 cores; --cpu-flex runs it)"
+    out["dense_peak_mib"] = peak_mib(lambda: nb._dense(q, k, v, None, False), device)
+    out["auto_peak_mib"] = peak_mib(lambda: nb.nabla_attention(q, k, v, grid, params), device)
+    out["dense_over_auto"] = out["dense_s"] / out["auto_total_s"]
+    del dense
+    return out
+
+
+def executor_name(cuda: bool) -> str:
+    """What nabla_attention(executor="auto") runs here."""
+    if cuda:
+        return f"dense (flex failed: {nb.flex_failure})" if nb.flex_failure else "compiled flex_attention"
+    return "sdpa gather path"
+
+
+def make_dit(arch, device: str, dtype: torch.dtype, seed: int = 0) -> Kandinsky5DiT:
+    sd = {k: v.to(dtype) for k, v in random_state_dict(arch, seed=seed).items()}
+    sd = {k: v * 0.1 if "modulation" in k and k.endswith("weight") else v for k, v in sd.items()}
+    dit = Kandinsky5DiT(arch, dtype=dtype, device=device)
+    dit.load_state_dict(sd)
+    return dit.eval().requires_grad_(False)
+
+
+def dit_inputs(arch, grid, text_len: int, device: str, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(1)
+    t, h, w = grid
+    return dict(
+        x=torch.randn(1, arch.in_channels, t, h, w, generator=g).to(device, dtype),
+        text_embeds=torch.randn(1, text_len, arch.in_text_dim, generator=g).to(device, dtype),
+        pooled_text_embeds=torch.randn(1, arch.in_text_dim2, generator=g).to(device, dtype),
+        timestep=torch.tensor([700.0], device=device),
+    )
+
+
+def lite(args, variant: str = "t2v-lite-sft-5s"):
+    arch = TINY_ARCHS["lite"] if args.small else get_variant(variant).arch
+    return arch, get_variant(variant).rope_scale
+
+
+def section_official(args) -> dict:
+    root = args.official or os.environ.get("KANDINSKY5_OFFICIAL")
+    if not root or not (Path(root) / "kandinsky" / "models" / "dit.py").is_file():
+        return {"status": "skipped: no official checkout (--official PATH or $KANDINSKY5_OFFICIAL)"}
+    from einops import rearrange
+
+    from benchmarks import dit_forward
+
+    off = dit_forward.import_official(Path(root), keep_compile=True)
+    off.use_shipped()
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args)
+    grid = (3, 16, 16) if args.small else (31, 64, 96)
+    text_len = 16 if args.small else 128
+    ours = make_dit(arch, device, dtype)
+    official = off.dit.DiffusionTransformer3D(**dit_forward.official_kwargs(arch), attention_engine="auto")
+    sd = {k: v.to(dtype) for k, v in random_state_dict(arch, seed=0).items()}
+    official.load_state_dict({k: v * 0.1 if "modulation" in k and k.endswith("weight") else v for k, v in sd.items()})
+    official = official.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if hasattr(official, "visual_rope_embeddings"):  # the official pipeline keeps its RoPE buffers in float32
+        official.visual_rope_embeddings.float()
+        official.text_rope_embeddings.float()
+    inp = dit_inputs(arch, grid, text_len, device, dtype)
+    t, h, w = grid
+    x_off = rearrange(inp["x"][0], "c t h w -> t h w c").contiguous()
+    visual_pos = [torch.arange(n, device=device) for n in (t, h // 2, w // 2)]
+    text_pos = torch.arange(text_len, device=device)
+
+    def run_official():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            o = official(x_off, inp["text_embeds"], inp["pooled_text_embeds"], inp["timestep"], visual_pos, text_pos,
+                         scale_factor=rope_scale)  # fmt: skip
+        return rearrange(o, "t h w c -> 1 c t h w")
+
+    def run_ours():
+        with torch.no_grad():
+            return ours(**inp, rope_scale=rope_scale)
+
+    out = {"grid": list(grid), "blocks": f"{arch.num_text_blocks} + {arch.num_visual_blocks}"}
+    with torch.compiler.set_stance("force_eager"):
+        out["eager_official_s"], a = timed(run_official, device, args.repeats)
+        out["eager_ours_s"], b = timed(run_ours, device, args.repeats)
+    out["eager_rel_err"] = rel_err(b, a)
+    if args.device == "cuda" or not args.small:
+        compile_dit(ours)
+        out["compiled_official_s"], a = timed(run_official, device, args.repeats)
+        out["compiled_ours_s"], b = timed(run_ours, device, args.repeats)
+        state = compile_state(ours)
+        out["ours_compiled"] = "failed: " + state.error if state.failed else "yes"
+        out["compiled_rel_err"] = rel_err(b, a)
+        out["ours_over_official_compiled"] = out["compiled_ours_s"] / out["compiled_official_s"]
+    out["ours_over_official_eager"] = out["eager_ours_s"] / out["eager_official_s"]
+    return out
+
+
+def section_nabla_dit(args) -> dict:
+    """The Lite DiT at the 10 s shape with NABLA against dense attention."""
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args, "t2v-lite-sft-10s")
+    if not args.small:
+        arch = dataclasses.replace(arch, num_visual_blocks=args.nabla_blocks)
+    grid = (3, 64, 64) if args.small else (61, 64, 96)
+    dit = make_dit(arch, device, dtype)
+    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
+    params = NablaParams(0.9)
+
+    def run(nabla):
+        with torch.no_grad():
+            return dit(**inp, rope_scale=rope_scale, nabla=nabla)
+
+    out = {"grid": list(grid), "visual_blocks": arch.num_visual_blocks}
+    repeats = max(1, args.repeats // 2)
+    out["dense_s"], dense = timed(lambda: run(None), device, repeats)
+    out["nabla_s"], sparse = timed(lambda: run(params), device, repeats)
+    out["dense_over_nabla"] = out["dense_s"] / out["nabla_s"]
+    out["nabla_vs_dense_rel_err"] = rel_err(sparse, dense)
+    out["executor"] = executor_name(device == "cuda")
+    return out
+
+
+def section_block_swap(args) -> dict:
+    from kandinsky_core.offload import enable_block_swap
+
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args)
+    grid = (3, 16, 16) if args.small else (31, 64, 96)
+    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
+    dit = make_dit(arch, device, dtype)
+
+    def run():
+        with torch.no_grad():
+            return dit(**inp, rope_scale=rope_scale)
+
+    out = {}
+    out["resident_s"], ref = timed(run, device, max(1, args.repeats // 2))
+    out["resident_peak_mib"] = peak_mib(run, device)
+    dit.to("cpu")
+    swap = enable_block_swap(dit, device, blocks_on_device=1)
+    out["swapped_s"], swapped = timed(run, device, max(1, args.repeats // 2))
+    out["swapped_peak_mib"] = peak_mib(run, device)
+    out["exact"] = bool(torch.equal(ref, swapped))
+    out["block_loads"] = swap.loads
+    swap.remove()
+    return out
+
+
+def section_fp8(args) -> dict:
+    from safetensors.torch import save_file
+
+    from kandinsky_core.loading import load_dit
+
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args)
+    variant = dataclasses.replace(get_variant("t2v-lite-sft-5s"), arch=arch)
+    grid = (3, 16, 16) if args.small else (31, 64, 96)
+    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dit.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in random_state_dict(arch, seed=0).items()}, str(path))
+        full, _ = load_dit(path, variant, dtype=dtype, device=device)
+        fp8, _ = load_dit(path, variant, dtype=dtype, device=device, fp8=True)
+
+    def run(dit):
+        with torch.no_grad():
+            return dit(**inp, rope_scale=rope_scale)
+
+    out = {}
+    out["full_s"], a = timed(lambda: run(full), device, max(1, args.repeats // 2))
+    out["fp8_s"], b = timed(lambda: run(fp8), device, max(1, args.repeats // 2))
+    out["fp8_rel_err"] = rel_err(b, a)
+    out["fp8_weight_gib"] = sum(p.numel() * p.element_size() for p in fp8.parameters()) / 2**30
+    out["full_weight_gib"] = sum(p.numel() * p.element_size() for p in full.parameters()) / 2**30
+    return out
+
+
+def section_compile(args) -> dict:
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args)
+    grid = (3, 16, 16) if args.small else (31, 64, 96)
+    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
+    dit = make_dit(arch, device, dtype)
+
+    def run():
+        with torch.no_grad():
+            return dit(**inp, rope_scale=rope_scale)
+
+    out = {}
+    out["eager_s"], eager = timed(run, device, max(1, args.repeats // 2))
+    # CPU --small: Inductor's C++ codegen takes minutes on 2 cores; aot_eager checks the tracing only
+    backend = "aot_eager" if device == "cpu" and args.small else "inductor"
+    compile_dit(dit, mode="max-autotune-no-cudagraphs" if device == "cuda" else None, backend=backend)
+    start = time.perf_counter()
+    run()
+    sync(device)
+    out["first_call_s"] = time.perf_counter() - start
+    out["compiled_s"], compiled = timed(run, device, max(1, args.repeats // 2))
+    state = compile_state(dit)
+    out["backend"] = backend
+    out["compiled"] = "failed: " + state.error if state.failed else "yes"
+    out["speedup"] = out["eager_s"] / out["compiled_s"]
+    out["compiled_vs_eager_rel_err"] = rel_err(compiled, eager)
+    return out
+
+
+SECTIONS = {
+    "environment": section_environment,
+    "nabla_attention": section_nabla,
+    "dit_vs_official": section_official,
+    "nabla_in_dit": section_nabla_dit,
+    "block_swap": section_block_swap,
+    "fp8": section_fp8,
+    "compile": section_compile,
+}
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(report: dict) -> str:
+    head = (
+        f"## gpu_check.py {'--small ' if report['small'] else ''}--device {report['device']}, {report['dtype']}, "
+        f"{report['date']}\n\n| section | status | figures |\n| --- | --- | --- |\n"
+    )
+    rows = []
+    for name, result in report["sections"].items():
+        status = result.get("status", "ok")
+        figures = "; ".join(f"{k} {fmt(v)}" for k, v in result.items() if k not in ("status", "traceback"))
+        rows.append(f"| {name} | {status} | {figures} |")
+    return head + "\n".join(rows) + "\n\nTargets: " + "; ".join(TARGETS.values()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--small", action="store_true", help="toy sizes (the tests' tiny DiT, small grids)")
+    parser.add_argument("--official", default=None, help="root of a kandinsky-5 checkout (or $KANDINSKY5_OFFICIAL)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per path (default 3, --small 2)")
+    parser.add_argument("--nabla-blocks", type=int, default=8, help="visual blocks of the 10 s NABLA-vs-dense DiT")
+    parser.add_argument("--cpu-flex", action="store_true", help="also compile flex_attention on the CPU")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections to run")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the table is appended to")
+    parser.add_argument("--no-append", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.small else 3)
+    args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": args.device,
+        "dtype": str(args.dtype).removeprefix("torch."),
+        "small": args.small,
+        "sections": {},
+    }
+    failed = False
+    for name in args.sections.split(","):
+        start = time.perf_counter()
+        try:
+            result = SECTIONS[name](args)
+        except Exception as e:
+            failed = True
+            result = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+                      "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+        result.setdefault("status", "ok")
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        report["sections"][name] = result
+        print(f"{name}: {result['status']} ({result['seconds']} s)", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    publish(table(report), append=not args.no_append, path=args.results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
