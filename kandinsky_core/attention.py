@@ -57,7 +57,9 @@ def select_backend(name: str | None = "auto") -> str:
         return name
     name = name or "auto"
     if name == "auto":
-        return _auto_backend()
+        name = _auto_backend()
+        _validated.add(name)  # blocks get the resolved name: their lookup must not re-probe (an import breaks graphs)
+        return name
     if name not in BACKENDS:
         raise InputError(f"Attention backend {name!r} is unknown. Allowed: 'auto', {', '.join(map(repr, BACKENDS))}.")
     if name not in available_backends():

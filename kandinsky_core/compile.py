@@ -53,7 +53,10 @@ class _Guarded:
             state.eager_calls += 1
             return self.eager(*args, **kwargs)
         try:
-            out = self.compiled(*args, **kwargs)
+            # Past torch._dynamo's recompile limit (8 shapes per block with dynamic=False) dynamo would run the
+            # block eagerly without a word while we count compiled calls: make it raise, so the fallback is told.
+            with _recompile_limit_raises():
+                out = self.compiled(*args, **kwargs)
         except KandinskyError:
             raise  # our own input errors are not compiler failures
         except Exception as e:  # the compiler's failures have no common base class
@@ -67,6 +70,12 @@ class _Guarded:
             return self.eager(*args, **kwargs)
         state.compiled_calls += 1
         return out
+
+
+def _recompile_limit_raises():
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
 def _describe(error: BaseException) -> str:
