@@ -97,25 +97,45 @@ def sliding_tile_mask(T: int, Hb: int, Wb: int, wT: int, wH: int, wW: int, devic
     return _sliding_tile_mask(T, Hb, Wb, wT, wH, wW, torch.device(device))
 
 
-def nabla_block_mask(q: Tensor, k: Tensor, sta_mask: Tensor, P: float) -> Tensor:
+def _pool_blocks(x: Tensor, heads_per_chunk: int) -> Tensor:
+    """[B, S, H, D] -> [B, H, N, D] float32 means over 64-token blocks. Each chunk of heads is made a contiguous
+    float32 [B, h, S, D] first (the official layout, so every mean reduces in the same order, bit for bit), so only
+    one chunk's float32 copy is alive at a time instead of the whole of q or k."""
+    b, s, h, d = x.shape
+    out = torch.empty((b, h, s // BLOCK, d), dtype=torch.float32, device=x.device)
+    for h0 in range(0, h, heads_per_chunk):
+        chunk = x[:, :, h0 : h0 + heads_per_chunk].transpose(1, 2).float().contiguous()
+        out[:, h0 : h0 + heads_per_chunk] = rearrange(chunk, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
+        del chunk
+    return out
+
+
+def nabla_block_mask(q: Tensor, k: Tensor, sta_mask: Tensor, P: float, heads_per_chunk: int = 4) -> Tensor:
     """[B, H, N, N] bool block mask: the top-cdf blocks of the pooled attention map, OR the sliding-tile mask.
 
     q, k are [B, S, H, D] in tile order. The pooled map is computed in float32 whatever the input dtype
     (the official code pools in the model dtype, bf16), so bf16 selections can differ at the P boundary.
     For each query block the map row is sorted ascending and cumsummed; blocks whose cumulative mass is
     >= 1 - P are kept, i.e. the smallest tail of large blocks that leaves less than 1 - P mass outside.
+
+    Memory: pooling and the sort / cumsum / scatter run `heads_per_chunk` heads at a time, so the transient is
+    the float32 map plus one chunk's work (not float32 copies of q and k and int64 sort indices of every head);
+    the map itself comes from one matmul and one softmax over all heads, as before, so the mask is bit-identical.
     """
     d = q.shape[-1]
-    # contiguous [B, H, S, D] first, so pooling reduces in the same order as the official code
-    qh = q.transpose(1, 2).float().contiguous()
-    kh = k.transpose(1, 2).float().contiguous()
-    qa = rearrange(qh, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
-    ka = rearrange(kh, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
+    qa, ka = _pool_blocks(q, heads_per_chunk), _pool_blocks(k, heads_per_chunk)
     attn_map = torch.softmax((qa @ ka.transpose(-2, -1)) / math.sqrt(d), dim=-1)
-    vals, order = attn_map.sort(-1)
-    keep = vals.cumsum_(-1) >= 1 - P
-    mask = torch.zeros_like(keep).scatter_(-1, order, keep)
-    return mask | sta_mask.to(mask.device)
+    del qa, ka
+    mask = torch.empty(attn_map.shape, dtype=torch.bool, device=attn_map.device)
+    sta = sta_mask.to(mask.device)
+    for h0 in range(0, attn_map.shape[1], heads_per_chunk):
+        vals, order = attn_map[:, h0 : h0 + heads_per_chunk].sort(-1)
+        keep = vals.cumsum_(-1) >= 1 - P
+        del vals
+        part = mask[:, h0 : h0 + heads_per_chunk]
+        part.zero_().scatter_(-1, order, keep)
+        part |= sta
+    return mask
 
 
 def _group_rows(query_groups: Tensor, bh: int, n: int) -> list[Tensor]:
@@ -284,11 +304,14 @@ def _to_flex_block_mask(block_mask: Tensor, s: int, full_blocks: bool):
     if full_blocks:
         # every selected block is a full block, so no mask_mod is ever evaluated
         return BlockMask.from_kv_blocks(
-            torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(s, s)
-        )
+            torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(s, s),
+            compute_q_blocks=False,  # the q_* tensors only serve the backward pass: inference never reads them
+        )  # fmt: skip
     # Inductor's C++ flex kernel (torch 2.13) fails to compile full-blocks-only masks, so on CPU the same
     # blocks are listed as partial blocks with an all-true mask_mod: identical result, still block-sparse.
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=BLOCK, mask_mod=noop_mask, seq_lengths=(s, s))
+    return BlockMask.from_kv_blocks(
+        counts, indices, BLOCK_SIZE=BLOCK, mask_mod=noop_mask, seq_lengths=(s, s), compute_q_blocks=False
+    )
 
 
 def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor) -> Tensor:
