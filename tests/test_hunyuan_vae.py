@@ -1,5 +1,6 @@
 """HunyuanVideo VAE: parity with diffusers, both key layouts, shapes, tiling (exactness, error, memory), errors."""
 
+import copy
 import json
 import weakref
 from types import SimpleNamespace
@@ -188,8 +189,12 @@ def test_tiled_is_exact_when_one_tile_covers_everything(vae):
 
 @pytest.mark.parametrize(
     ("tiling", "z"),
-    [(VAETiling(32, 16, 64, 0), latent(1, size=6)), (VAETiling(256, 64, 8, 4), latent(4, size=2))],
-    ids=["spatial", "temporal"],
+    [
+        (VAETiling(32, 16, 64, 0), latent(1, size=6)),
+        (VAETiling(256, 64, 8, 4), latent(4, size=2)),
+        (VAETiling(32, 8, 8, 4), latent(4, size=6)),  # plan_decode's overlaps: a quarter tile, one latent
+    ],
+    ids=["spatial", "temporal", "planned"],
 )
 def test_tiled_error_is_no_worse_than_the_reference_tiling(vae, tiling, z):
     """Tiles see less context (group-norm statistics, causal attention, receptive field), so tiled decoding is not
@@ -396,3 +401,23 @@ def test_plan_decode_takes_the_largest_tiles_that_fit():
     sd = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, 16 * 2**30)
     assert sd.tiling.tile_px >= 768, f"an SD video is decoded in whole frames when they fit: {sd}"
     assert sd.work < 2.0, sd  # temporal clips of 16 + 1 frames overlapping by one latent
+
+
+def test_auto_decode_of_an_sd_video_uses_whole_frames_when_memory_allows(monkeypatch):
+    """tiled='auto' decodes with plan_decode's tiles for the memory at hand: a Lite 5 s 768x512 latent on a device
+    with 20 GiB to spare is decoded in whole frames (temporal clips only), not in the 256 px tiles that cost 4.1x
+    the untiled work."""
+    from kandinsky_core import hunyuan_vae
+
+    vae = copy.copy(hunyuan_vae._meta_vae(hunyuan_vae.HUNYUAN_VAE_CONFIG, torch.bfloat16))
+    seen = []
+
+    def decode_pixels(z, tiled, tiling):
+        seen.append((tiled, tiling))
+        return torch.empty((z.shape[0], 3, 4 * (z.shape[2] - 1) + 1, z.shape[3] * 8, z.shape[4] * 8), device="meta")
+
+    vae._decode_pixels = decode_pixels
+    z = torch.empty(1, 16, 31, 64, 96, device="meta", dtype=torch.bfloat16)
+    vae.decode(z, tiled="auto", budget_bytes=20 * 2**30)
+    ((tiled, tiling),) = seen
+    assert tiled and tiling.tile_px >= 768, tiling
