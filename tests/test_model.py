@@ -300,3 +300,27 @@ def test_bf16_model_runs_and_stays_close():
     out, ref = model(**inp), ref_model(**inp)
     assert out.dtype == torch.float32  # returned in the input's dtype
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_text_mask_is_read_back_once_per_mask_not_twice_per_forward():
+    """Validating the text mask reads it back to the host (a device sync on a GPU): the sampler hands the DiT the
+    same mask every step, so it is read once for that tensor, not twice in every forward."""
+    from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Readbacks(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Readbacks.count += 1
+            return func(*args, **(kwargs or {}))
+
+    arch = TINY_ARCHS["lite"]
+    dit = make_tiny_dit(arch)
+    inputs = make_inputs(arch, text_len=6)
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    with Readbacks():
+        for _ in range(3):
+            dit(**inputs, text_mask=mask)
+    assert Readbacks.count <= 2, Readbacks.count  # two flags of one copy to the host
