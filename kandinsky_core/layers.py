@@ -20,10 +20,15 @@ from .nabla import NablaParams, nabla_attention
 
 
 class Linear(nn.Linear):
-    """nn.Linear that casts its weight (and bias) to the input dtype at use: float8 storage just works."""
+    """nn.Linear that casts its weight (and bias) to the input dtype at use: float8 storage just works. A
+    `weight_scale` buffer (0-dim float32, set by the loader for float8 storage) multiplies the stored weight."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        scale = self._buffers.get("weight_scale")
+        if scale is not None:
+            w = (self.weight.float() * scale.to(self.weight.device)).to(x.dtype)
+        else:
+            w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)

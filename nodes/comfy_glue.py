@@ -66,9 +66,21 @@ def eager_weights(linear: type) -> type:
     `load_state_dict(assign=True)`, which needs the parameters to exist. Casting at use (what partial loading relies
     on) is unchanged."""
 
+    from kandinsky_core import layers
+
+    scales_weight = issubclass(linear, layers.Linear)
+
     class Linear(linear):
         def _load_from_state_dict(self, *args, **kwargs):
             return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+        def forward(self, x, *args, **kwargs):
+            # float8 storage with a per-tensor scale (kandinsky_core.loading.to_scaled_fp8): comfy.ops casts the
+            # stored weight only, so the scale goes on the input, (x * s) W^T = x (s W)^T
+            scale = self._buffers.get("weight_scale")
+            if scale is not None and not scales_weight:
+                x = x * scale.to(device=x.device, dtype=x.dtype)
+            return super().forward(x, *args, **kwargs)
 
     Linear.__qualname__ = f"{linear.__qualname__}[eager]"
     return Linear
