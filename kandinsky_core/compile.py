@@ -61,7 +61,7 @@ class _Guarded:
             raise  # our own input errors are not compiler failures
         except Exception as e:  # the compiler's failures have no common base class
             state.failed = True
-            state.error = _describe(e)
+            state.error = describe_compile_error(e)
             log.warning(
                 "torch.compile failed (backend %s, mode %s), running the DiT without compiling: %s",
                 getattr(state.backend, "__name__", state.backend), state.mode, state.error[:300],
@@ -78,7 +78,7 @@ def _recompile_limit_raises():
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
 
-def _describe(error: BaseException) -> str:
+def describe_compile_error(error: BaseException) -> str:
     """The root cause of a compiler error in one line (dynamo wraps a backend's own error in BackendCompilerFailed)."""
     while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
         error = getattr(error, "inner_exception", None) or error.__cause__
