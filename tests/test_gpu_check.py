@@ -21,8 +21,8 @@ def test_gpu_check_small_runs_every_section_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out_json.read_text())
     sections = report["sections"]
-    assert set(sections) == {"environment", "nabla_attention", "dit_vs_official", "nabla_in_dit", "block_swap",
-                             "fp8", "compile"}  # fmt: skip
+    assert set(sections) == {"environment", "attention_backends", "nabla_attention", "dit_vs_official",
+                             "nabla_in_dit", "block_swap", "fp8", "compile"}  # fmt: skip
     assert sections["dit_vs_official"]["status"].startswith("skipped: no official checkout")
     for name, result in sections.items():
         if name != "dit_vs_official":
