@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -41,12 +42,20 @@ from kandinsky_core.compile import compile_dit, compile_state  # noqa: E402
 from kandinsky_core.model import Kandinsky5DiT  # noqa: E402
 from kandinsky_core.nabla import NablaParams  # noqa: E402
 from kandinsky_core.variants import get_variant  # noqa: E402
-from tests.tiny import TINY_ARCHS, random_state_dict  # noqa: E402
+from tests.tiny import TINY_ARCHS  # noqa: E402
+from tests.tiny import random_state_dict as _random_state_dict  # noqa: E402
 
 TARGETS = {
     "nabla_vs_dense": "NABLA >= 5x dense at 90% block sparsity, Lite 10 s shape",
     "dit_vs_official": "our DiT forward <= 0.8x the official, Lite 5 s, compiled vs compiled",
 }
+
+
+@functools.lru_cache(maxsize=2)
+def random_state_dict(arch, seed: int = 0) -> dict:
+    """The official-key random weights (tests/tiny.py), made once per architecture: the full Lite DiT's take tens of
+    seconds of CPU time to draw."""
+    return _random_state_dict(arch, seed=seed)
 
 
 def sync(device: str) -> None:
