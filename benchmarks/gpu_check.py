@@ -240,13 +240,15 @@ def section_official(args) -> dict:
     from benchmarks import dit_forward
 
     off = dit_forward.import_official(Path(root), keep_compile=True)
-    off.use_shipped()
     device, dtype = args.device, args.dtype
+    # float32 (CPU): the official helpers' bf16 casts removed, as benchmarks/dit_forward.py does
+    (off.use_cast_free if dtype == torch.float32 else off.use_shipped)()
     arch, rope_scale = lite(args)
     grid = (3, 16, 16) if args.small else (31, 64, 96)
     text_len = 16 if args.small else 128
     ours = make_dit(arch, device, dtype)
-    official = off.dit.DiffusionTransformer3D(**dit_forward.official_kwargs(arch), attention_engine="auto")
+    engine = "auto" if device == "cuda" else "sdpa"
+    official = off.dit.DiffusionTransformer3D(**dit_forward.official_kwargs(arch), attention_engine=engine)
     sd = {k: v.to(dtype) for k, v in random_state_dict(arch, seed=0).items()}
     official.load_state_dict({k: v * 0.1 if "modulation" in k and k.endswith("weight") else v for k, v in sd.items()})
     official = official.to(device=device, dtype=dtype).eval().requires_grad_(False)
