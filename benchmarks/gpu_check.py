@@ -7,7 +7,8 @@ block swap, fp8 storage, torch.compile. Writes JSON and appends one table to ben
 Full size (CUDA, bf16, at most ~10 minutes on one H200): NABLA at the Lite 10 s shape (61x32x48 tokens, 28 heads
 of 64); the Lite DiT (all 32 blocks, random weights) at the Lite 5 s shape (768x512, 121 frames) against the
 official DiffusionTransformer3D, both eager and both compiled; the Lite DiT at the 10 s shape with NABLA against
-dense attention; block swap; fp8 storage; compile time. --small runs the same code on the tests' tiny Lite-like
+dense attention; Lite 5 s under a 12 GiB cap (DiT step + VAE decode); block swap; fp8 storage; compile time; attention
+backends against SDPA. --small runs the same code on the tests' tiny Lite-like
 architecture and small grids. The official section needs a kandinsky-5 checkout (--official or
 $KANDINSKY5_OFFICIAL); without one it reports "skipped: no official checkout".
 
@@ -45,9 +46,18 @@ from kandinsky_core.variants import get_variant  # noqa: E402
 from tests.tiny import TINY_ARCHS  # noqa: E402
 from tests.tiny import random_state_dict as _random_state_dict  # noqa: E402
 
+
+def _tiny_vae_config():
+    """The tests' tiny HunyuanVideo VAE shape (tests/tiny_vae.py), for --small."""
+    from kandinsky_core.hunyuan_vae import HunyuanVAEConfig
+
+    return HunyuanVAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+
+
 TARGETS = {
     "nabla_vs_dense": "NABLA >= 5x dense at 90% block sparsity, Lite 10 s shape",
     "dit_vs_official": "our DiT forward <= 0.8x the official, Lite 5 s, compiled vs compiled",
+    "lite_5s_12gb": "Lite 5 s fitting 12 GB",
 }
 
 
@@ -368,6 +378,78 @@ def section_fp8(args) -> dict:
     return out
 
 
+def _one_sampling_step(args, arch, rope_scale, shape, out: dict) -> torch.Tensor:
+    """One Euler step with CFG of a random-weight DiT; times and peak into `out`; the DiT is freed on return."""
+    from kandinsky_core.sampling import TextConditioning, sample
+
+    device, dtype = args.device, args.dtype
+    dit = make_dit(arch, device, dtype)
+    g = torch.Generator().manual_seed(4)
+    text_len = 16 if args.small else 256
+
+    def cond() -> TextConditioning:
+        return TextConditioning(torch.randn(1, text_len, arch.in_text_dim, generator=g).to(device, dtype),
+                                torch.ones(1, text_len, dtype=torch.bool, device=device),
+                                torch.randn(1, arch.in_text_dim2, generator=g).to(device, dtype))  # fmt: skip
+
+    noise = torch.randn(shape, generator=g).to(device)
+    positive, negative = cond(), cond()
+
+    def run() -> torch.Tensor:
+        return sample(dit, noise, positive, negative, steps=1, guidance=5.0, scheduler_scale=5.0, rope_scale=rope_scale)
+
+    out["dit_weights_gib"] = sum(p.numel() * p.element_size() for p in dit.parameters()) / 2**30
+    out["step_s"], latent = timed(run, device, 1)
+    out["step_peak_mib"] = peak_mib(run, device)  # beyond the weights
+    if device == "cuda":
+        out["step_total_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # weights included
+    return latent
+
+
+def section_lite_12gb(args) -> dict:
+    """Lite 5 s (768x512, 121 frames) within 12 GiB: one sampling step with CFG, then VAE Decode with the plan that
+    tiling auto picks for what is left, under torch.cuda.set_per_process_memory_fraction(12 GiB). The text encoders
+    (13.6 GiB in bf16) are not part of it: on a 12 GB card their Qwen layers are swapped (nodes/comfy_glue.py).
+    --small on the CPU runs the same code on tiny models without a cap."""
+    from kandinsky_core.hunyuan_vae import HunyuanVideoVAE
+    from kandinsky_core.memory import ALLOCATOR_MARGIN
+
+    device, dtype = args.device, args.dtype
+    arch, rope_scale = lite(args)
+    shape = (1, 16, 3, 16, 16) if args.small else (1, 16, 31, 64, 96)
+    cap = 12 * 2**30
+    out = {"cap_gib": None if device != "cuda" else 12}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        latent = _one_sampling_step(args, arch, rope_scale, shape, out)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        config = _tiny_vae_config() if args.small else None
+        vae = (HunyuanVideoVAE(config) if config else HunyuanVideoVAE()).to(device, dtype).eval().requires_grad_(False)
+        weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+        used = torch.cuda.memory_allocated() if device == "cuda" else 0
+        budget = int((cap - weights - used - 2**30) / ALLOCATOR_MARGIN) if device == "cuda" else vae.memory_budget()
+        z = latent[:, :16].to(dtype)
+        del latent
+
+        def decode() -> torch.Tensor:
+            return vae.decode(z, tiled="auto", budget_bytes=budget)
+
+        with torch.no_grad():
+            out["decode_s"], pixels = timed(decode, device, 1)
+            out["decode_peak_mib"] = peak_mib(decode, device)
+        out["decode_frames"] = int(pixels.shape[2])
+        if device == "cuda":
+            out["decode_total_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out["fits_12gb"] = max(out["step_total_peak_gib"], out["decode_total_peak_gib"]) <= 12
+    finally:
+        if device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
+
+
 def section_compile(args) -> dict:
     device, dtype = args.device, args.dtype
     arch, rope_scale = lite(args)
@@ -403,6 +485,7 @@ SECTIONS = {
     "nabla_attention": section_nabla,
     "dit_vs_official": section_official,
     "nabla_in_dit": section_nabla_dit,
+    "lite_5s_12gb": section_lite_12gb,
     "block_swap": section_block_swap,
     "fp8": section_fp8,
     "compile": section_compile,

@@ -22,7 +22,7 @@ def test_gpu_check_small_runs_every_section_on_the_cpu(tmp_path):
     report = json.loads(out_json.read_text())
     sections = report["sections"]
     assert set(sections) == {"environment", "attention_backends", "nabla_attention", "dit_vs_official",
-                             "nabla_in_dit", "block_swap", "fp8", "compile"}  # fmt: skip
+                             "nabla_in_dit", "lite_5s_12gb", "block_swap", "fp8", "compile"}  # fmt: skip
     assert sections["dit_vs_official"]["status"].startswith("skipped: no official checkout")
     for name, result in sections.items():
         if name != "dit_vs_official":
@@ -31,6 +31,7 @@ def test_gpu_check_small_runs_every_section_on_the_cpu(tmp_path):
     assert nabla["auto_executor"] == "sdpa gather path" and nabla["block_density"] < 0.9
     assert nabla["gather_vs_auto_max_diff"] == 0 and nabla["gather_vs_masked_dense_max_diff"] < 1e-5
     assert sections["block_swap"]["exact"] is True
+    assert sections["lite_5s_12gb"]["decode_frames"] == 9
     assert sections["fp8"]["fp8_weight_gib"] < sections["fp8"]["full_weight_gib"]
     assert "| nabla_attention | ok |" in out_md.read_text()
     assert results.read_bytes() == before
