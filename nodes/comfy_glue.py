@@ -108,10 +108,14 @@ def load(patcher: Any, memory_required: int) -> None:
     model_management().load_models_gpu([patcher], memory_required=int(memory_required))
 
 
+# What ComfyUI's partial loader may keep on top of the weights (the largest module or two it moves one at a time).
+_LOAD_SLACK = 256 * 2**20
+
+
 def available_memory(patcher: Any) -> int:
     """Bytes `patcher`'s model may use for activations once loaded on the torch device: the free memory plus what
     other loaded models hold there (load_models_gpu evicts them on demand), less the weights of this model not yet
-    on the device and ComfyUI's reserve."""
+    on the device, ComfyUI's reserve and _LOAD_SLACK (so that asking for this much still loads the model whole)."""
     mm = model_management()
     device = patcher.load_device
     free = mm.get_free_memory(device)
@@ -120,11 +124,7 @@ def available_memory(patcher: Any) -> int:
         if other is not None and other is not patcher and loaded.device == device:
             free += other.loaded_size()
     free -= patcher.model_size() - patcher.loaded_size()
-    return int(free - mm.extra_reserved_memory())
-
-
-# What ComfyUI's partial loader may keep on top of the weights (the largest module or two it moves one at a time).
-_LOAD_SLACK = 256 * 2**20
+    return int(free - mm.extra_reserved_memory() - _LOAD_SLACK)
 
 
 @contextmanager
@@ -138,7 +138,7 @@ def loaded_or_swapped(patcher: Any, layers: torch.nn.ModuleList, memory_required
     `layers` as fit goes to the device, and the remaining layers are swapped in one at a time
     (kandinsky_core.offload.swap_layers); the model returns to its offload device afterwards. Yields the BlockSwap,
     or None for a whole load."""
-    if patcher.load_device.type == "cpu" or available_memory(patcher) >= memory_required + _LOAD_SLACK:
+    if patcher.load_device.type == "cpu" or available_memory(patcher) >= memory_required:
         load(patcher, memory_required)
         yield None
         return
