@@ -1,16 +1,17 @@
-"""One-command GPU check: environment, NABLA, DiT forward against the official code, NABLA vs dense in the DiT,
-block swap, fp8 storage, torch.compile. Writes JSON and appends one table to benchmarks/RESULTS.md.
+"""One-command GPU check: environment, attention backends, NABLA, DiT forward against the official code, NABLA vs
+dense in the DiT, Lite 5 s in 12 GiB, block swap, fp8 storage, torch.compile. Writes JSON and appends one table to
+benchmarks/RESULTS.md.
 
     python benchmarks/gpu_check.py --device cuda --official /path/to/kandinsky-5 --json out/gpu_check.json
     python benchmarks/gpu_check.py --small --device cpu          # every section at toy sizes, under 3 minutes
 
-Full size (CUDA, bf16, at most ~10 minutes on one H200): NABLA at the Lite 10 s shape (61x32x48 tokens, 28 heads
-of 64); the Lite DiT (all 32 blocks, random weights) at the Lite 5 s shape (768x512, 121 frames) against the
-official DiffusionTransformer3D, both eager and both compiled; the Lite DiT at the 10 s shape with NABLA against
-dense attention; Lite 5 s under a 12 GiB cap (DiT step + VAE decode); block swap; fp8 storage; compile time; attention
-backends against SDPA. --small runs the same code on the tests' tiny Lite-like
-architecture and small grids. The official section needs a kandinsky-5 checkout (--official or
-$KANDINSKY5_OFFICIAL); without one it reports "skipped: no official checkout".
+Full size (CUDA, bf16, at most ~10 minutes on one H200): attention backends against SDPA; NABLA at the Lite 10 s
+shape (61x32x48 tokens, 28 heads of 64); the Lite DiT (all 32 blocks, random weights) at the Lite 5 s shape
+(768x512, 121 frames) against the official DiffusionTransformer3D, both eager and both compiled; the Lite DiT at the
+10 s shape with NABLA against dense attention; Lite 5 s under a 12 GiB cap (DiT step + VAE decode); block swap; fp8
+storage; compile time. --small runs the same code on the tests' tiny Lite-like architecture and small grids. The
+official section needs a kandinsky-5 checkout (--official or $KANDINSKY5_OFFICIAL); without one it reports
+"skipped: no official checkout".
 
 Every section runs even when an earlier one failed; a failed section records its error (status "failed: ...") and
 the exit status is 1.
