@@ -1,5 +1,6 @@
 """HunyuanVideo VAE: parity with diffusers, both key layouts, shapes, tiling (exactness, error, memory), errors."""
 
+import copy
 import json
 import weakref
 from types import SimpleNamespace
@@ -188,8 +189,12 @@ def test_tiled_is_exact_when_one_tile_covers_everything(vae):
 
 @pytest.mark.parametrize(
     ("tiling", "z"),
-    [(VAETiling(32, 16, 64, 0), latent(1, size=6)), (VAETiling(256, 64, 8, 4), latent(4, size=2))],
-    ids=["spatial", "temporal"],
+    [
+        (VAETiling(32, 16, 64, 0), latent(1, size=6)),
+        (VAETiling(256, 64, 8, 4), latent(4, size=2)),
+        (VAETiling(32, 8, 8, 4), latent(4, size=6)),  # plan_decode's overlaps: a quarter tile, one latent
+    ],
+    ids=["spatial", "temporal", "planned"],
 )
 def test_tiled_error_is_no_worse_than_the_reference_tiling(vae, tiling, z):
     """Tiles see less context (group-norm statistics, causal attention, receptive field), so tiled decoding is not
@@ -418,3 +423,54 @@ def test_layers_come_from_the_operations_namespace():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert convs and all(type(m) is Conv3d for m in convs)
     assert len(linears) == 8 and all(type(m) is Linear for m in linears)
+
+
+# Decode planning from measured peaks (what VAE Decode asks ComfyUI for, and how it tiles by default).
+
+
+def test_decode_peak_estimate_covers_the_measured_peak_of_the_whole_tiled_decode():
+    """decode_peak_bytes adds the largest tile's peak to the tiling's buffers; the whole tiled decode of the
+    released VAE, measured on meta tensors, must stay under it, and not by much (the estimate sizes ComfyUI's load)."""
+    from kandinsky_core.hunyuan_vae import HUNYUAN_VAE_CONFIG, _meta_vae, decode_peak_bytes
+    from kandinsky_core.memory import measure_peak
+
+    shape, tiling = (1, 16, 9, 64, 96), VAETiling(512, 128, 16, 4)
+    vae = _meta_vae(HUNYUAN_VAE_CONFIG, torch.bfloat16)
+    z = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    measured = measure_peak(lambda: vae.decode(z, tiled=True, tiling=tiling))
+    estimate = decode_peak_bytes(HUNYUAN_VAE_CONFIG, torch.bfloat16, shape, True, tiling)
+    assert measured <= estimate <= 1.25 * measured, (measured, estimate)
+
+
+def test_plan_decode_takes_the_largest_tiles_that_fit():
+    from kandinsky_core.hunyuan_vae import HUNYUAN_VAE_CONFIG, plan_decode
+
+    lite_5s = (1, 16, 31, 64, 96)  # 121 frames, 768x512
+    roomy = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, 1000 * 2**30)
+    assert not roomy.tiled and roomy.work == 1.0
+    for gib in (16, 8, 3):
+        plan = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, gib * 2**30)
+        assert plan.tiled and plan.peak_bytes <= gib * 2**30, (gib, plan)
+    sd = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, 16 * 2**30)
+    assert sd.tiling.tile_px >= 768, f"an SD video is decoded in whole frames when they fit: {sd}"
+    assert sd.work < 2.0, sd  # temporal clips of 16 + 1 frames overlapping by one latent
+
+
+def test_auto_decode_of_an_sd_video_uses_whole_frames_when_memory_allows(monkeypatch):
+    """tiled='auto' decodes with plan_decode's tiles for the memory at hand: a Lite 5 s 768x512 latent on a device
+    with 20 GiB to spare is decoded in whole frames (temporal clips only), not in the 256 px tiles that cost 4.1x
+    the untiled work."""
+    from kandinsky_core import hunyuan_vae
+
+    vae = copy.copy(hunyuan_vae._meta_vae(hunyuan_vae.HUNYUAN_VAE_CONFIG, torch.bfloat16))
+    seen = []
+
+    def decode_pixels(z, tiled, tiling):
+        seen.append((tiled, tiling))
+        return torch.empty((z.shape[0], 3, 4 * (z.shape[2] - 1) + 1, z.shape[3] * 8, z.shape[4] * 8), device="meta")
+
+    vae._decode_pixels = decode_pixels
+    z = torch.empty(1, 16, 31, 64, 96, device="meta", dtype=torch.bfloat16)
+    vae.decode(z, tiled="auto", budget_bytes=20 * 2**30)
+    ((tiled, tiling),) = seen
+    assert tiled and tiling.tile_px >= 768, tiling

@@ -269,3 +269,37 @@ def test_guidance_below_one_still_applies_cfg(guidance, one_step, two_steps):
     two = sample(dit, noise, cond(0.3), cond(-0.2), steps=2, guidance=guidance, scheduler_scale=1.0)
     assert [float(c["pooled"][0, 0]) for c in dit.calls] == pytest.approx([0.3, -0.2, 0.3, -0.2])  # both, each step
     torch.testing.assert_close(two, torch.full_like(noise, two_steps), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("grid", "batch", "cfg", "text_len"),
+    [((3, 8, 12), 1, True, 7), ((5, 16, 16), 1, False, 12), ((2, 16, 24), 2, True, 5)],
+)
+def test_step_memory_estimate_matches_a_measured_sampling_step(grid, batch, cfg, text_len):
+    """The Sampler asks ComfyUI for step_peak_bytes (measured on meta tensors): it must match the peak of a real
+    one-step `sample` on the CPU (every tensor alive at once counted by kandinsky_core.memory's tracker), CFG
+    included: its two branches run one after the other, so CFG costs one more velocity, not twice the activations
+    (the old formula assumed 40 live copies, doubled for CFG: several times the measurement)."""
+    from tiny import TINY_ARCHS, make_tiny_dit
+
+    from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
+    from nodes.sampler import memory_estimate
+
+    arch = TINY_ARCHS["lite"]
+    dit = make_tiny_dit(arch)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch, 16, *grid, generator=g)
+
+    def conditioning():
+        embeds = torch.randn(1, text_len, arch.in_text_dim, generator=g)
+        pooled = torch.randn(1, arch.in_text_dim2, generator=g)
+        return TextConditioning(embeds, torch.ones(1, text_len, dtype=torch.bool), pooled)
+
+    cond, uncond = conditioning(), conditioning() if cfg else None
+    measured = measure_peak(
+        lambda: sample(dit, noise, cond, uncond, steps=1, guidance=5.0 if cfg else 1.0, scheduler_scale=1.0),
+        fused_attention=False,
+    )
+    model = SimpleNamespace(variant=SimpleNamespace(arch=arch), model=dit)
+    estimate = memory_estimate(model, batch, *grid, cfg, text_len) / ALLOCATOR_MARGIN  # what ComfyUI is asked for
+    assert 0.95 * measured <= estimate <= 1.1 * measured, (measured, estimate)
