@@ -27,14 +27,15 @@ from .nabla import NablaParams, nabla_attention
 
 class Linear(nn.Linear):
     """nn.Linear that casts its weight (and bias) to the input dtype at use: float8 storage just works. A
-    `weight_scale` buffer (0-dim float32, set by the loader for float8 storage) multiplies the stored weight."""
+    `weight_scale` buffer (0-dim float32, set by the loader for float8 storage) scales the stored weight; it is
+    applied to the input, (x * s) W^T = x (s W)^T, exactly as the ComfyUI adapter does around comfy.ops layers
+    (nodes/comfy_glue.py), so both paths compute the same numbers."""
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self._buffers.get("weight_scale")
         if scale is not None:
-            w = (self.weight.float() * scale.to(self.weight.device)).to(x.dtype)
-        else:
-            w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+            x = x * scale.to(device=x.device, dtype=x.dtype)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
