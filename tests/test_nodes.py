@@ -54,9 +54,10 @@ class FakeComfy:
         )
 
         comfy = types.ModuleType("comfy")
-        comfy.__file__ = str(fake.root / "comfy" / "__init__.py")
-        comfy.__path__ = []
+        comfy.__file__ = None  # as in ComfyUI: comfy/ has no __init__.py (a namespace package)
+        comfy.__path__ = [str(fake.root / "comfy")]
         mm = types.ModuleType("comfy.model_management")
+        mm.__file__ = str(fake.root / "comfy" / "model_management.py")
         cpu = torch.device("cpu")
         mm.get_torch_device = lambda: cpu
         mm.unet_offload_device = mm.text_encoder_offload_device = mm.vae_offload_device = lambda: cpu
