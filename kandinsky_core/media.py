@@ -51,12 +51,19 @@ def read_image(path: str | os.PathLike) -> Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size (h', w') an h x w image is scaled to so that it covers width x height with its aspect kept: the
+    official resize's `int(side / scale)`, which float rounding can leave one pixel short of the side that should
+    fit exactly (800x600 -> 1408x640 gives 1407 px); that side is then the target itself, so nothing collapses."""
+    scale = min(h / height, w / width)
+    return max(int(h / scale), height), max(int(w / scale), width)
+
+
 def resize_center_crop(image: Tensor, width: int, height: int) -> Tensor:
     """Scale [C, H, W] so it covers width x height, keeping its aspect, then cut the centre (as the official
     resize_video does: the short side fits, the long side is cropped symmetrically)."""
     h, w = image.shape[-2:]
-    scale = min(h / height, w / width)
-    new_h, new_w = int(h / scale), int(w / scale)
+    new_h, new_w = cover_size(h, w, height, width)
     x = image.float().unsqueeze(0)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)

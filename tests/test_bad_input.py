@@ -1,0 +1,74 @@
+"""Bad input and faults through the CLI (issue 11): crops that must not collapse, size limits before anything
+loads, outputs that cannot be written, EXIF / 16-bit images, non-finite numbers, and one-line messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kandinsky_core import cli, download, pipeline
+
+GEN = ["generate", "--prompt", "a fox", "--quiet"]
+
+
+@pytest.fixture
+def fake_run(monkeypatch, tmp_path):
+    """pipeline.run replaced by one that records the request and returns grey frames; explicit model paths."""
+    seen: dict = {}
+
+    def run(request, models, **kw):
+        seen.update(request=request, models=models, kw=kw, runs=seen.get("runs", 0) + 1)
+        return torch.full((request.frames, request.height, request.width, 3), 128, dtype=torch.uint8)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    for p in ("dit.safetensors", "qwen", "clip", "vae"):
+        (tmp_path / p).mkdir() if "." not in p else (tmp_path / p).write_bytes(b"")
+    seen["args"] = ["--dit", str(tmp_path / "dit.safetensors"), "--text-encoder", str(tmp_path / "qwen"),
+                    "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]  # fmt: skip
+    return seen
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("a model file was looked up or loaded before the arguments were validated")
+
+    monkeypatch.setattr(pipeline, "run", forbidden)
+    monkeypatch.setattr(download, "ensure_files", forbidden)
+    monkeypatch.setattr(download, "plan_downloads", forbidden)
+
+
+def cli_error(args: list[str], capsys) -> str:
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def save_png(path, w: int, h: int, **kw) -> str:
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, **kw)
+    return str(path)
+
+
+# --- 2: the resize-and-crop of the input image never collapses -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant, image, size",
+    [("i2i-lite", (800, 600), (1408, 640)), ("i2v-lite-5s", (116, 116), (112, 112)), ("i2i-lite", (800, 600), None)],
+)
+def test_cli_start_image_is_cropped_to_the_asked_size(tmp_path, capsys, fake_run, variant, image, size):
+    png = save_png(tmp_path / "in.png", *image)
+    out = tmp_path / ("o.png" if variant.startswith("i2i") else "o.mp4")
+    extra = [] if size is None else ["--width", str(size[0]), "--height", str(size[1])]
+    frames = [] if variant.startswith("i2i") else ["--frames", "1"]
+    rc = cli.main(GEN + ["--variant", variant, "--image", png, "--output", str(out), *extra, *frames, *fake_run["args"]])
+    assert rc == 0, capsys.readouterr().err
+    r = fake_run["request"]
+    assert r.image.shape == (3, r.height, r.width)
+    if size is not None:
+        assert (r.width, r.height) == size
