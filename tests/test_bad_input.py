@@ -66,7 +66,8 @@ def test_cli_start_image_is_cropped_to_the_asked_size(tmp_path, capsys, fake_run
     out = tmp_path / ("o.png" if variant.startswith("i2i") else "o.mp4")
     extra = [] if size is None else ["--width", str(size[0]), "--height", str(size[1])]
     frames = [] if variant.startswith("i2i") else ["--frames", "1"]
-    rc = cli.main(GEN + ["--variant", variant, "--image", png, "--output", str(out), *extra, *frames, *fake_run["args"]])
+    args = ["--variant", variant, "--image", png, "--output", str(out), *extra, *frames, *fake_run["args"]]
+    rc = cli.main(GEN + args)
     assert rc == 0, capsys.readouterr().err
     r = fake_run["request"]
     assert r.image.shape == (3, r.height, r.width)
