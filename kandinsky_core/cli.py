@@ -208,7 +208,7 @@ def _magcache(args: argparse.Namespace, variant):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .media import check_output_path
+    from .media import check_output_path, ensure_writable_folder
     from .variants import get_variant, seconds_to_frames
 
     variant = get_variant(args.variant)
@@ -253,13 +253,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if calibration_file is not None and calibration_file.exists() and not args.overwrite:
         raise InputError(f"--calibrate-magcache {calibration_file} exists. Pick another file, or add --overwrite.")
     output = args.output or Path("kandinsky5.mp4" if variant.is_video else "kandinsky5.png")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output = check_output_path(output, video=variant.is_video, overwrite=args.overwrite)
+    if calibration_file is not None:
+        ensure_writable_folder(calibration_file.parent, "--calibrate-magcache folder", "Choose another file.")
     models = _resolve_models(args, variant)
 
     import torch
 
-    from .media import write_output
     from .pipeline import run
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
@@ -279,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text_block_swap=args.text_block_swap,
         compile=args.compile,
     )
-    write_output(frames_out, output, overwrite=args.overwrite)
+    _write_or_rescue(frames_out, output, args.overwrite)
     if calibration_file is not None:
         from .pipeline import mag_ratios_json
 
@@ -289,6 +289,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     f, h, w = frames_out.shape[:3]
     print(f"wrote {output} ({w}x{h}, {f} frame{'s' if f > 1 else ''}) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _write_or_rescue(frames, output: Path, overwrite: bool) -> None:
+    """Write the finished result; when that fails (disk full, folder gone, file appeared), keep it elsewhere and
+    say where: a run of minutes or hours is never thrown away at the last step."""
+    from .errors import OutputError
+    from .media import rescue_output, write_output
+
+    try:
+        write_output(frames, output, overwrite=overwrite)
+    except (OSError, InputError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        kept = rescue_output(frames, output)
+        if kept is None:
+            raise OutputError(
+                f"The result could not be written to {str(output)!r} ({reason}), nor to the temporary or home "
+                "folder. Free some disk space and run again."
+            ) from e
+        raise OutputError(
+            f"The result could not be written to {str(output)!r} ({reason}). It was kept in {kept} instead: move it "
+            "where you want it."
+        ) from e
 
 
 COMMANDS = {"variants": cmd_variants, "download": cmd_download, "generate": cmd_generate, "queue": cmd_queue}

@@ -15,3 +15,7 @@ class WeightsError(KandinskyError):
 
 class MissingFilesError(WeightsError, FileNotFoundError):
     """Files needed for a run are not on disk (and cannot be downloaded now)."""
+
+
+class OutputError(KandinskyError):
+    """A finished result could not be written where asked (the message says where it was kept instead)."""

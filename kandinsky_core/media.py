@@ -18,20 +18,66 @@ IMAGE_SUFFIXES = (".png",)
 
 
 def check_output_path(path: str | os.PathLike, *, video: bool, overwrite: bool = False) -> Path:
-    """Fail before any work if the output cannot be written: wrong suffix, existing file, missing folder."""
+    """Fail before any work if the output cannot be written: wrong suffix, existing file, a folder that cannot be
+    created or written. Missing folders are created only once every other check has passed."""
     path = Path(path)
     allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
     if path.suffix.lower() not in allowed:
-        kind = "video" if video else "image"
+        kind = "a video" if video else "an image"
         raise InputError(
-            f"Output {str(path)!r}: this variant makes a {kind}, so the output must end in {' or '.join(allowed)}. "
+            f"Output {str(path)!r}: this variant makes {kind}, so the output must end in {' or '.join(allowed)}. "
             f"Pass e.g. --output out{allowed[0]}."
+        )
+    if path.is_dir():
+        raise InputError(
+            f"Output {str(path)!r} is a folder. Pass a file name, e.g. --output {path / 'out'}{allowed[0]}."
         )
     if path.exists() and not overwrite:
         raise InputError(f"Output {str(path)!r} already exists. Choose another --output or pass --overwrite.")
-    if not path.parent.is_dir():
-        raise InputError(f"Output folder {str(path.parent)!r} does not exist. Create it or choose another --output.")
+    ensure_writable_folder(path.parent, "Output folder", "Choose another --output.")
     return path
+
+
+def ensure_writable_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
+    """Create `folder` (and missing parents) and prove a file can be created in it, before any long work. On
+    failure nothing is left behind (folders made here are removed) and InputError says why, then `fix`."""
+    folder = Path(folder)
+    missing, existing = [], folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f", so {str(folder)!r} cannot be created"
+        raise InputError(f"{what} {str(folder)!r}: {str(existing)!r} is not a folder (it is a file){where}. {fix}")
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        probe = folder / f".kandinsky5-write-test-{secrets.token_hex(4)}"
+        open(probe, "xb").close()
+        probe.unlink()
+    except OSError as e:
+        for d in missing:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise InputError(f"{what} {str(folder)!r} cannot be written ({e.strerror or e}). {fix}") from None
+    return folder
+
+
+def rescue_output(frames: Tensor, path: str | os.PathLike) -> Path | None:
+    """Write a finished result that could not go to `path` to the temporary folder (then the home folder) under
+    a fresh name; the path written, or None when neither place can take it."""
+    import tempfile
+
+    path = Path(path)
+    name = f"kandinsky5-rescued-{path.stem}-{secrets.token_hex(3)}{path.suffix.lower()}"
+    for folder in (Path(tempfile.gettempdir()), Path.home()):
+        try:
+            return write_output(frames, folder / name)
+        except (OSError, InputError):
+            continue
+    return None
 
 
 def read_image(path: str | os.PathLike) -> Tensor:

@@ -3,6 +3,8 @@ loads, outputs that cannot be written, EXIF / 16-bit images, non-finite numbers,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,65 @@ def test_cli_start_image_is_cropped_to_the_asked_size(tmp_path, capsys, fake_run
     assert r.image.shape == (3, r.height, r.width)
     if size is not None:
         assert (r.width, r.height) == size
+
+
+# --- 4: finished runs are never lost at the end -----------------------------------------------------------------------
+
+
+def test_refused_output_creates_no_folder(tmp_path, capsys, no_models):
+    err = cli_error(GEN + ["--variant", "t2i-lite", "--output", str(tmp_path / "newdir" / "x.txt")], capsys)
+    assert "must end in .png" in err
+    assert not (tmp_path / "newdir").exists()
+
+
+@pytest.mark.parametrize("where", ["file_as_folder", "file_as_parent", "sys"])
+def test_unwritable_output_is_refused_before_anything_loads(tmp_path, capsys, no_models, where):
+    (tmp_path / "a_file").write_text("keep")
+    output = {
+        "file_as_folder": tmp_path / "a_file" / "out.png",
+        "file_as_parent": tmp_path / "a_file" / "sub" / "out.png",
+        "sys": "/sys/kernel/kandinsky5-test/out.png",
+    }[where]
+    err = cli_error(GEN + ["--variant", "t2i-lite", "--output", str(output)], capsys)
+    if where == "sys":
+        assert "Output folder '/sys/kernel/kandinsky5-test' cannot be written" in err, err
+        assert not Path("/sys/kernel/kandinsky5-test").exists()
+    else:
+        assert f"{str(tmp_path / 'a_file')!r} is not a folder (it is a file)" in err, err
+    assert "Choose another --output" in err
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_result_is_kept_when_the_final_write_fails(tmp_path, capsys, monkeypatch, fake_run):
+    """The output folder is replaced by a file while the model runs: the write fails, the frames are kept in the
+    temporary folder, and the message says where."""
+    import shutil
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    outdir = tmp_path / "out"
+    run = pipeline.run
+
+    def run_then_break_the_folder(request, models, **kw):
+        frames = run(request, models, **kw)
+        shutil.rmtree(outdir)
+        outdir.write_text("now a file")
+        return frames
+
+    monkeypatch.setattr(pipeline, "run", run_then_break_the_folder)
+    err = cli_error(GEN + ["--variant", "t2i-lite", "--output", str(outdir / "o.png"), *fake_run["args"]], capsys)
+    assert f"The result could not be written to {str(outdir / 'o.png')!r}" in err, err
+    kept = list((tmp_path / "tmp").glob("kandinsky5-rescued-o-*.png"))
+    assert len(kept) == 1 and f"It was kept in {kept[0]} instead" in err
+    assert np.asarray(Image.open(kept[0])).shape == (1024, 1024, 3)
+
+
+def test_queue_output_dir_under_a_file_is_refused_before_queueing(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("keep")
+    workflow = str(Path(__file__).resolve().parents[1] / "workflows" / "api" / "t2i-lite.json")
+    err = cli_error(["queue", workflow, "--server", "http://127.0.0.1:9", "--output-dir",
+                     str(tmp_path / "a_file" / "out")], capsys)  # fmt: skip
+    assert "--output-dir" in err and "is not a folder (it is a file)" in err, err

@@ -91,8 +91,8 @@ def test_check_output_path(tmp_path):
         media.check_output_path(tmp_path / "x.png", video=True)
     with pytest.raises(InputError, match=r"\.png"):
         media.check_output_path(tmp_path / "x.mp4", video=False)
-    with pytest.raises(InputError, match="does not exist"):
-        media.check_output_path(tmp_path / "nope" / "x.mp4", video=True)
+    assert media.check_output_path(tmp_path / "new" / "x.mp4", video=True) == tmp_path / "new" / "x.mp4"
+    assert list((tmp_path / "new").iterdir()) == []  # created (all checks passed), the write probe removed
     (tmp_path / "x.mp4").write_bytes(b"")
     with pytest.raises(InputError, match="already exists"):
         media.check_output_path(tmp_path / "x.mp4", video=True)
