@@ -9,7 +9,7 @@ import torch
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.nabla import NablaParams
-from kandinsky_core.variants import FPS, Variant
+from kandinsky_core.variants import FPS, MAX_SIZE, Variant, area_problem, length_problem, size_problem
 
 from . import comfy_glue
 from .common import CATEGORY, fail
@@ -17,8 +17,6 @@ from .text import from_conditioning
 
 NABLA_MODES = ("auto", "on", "off")
 OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
-HD_AREA_SLACK = 1.5  # sizes up to 1.5x the largest trained area are allowed (e.g. 768x768 on a 768x512 model)
-MAX_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -52,21 +50,10 @@ def resolve_settings(
 
 def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | None:
     """What is wrong with a size regardless of the model (None when nothing is): multiples of 16 px (128 with
-    NABLA: 8x8-token tiles) and 4k+1 frames (the VAE packs 4 frames per latent)."""
+    NABLA: 8x8-token tiles) and 4k+1 frames; the rules of kandinsky_core.variants, shared with the CLI."""
     m = 128 if nabla_on else 16
     why = " (NABLA works on 8x8-token tiles = 128 px; or set nabla to off)" if nabla_on else ""
-    for label, value in (("width", width), ("height", height)):
-        if value < m or value > MAX_SIZE or value % m:
-            lo, hi = max(m, value // m * m), max(m, -(-value // m) * m)
-            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            return f"{label}={value} must be a multiple of {m} px between {m} and {MAX_SIZE}{why}. Nearest: {near}."
-    if length < 1 or (length - 1) % 4:
-        lo = max(1, (length - 1) // 4 * 4 + 1)
-        return (
-            f"length={length} frames must be 4k+1 (1, 5, 9, ..., 121 = 5 s, 241 = 10 s at {FPS} fps): the VAE packs 4 "
-            f"frames per latent. Nearest: {lo} or {lo + 4}."
-        )
-    return None
+    return size_problem(width, height, m, why) or length_problem(length)
 
 
 def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool, has_edit: bool) -> None:
@@ -97,13 +84,9 @@ def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool,
         )
     if not v.is_video and length != 1:
         raise InputError(f"length={length}: {v.name} is an image model and makes 1 frame. Set length to 1.")
-    largest = max(w * h for w, h in v.resolutions)
-    if v.i2v_max_area is None and width * height > HD_AREA_SLACK * largest:
-        sizes = ", ".join(f"{w}x{h}" for w, h in v.resolutions)
-        raise InputError(
-            f"width x height = {width}x{height} is too large for {v.name} ({v.quality.upper()}, trained at {sizes}). "
-            "Pick one of those sizes, or load a Pro HD model for 1024 px class video."
-        )
+    problem = area_problem(v, width, height)
+    if problem:
+        raise InputError(problem)
 
 
 def latent_frames(length: int) -> int:

@@ -137,3 +137,42 @@ def test_queue_output_dir_under_a_file_is_refused_before_queueing(tmp_path, caps
     err = cli_error(["queue", workflow, "--server", "http://127.0.0.1:9", "--output-dir",
                      str(tmp_path / "a_file" / "out")], capsys)  # fmt: skip
     assert "--output-dir" in err and "is not a folder (it is a file)" in err, err
+
+
+# --- 3: the CLI refuses sizes by the nodes' rules, before anything loads ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant, size, expected",
+    [
+        (
+            "t2v-lite-sft-5s",
+            (100000, 512),
+            "width=100000 must be a multiple of 16 px between 16 and 4096. Nearest: 4096.",
+        ),
+        (
+            "t2v-lite-sft-5s",
+            (4096, 4096),
+            "width x height = 4096x4096 is too large for t2v-lite-sft-5s (SD, trained at",
+        ),
+        ("t2i-lite", (4112, 1024), "width=4112 must be a multiple of 16 px between 16 and 4096. Nearest: 4096."),
+        ("t2v-lite-sft-5s", (1280, 768), "or load a Pro HD model"),
+    ],
+)
+def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(capsys, no_models, tmp_path, variant, size, expected):
+    from nodes.sampler import check_fit, check_size
+
+    out = tmp_path / ("o.mp4" if "v" in variant.split("-")[0] else "o.png")
+    args = ["--variant", variant, "--width", str(size[0]), "--height", str(size[1]), "--output", str(out)]
+    err = cli_error(GEN + args + (["--frames", "1"] if out.suffix == ".mp4" else []), capsys)
+    assert expected in err, err
+    # the node refuses the same size with the same words (one validation layer)
+    from kandinsky_core.errors import InputError
+    from kandinsky_core.variants import VARIANTS
+
+    node = check_size(*size, 1, False)
+    if node is None:
+        with pytest.raises(InputError) as e:
+            check_fit(VARIANTS[variant], *size, 1, False, False)
+        node = str(e.value)
+    assert expected in node
