@@ -80,17 +80,58 @@ def rescue_output(frames: Tensor, path: str | os.PathLike) -> Path | None:
     return None
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
-    """An image file as uint8 RGB [3, H, W] (alpha dropped, palette and greyscale converted)."""
+def _open_image(path: Path):
+    """The image file at `path`, opened lazily (header read); InputError naming --image when it is not a readable
+    image file (missing, a folder or device, not an image, a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"Input image {str(path)!r} does not exist. Pass an existing png/jpg/webp file with --image.")
+    if not path.is_file():
+        raise InputError(
+            f"Input image {str(path)!r} is not a regular file (a folder or device). Pass a png, jpg or webp file "
+            "with --image."
+        )
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(
+            f"Input image {str(path)!r} cannot be read as an image ({e}). Pass a png, jpg or webp file."
+        ) from e
+
+
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as it is shown (EXIF orientation applied), reading the header only."""
+    with _open_image(Path(path)) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(EXIF_ORIENTATION) in SIDEWAYS else (w, h)
+
+
+def _to_rgb_array(im) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: 16-bit greyscale scaled to 8 bits (not clipped at 255), alpha dropped, palette and
+    greyscale converted."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im).astype(np.float64)
+        top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0
+        a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as uint8 RGB [3, H, W] (EXIF orientation applied; alpha dropped, palette, greyscale and 16-bit
+    converted)."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        with _open_image(path) as im:
+            rgb = _to_rgb_array(ImageOps.exif_transpose(im))  # upright, as ComfyUI's LoadImage shows it
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(
             f"Input image {str(path)!r} cannot be read as an image ({e}). Pass a png, jpg or webp file."
         ) from e

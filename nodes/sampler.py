@@ -9,7 +9,17 @@ import torch
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.nabla import NablaParams
-from kandinsky_core.variants import FPS, MAX_SIZE, Variant, area_problem, length_problem, size_problem
+from kandinsky_core.variants import (
+    FPS,
+    GUIDANCE_MAX,
+    MAX_SIZE,
+    SCHEDULER_SCALE_MAX,
+    Variant,
+    area_problem,
+    length_problem,
+    number_problem,
+    size_problem,
+)
 
 from . import comfy_glue
 from .common import CATEGORY, fail
@@ -54,6 +64,14 @@ def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | No
     m = 128 if nabla_on else 16
     why = " (NABLA works on 8x8-token tiles = 128 px; or set nabla to off)" if nabla_on else ""
     return size_problem(width, height, m, why) or length_problem(length)
+
+
+def check_numbers(guidance: float, scheduler_scale: float) -> str | None:
+    """guidance -1..30 (-1: the variant's) and scheduler_scale 0..50 (0: the variant's), finite (NaN / inf would
+    give black frames or switch CFG off); the widgets' ranges, checked here because VALIDATE_INPUTS takes them."""
+    return number_problem("guidance", guidance, -1, GUIDANCE_MAX, note=" (-1 = the variant's, 1 = no CFG)") or (
+        number_problem("scheduler_scale", scheduler_scale, 0, SCHEDULER_SCALE_MAX, note=" (0 = the variant's)")
+    )
 
 
 def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool, has_edit: bool) -> None:
@@ -135,10 +153,11 @@ class Sampler:
                          "tooltip": "Noise seed (CPU generator: the same seed gives the same result on any device)."}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
                           "Sampling steps. 0 = the variant's (50; distilled: 16)."}),
-                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": GUIDANCE_MAX, "step": 0.1, "tooltip":
                              "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
                              "1 turns CFG off (the negative prompt is not evaluated)."}),
-                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 50.0, "step": 0.5, "tooltip":
+                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": SCHEDULER_SCALE_MAX, "step": 0.5,
+                                    "tooltip":
                                     "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
                                     "official config says so)."}),
                 "nabla": (list(NABLA_MODES), {"default": "auto", "tooltip":
@@ -162,10 +181,10 @@ class Sampler:
         }  # fmt: skip
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length, nabla):
+    def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
         if nabla not in NABLA_MODES:
             return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
-        return check_size(width, height, length, nabla == "on") or True
+        return check_size(width, height, length, nabla == "on") or check_numbers(guidance, scheduler_scale) or True
 
     def sample(
         self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
@@ -177,6 +196,9 @@ class Sampler:
         with fail("Kandinsky 5 Sampler"):
             v = model.variant
             s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
+            problem = check_numbers(guidance, scheduler_scale)
+            if problem:
+                raise InputError(problem)
             problem = check_size(width, height, length, s.nabla is not None)
             if problem:
                 raise InputError(problem + f" (NABLA is {'on' if s.nabla else 'off'} for {v.name}.)")

@@ -176,3 +176,55 @@ def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(capsys, no_mode
             check_fit(VARIANTS[variant], *size, 1, False, False)
         node = str(e.value)
     assert expected in node
+
+
+# --- 5: no silent wrong results ---------------------------------------------------------------------------------------
+
+
+def test_cli_start_image_honours_exif_orientation(tmp_path, capsys, fake_run):
+    """A portrait photo stored sideways with EXIF orientation 6 (as phones save them) is read upright, as ComfyUI's
+    LoadImage shows it: the automatic size is the portrait one and the red top stays on top."""
+    shown = np.zeros((600, 400, 3), dtype=np.uint8)
+    shown[:300, :, 0] = 255  # red top half
+    shown[300:, :, 2] = 255  # blue bottom half
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # 600x400 landscape on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    rc = cli.main(GEN + ["--variant", "i2v-lite-5s", "--image", str(path), "--frames", "1",
+                         "--output", str(tmp_path / "o.mp4"), *fake_run["args"]])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    r = fake_run["request"]
+    assert (r.width, r.height) == (512, 768)
+    top, bottom = r.image[:, :300].float().mean((1, 2)), r.image[:, -300:].float().mean((1, 2))
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
+def test_cli_16_bit_png_is_scaled_not_clipped(tmp_path, capsys, fake_run):
+    g = np.random.default_rng(0)
+    grey = g.integers(0, 65536, (512, 768), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rc = cli.main(GEN + ["--variant", "i2v-lite-5s", "--image", str(path), "--frames", "1",
+                         "--output", str(tmp_path / "o.mp4"), *fake_run["args"]])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    got = fake_run["request"].image.float()
+    assert got.shape == (3, 512, 768)
+    assert abs(got.mean().item() - grey.mean() / 257) < 0.6, got.mean()
+    assert torch.equal(got[0], got[2])
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--guidance", "inf", "guidance=inf is not allowed: give a finite number from 0 to 30"),
+        ("--guidance", "nan", "guidance=nan is not allowed: give a finite number from 0 to 30"),
+        ("--scheduler-scale", "inf", "scheduler_scale=inf is not allowed: give a finite number above 0 to 50"),
+        ("--scheduler-scale", "nan", "scheduler_scale=nan is not allowed"),
+    ],
+)
+def test_cli_non_finite_guidance_and_scheduler_scale_are_refused(capsys, no_models, tmp_path, flag, value, expected):
+    err = cli_error(GEN + ["--variant", "t2i-lite", flag, value, "--output", str(tmp_path / "o.png")], capsys)
+    assert expected in err, err
