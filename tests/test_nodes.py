@@ -358,8 +358,8 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
     with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
-    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto") is True
-    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto")
+    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto", -1.0, 0.0) is True
+    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto", -1.0, 0.0)
 
 
 def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
