@@ -127,7 +127,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     variant = get_variant(args.variant)
     models_dir = _models_dir(args.models_dir)
     for p in plan_downloads(variant, models_dir):
-        print(f"{p.role:<5} present: {p.path}" if p.present else f"{p.role:<5} missing: {p.describe()}")
+        if p.present:
+            print(f"{p.role:<5} present: {p.path}")
+        elif p.dest.is_file():
+            print(f"{p.role:<5} broken:  {p.dest} is truncated (an interrupted download); fetching it again")
+        else:
+            print(f"{p.role:<5} missing: {p.describe()}")
     plan = ensure_files(variant, models_dir, log=print)
     print(f"All files for {variant.name} are in {models_dir}:")
     for p in plan:
@@ -239,11 +244,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         nabla=False if args.no_nabla else None,
     )
     magcache = _magcache(args, variant)
-    if args.block_swap is not None and args.block_swap < 0:
-        raise InputError(
-            f"--block-swap {args.block_swap} is not allowed: give how many visual blocks stay on the accelerator "
-            f"(0 .. {variant.arch.num_visual_blocks}; 0 swaps them all)."
-        )
+    if args.block_swap is not None:
+        from .variants import block_swap_problem
+
+        problem = block_swap_problem(variant, "--block-swap", args.block_swap)
+        if problem:
+            raise InputError(problem)
     if args.text_block_swap is not None and args.text_block_swap < 0:
         raise InputError(
             f"--text-block-swap {args.text_block_swap} is not allowed: give how many Qwen2.5-VL decoder layers stay "

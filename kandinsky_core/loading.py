@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, MissingFilesError, WeightsError
+from .errors import InputError, MissingFilesError, TruncatedFileError, WeightsError
 from .model import Kandinsky5DiT
 from .variants import VARIANTS, DiTArch, Variant, get_variant
 
@@ -64,7 +64,7 @@ def read_safetensors_header(path: str | Path) -> Header:
                 f"would announce a {n}-byte header). Only .safetensors weights are supported; convert or re-download."
             )
         if 8 + n > size:
-            raise WeightsError(
+            raise TruncatedFileError(
                 f"{path.name!r} is truncated or not a safetensors file: the header length is {n} bytes but the file "
                 f"has only {size - 8} bytes after it. Re-download the file."
             )
@@ -92,7 +92,7 @@ def read_safetensors_header(path: str | Path) -> Header:
         out[name] = (dtype, shape)
         data_end = max(data_end, int(end))
     if 8 + n + data_end > size:
-        raise WeightsError(
+        raise TruncatedFileError(
             f"{path.name!r} is truncated: its tensors need {8 + n + data_end} bytes but the file has {size}. "
             "The download was interrupted: delete it and download again."
         )

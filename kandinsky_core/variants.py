@@ -408,6 +408,33 @@ def area_problem(variant: Variant | str, width: int, height: int) -> str | None:
     )
 
 
+def text_width_problem(variant: Variant | str, label: str, qwen_width: int, clip_width: int) -> str | None:
+    """Embeddings from text encoders of another width than the DiT takes (e.g. a Qwen2.5-VL-3B folder instead of
+    the 7B): what the model needs and which files give it. None when the widths fit."""
+    v = get_variant(variant)
+    a = v.arch
+    if (qwen_width, clip_width) == (a.in_text_dim, a.in_text_dim2):
+        return None
+    return (
+        f"{label} was encoded by text encoders {qwen_width} (Qwen) / {clip_width} (CLIP) wide, but {v.name} takes "
+        f"Qwen2.5-VL-7B ({a.in_text_dim} wide) and CLIP ViT-L/14 ({a.in_text_dim2} wide) embeddings. In Load "
+        "Kandinsky 5 Text Encoders pick qwen_2.5_vl_7b*.safetensors (or the Qwen2.5-VL-7B-Instruct folder) and "
+        "clip_l.safetensors (or the clip-vit-large-patch14 folder)."
+    )
+
+
+def block_swap_problem(variant: Variant | str, label: str, blocks: Any) -> str | None:
+    """Block swap keeps 0 .. num_visual_blocks visual blocks on the accelerator; None when `blocks` is one of those."""
+    v = get_variant(variant)
+    total = v.arch.num_visual_blocks
+    if not isinstance(blocks, bool) and isinstance(blocks, int) and 0 <= blocks <= total:
+        return None
+    return (
+        f"{label}={blocks!r}: {v.name} has {total} visual blocks. Use 0 .. {total} ({total} keeps them all on the "
+        "GPU, i.e. no swapping; 0 swaps them all)."
+    )
+
+
 GUIDANCE_MAX = 30.0
 SCHEDULER_SCALE_MAX = 50.0
 

@@ -19,10 +19,11 @@ from kandinsky_core.variants import (
     length_problem,
     number_problem,
     size_problem,
+    text_width_problem,
 )
 
 from . import comfy_glue
-from .common import CATEGORY, fail
+from .common import CATEGORY, fail, widget_range_problem
 from .text import from_conditioning
 
 NABLA_MODES = ("auto", "on", "off")
@@ -184,7 +185,12 @@ class Sampler:
     def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
         if nabla not in NABLA_MODES:
             return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
-        return check_size(width, height, length, nabla == "on") or check_numbers(guidance, scheduler_scale) or True
+        return (
+            widget_range_problem(cls, length=length)
+            or check_size(width, height, length, nabla == "on")
+            or check_numbers(guidance, scheduler_scale)
+            or True
+        )
 
     def sample(
         self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
@@ -205,6 +211,10 @@ class Sampler:
             check_fit(v, width, height, length, start_latent is not None, edit_latent is not None)
             cond = from_conditioning(positive, "positive")
             uncond = from_conditioning(negative, "negative") if abs(s.guidance - 1.0) > 1e-6 else None
+            for label, c in (("positive", cond), ("negative", uncond)):
+                problem = c and text_width_problem(v, label, c.text_embeds.shape[-1], c.pooled.shape[-1])
+                if problem:
+                    raise InputError(problem)
 
             shape = (batch_size, 16, latent_frames(length), height // 8, width // 8)
             comfy_glue.log.info(
@@ -254,7 +264,8 @@ class Sampler:
                     swap_setting.release(model, swap)
             if cache_setting is not None:
                 cache_setting.done(block_cache, s.steps, cfg, v)
-            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu()},)
+            # the VAE it belongs to, so that VAE Decode refuses the other one
+            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae},)
 
 
 def image_latent(latent: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -228,3 +228,32 @@ def test_cli_16_bit_png_is_scaled_not_clipped(tmp_path, capsys, fake_run):
 def test_cli_non_finite_guidance_and_scheduler_scale_are_refused(capsys, no_models, tmp_path, flag, value, expected):
     err = cli_error(GEN + ["--variant", "t2i-lite", flag, value, "--output", str(tmp_path / "o.png")], capsys)
     assert expected in err, err
+
+
+# --- 7: validation gaps on the CLI side -------------------------------------------------------------------------------
+
+
+def test_cli_block_swap_beyond_the_blocks_is_refused_before_loading(capsys, no_models, tmp_path):
+    args = ["--variant", "t2v-lite-sft-5s", "--block-swap", "1000", "--output", str(tmp_path / "o.mp4")]
+    err = cli_error(GEN + args, capsys)
+    assert "--block-swap=1000: t2v-lite-sft-5s has 32 visual blocks. Use 0 .. 32" in err, err
+
+
+def test_cli_i2v_size_far_above_the_trained_area_is_refused_before_loading(capsys, no_models, tmp_path):
+    png = save_png(tmp_path / "in.png", 64, 64)
+    args = ["--variant", "i2v-lite-5s", "--image", png, "--width", "1024", "--height", "1024"]
+    err = cli_error(GEN + args + ["--output", str(tmp_path / "o.mp4")], capsys)
+    assert "width x height = 1024x1024 is too large for i2v-lite-5s" in err, err
+
+
+def test_download_does_not_call_a_truncated_dit_present(tmp_path, capsys, monkeypatch):
+    from tiny import TINY_ARCHS, make_tiny_dit_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dit = tmp_path / "models" / "diffusion_models" / "kandinsky5lite_t2v_sft_5s.safetensors"
+    make_tiny_dit_file(dit, TINY_ARCHS["lite"])
+    dit.write_bytes(dit.read_bytes()[:1000])  # an interrupted download
+    cli.main(["download", "--variant", "t2v-lite-sft-5s", "--models-dir", str(tmp_path / "models")])
+    out = capsys.readouterr().out
+    assert "dit   present" not in out, out
+    assert f"dit   broken:  {dit} is truncated (an interrupted download); fetching it again" in out, out

@@ -42,6 +42,7 @@ QWEN, CLIP = "Qwen2.5-VL-7B-Instruct/", "clip-vit-large-patch14/"
 QWEN_FILE, QWEN_FP8_FILE = "qwen_2.5_vl_7b.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 CLIP_FILE = "clip_l.safetensors"
 COMFY_VOCAB = (152064, 49408)
+QWEN_WIDE = "Qwen2.5-VL-wide/"  # a Qwen folder twice as wide as the DiTs take (a wrong model for them)
 TINY_TEXT_CONFIGS = "tiny_text_configs.json"  # next to the --base-directory's models/, read by tiny_variants_pack
 HUNYUAN_VAE, FLUX_VAE = "HunyuanVideo/vae/", "FLUX.1-dev/vae/"
 PACK = "comfyui-kandinsky5"
@@ -103,6 +104,8 @@ def write_models(models: Path) -> dict:
         vocab=COMFY_VOCAB,
     )
     shutil.move(fp8.qwen, models / "text_encoders" / QWEN_FP8_FILE)
+    wide = tiny_text.make_tiny_text_encoders(models.parent / "text_wide", "folder", qwen_hidden=2 * TEXT_DIM)
+    shutil.move(wide.qwen, models / "text_encoders" / QWEN_WIDE.rstrip("/"))
     configs = {"qwen": single.qwen_config, "clip": single.clip_config}
     (models.parent / TINY_TEXT_CONFIGS).write_text(json.dumps(configs))
     tiny_vae.write_diffusers_folder(models / "vae" / HUNYUAN_VAE.rstrip("/"), seed=0)

@@ -4,6 +4,8 @@ that name the input and the fix instead of raw exceptions."""
 
 from __future__ import annotations
 
+import time
+
 import comfy_graphs as graphs
 import numpy as np
 import pytest
@@ -54,3 +56,100 @@ def test_non_finite_guidance_or_scheduler_scale_is_refused_at_validation(comfyui
     errors = validation_errors(comfyui, t2v(comfyui, **change))
     assert "5:" in errors and expected in errors, errors
     assert not list((comfyui.base / "output").glob("never_written*"))
+
+
+def execution_error(comfyui, graph: dict) -> dict:
+    status, body = comfyui.queue(graph)
+    assert status == 200, body
+    entry = comfyui.wait(body["prompt_id"], timeout=120)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return dict(entry["status"]["messages"])["execution_error"]
+
+
+def i2v(comfyui, width: int = W, height: int = H) -> dict:
+    image = comfyui.base / "input" / "start_800x600.png"
+    if not image.exists():
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(image)
+    g = graphs.text2x(dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, width, height, FRAMES,
+                      seed=0, prefix="never_written")  # fmt: skip
+    return graphs.with_start_image(g, image.name, width, height)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(tile_px=100), "tile_px=100, overlap_px=64, tile_frames=16, overlap_frames=8 is not usable"),
+        (dict(overlap_px=192), "overlap_px=192"),
+        (dict(overlap_frames=12), "overlap_frames=12 is not usable"),
+        (dict(overlap_frames=12, tiling="off"), "overlap_frames=12 is not usable"),
+        (dict(tile_px=4096), "tile_px=4096 is out of range. Allowed: 64 to 2048."),
+    ],
+)
+def test_unusable_vae_tiling_is_refused_at_validation(comfyui, change, expected):
+    g = t2v(comfyui)
+    g["6"]["inputs"].update(change)
+    errors = validation_errors(comfyui, g)
+    assert "6:" in errors and expected in errors, errors
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((4112, 4112), "width=4112 must be a multiple of 16 px between 16 and 4096. Nearest: 4096."),
+        ((100000, 512), "width=100000 must be a multiple of 16 px between 16 and 4096. Nearest: 4096."),
+    ],
+)
+def test_vae_encode_size_beyond_4096_is_refused_at_validation(comfyui, size, expected):
+    g = i2v(comfyui)
+    g["9"]["inputs"].update(width=size[0], height=size[1])
+    errors = validation_errors(comfyui, g)
+    assert "9:" in errors and expected in errors, errors
+
+
+def test_sampler_width_that_is_not_a_number_is_refused_with_a_message(comfyui):
+    g = t2v(comfyui)
+    g["5"]["inputs"]["width"] = "abc"
+    errors = validation_errors(comfyui, g)
+    assert "5:" in errors and "width='abc' is not a whole number of pixels" in errors, errors
+    assert "not supported" not in errors
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (4096, 4096)])
+def test_i2v_size_far_above_the_trained_area_is_refused_before_sampling(comfyui, size):
+    started = time.monotonic()
+    err = execution_error(comfyui, i2v(comfyui, *size))
+    assert err["node_id"] == "5", err
+    assert f"width x height = {size[0]}x{size[1]} is too large for i2v-lite-5s" in err["exception_message"]
+    assert not comfyui.progress("5", started)  # no step ran
+
+
+def test_t2i_latent_with_the_hunyuan_vae_is_refused(comfyui):
+    g = graphs.text2x(dit_name(comfyui, "t2i-lite"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=0,
+                      prefix="never_written")  # fmt: skip
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "6", err
+    assert (
+        "samples were made for the FLUX VAE (image models) but the connected VAE is the HunyuanVideo VAE"
+        in (err["exception_message"])
+    )
+    assert not list((comfyui.base / "output").glob("never_written*"))
+
+
+def test_qwen_of_the_wrong_width_is_named_with_the_fix(comfyui):
+    from comfy_server import QWEN_WIDE
+
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN_WIDE, CLIP, PROMPT, W, H, FRAMES,
+                      seed=0, prefix="never_written")  # fmt: skip
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "5", err
+    msg = err["exception_message"]
+    assert "positive was encoded by text encoders 64 (Qwen) / 32 (CLIP) wide, but t2v-lite-sft-5s takes" in msg, msg
+    assert "qwen_2.5_vl_7b" in msg and "Connect the Kandinsky 5 text encoder output" not in msg
+
+
+def test_magcache_calibrate_prefix_too_long_for_a_file_name_is_refused_at_validation(comfyui):
+    g = t2v(comfyui)
+    g["10"] = {"class_type": "Kandinsky5MagCacheCalibrate", "inputs": {"model": ["1", 0], "filename_prefix": "p" * 300}}
+    g["5"]["inputs"]["model"] = ["10", 0]
+    errors = validation_errors(comfyui, g)
+    assert "10:" in errors and "filename_prefix is 300 characters long: at most 160" in errors, errors
