@@ -316,6 +316,13 @@ def _safetensors_files(path: Path, what: str) -> list[Path]:
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            folder = path.resolve()
+            outside = sorted({n for n in weight_map.values() if not (folder / n).resolve().is_relative_to(folder)})
+            if outside:
+                raise WeightsError(
+                    f"{what}: {indexes[0]} names shards outside its folder ({', '.join(map(repr, outside))}); only "
+                    f"files inside {path} are read. Put the shards in that folder and list them by file name."
+                )
             files = sorted({path / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -339,6 +346,12 @@ def _safetensors_files(path: Path, what: str) -> list[Path]:
             "use the .safetensors release of this model."
         )
     return [path]
+
+
+def check_weight_files(path: str | os.PathLike, what: str) -> list[Path]:
+    """The safetensors files a text encoder's file or folder holds, checked without reading any weights: the
+    index's shards exist and lie inside the folder. MissingFilesError / WeightsError name the fault and the fix."""
+    return _safetensors_files(Path(path), what)
 
 
 def _scan(path: str | os.PathLike, what: str) -> _Source:

@@ -106,6 +106,19 @@ def write_models(models: Path) -> dict:
     shutil.move(fp8.qwen, models / "text_encoders" / QWEN_FP8_FILE)
     wide = tiny_text.make_tiny_text_encoders(models.parent / "text_wide", "folder", qwen_hidden=2 * TEXT_DIM)
     shutil.move(wide.qwen, models / "text_encoders" / QWEN_WIDE.rstrip("/"))
+    # for the path-escape tests: Qwen folders whose index names a shard outside the model folders
+    for name, outside in (("qwen_escape_relative", "../../../outside"), ("qwen_escape_absolute", None)):
+        folder = models / "text_encoders" / name
+        shutil.copytree(models / "text_encoders" / QWEN.rstrip("/"), folder)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[0]
+        target = models.parent / "outside" / name / shard
+        target.parent.mkdir(parents=True)
+        shutil.move(folder / shard, target)
+        named = f"{outside}/{name}/{shard}" if outside else str(target)
+        index["weight_map"] = {k: (named if v == shard else v) for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert (folder / named).resolve() == target.resolve()
     configs = {"qwen": single.qwen_config, "clip": single.clip_config}
     (models.parent / TINY_TEXT_CONFIGS).write_text(json.dumps(configs))
     tiny_vae.write_diffusers_folder(models / "vae" / HUNYUAN_VAE.rstrip("/"), seed=0)

@@ -153,3 +153,12 @@ def test_magcache_calibrate_prefix_too_long_for_a_file_name_is_refused_at_valida
     g["5"]["inputs"]["model"] = ["10", 0]
     errors = validation_errors(comfyui, g)
     assert "10:" in errors and "filename_prefix is 300 characters long: at most 160" in errors, errors
+
+
+@pytest.mark.parametrize("folder", ["qwen_escape_relative/", "qwen_escape_absolute/"])
+def test_index_naming_a_shard_outside_the_folder_is_refused_at_validation(comfyui, folder):
+    g = t2v(comfyui)
+    g["2"]["inputs"]["qwen_name"] = folder
+    errors = validation_errors(comfyui, g)
+    assert "2:" in errors and "names shards outside its folder" in errors, errors
+    assert "only files inside" in errors
