@@ -243,6 +243,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         expand_prompt=args.expand_prompt,
         nabla=False if args.no_nabla else None,
     )
+    from .pipeline import pick_device
+
+    pick_device(args.device)  # an absent device is refused before anything loads
     magcache = _magcache(args, variant)
     if args.block_swap is not None:
         from .variants import block_swap_problem

@@ -7,6 +7,7 @@ nothing to recognise.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -22,6 +23,11 @@ from .variants import VARIANTS, DiTArch, Variant, get_variant
 Header = dict[str, tuple[str, tuple[int, ...]]]
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format caps the JSON header at 100 MB
+# bits per element of the safetensors dtypes (the format's names)
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
 # Prefixes other tools put in front of the official names (ComfyUI checkpoints and exports, Lightning, ...).
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "dit.", "transformer.")
 FP8_DTYPE = torch.float8_e4m3fn
@@ -84,11 +90,22 @@ def read_safetensors_header(path: str | Path) -> Header:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (_start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise WeightsError(
                 f"{path.name!r} has a malformed safetensors header entry for {name!r}: {info!r}. Re-download the file."
             ) from None
+        if dtype not in _DTYPE_BITS:
+            raise WeightsError(
+                f"{path.name!r}: tensor {name!r} has the dtype {dtype!r}, which safetensors does not define (known: "
+                f"{', '.join(_DTYPE_BITS)}). The file is corrupt or not safetensors: re-download it."
+            )
+        if not 0 <= start <= end or (end - start) * 8 != math.prod(shape) * _DTYPE_BITS[dtype]:
+            raise WeightsError(
+                f"{path.name!r}: tensor {name!r} has data offsets {[start, end]} that do not fit its shape "
+                f"{list(shape)} and dtype {dtype}. The file is corrupt: re-download it."
+            )
         out[name] = (dtype, shape)
         data_end = max(data_end, int(end))
     if 8 + n + data_end > size:
@@ -359,19 +376,22 @@ def load_dit(
                 f"{tuple(ref.shape)}. The file belongs to another variant; let auto-detection pick it."
             )
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     state: dict[str, torch.Tensor] = {}
     # One tensor at a time, converted on arrival: peak memory is the model plus one tensor.
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for name, orig in rename.items():
-            t = f.get_tensor(orig)
-            target = _target_dtype(name, t.dtype, dtype, fp8)
-            if t.dtype != target:
-                t = t.to(target)
-            state[name] = t
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name, orig in rename.items():
+                t = f.get_tensor(orig)
+                target = _target_dtype(name, t.dtype, dtype, fp8)
+                if t.dtype != target:
+                    t = t.to(target)
+                state[name] = t
+    except SafetensorError as e:
+        raise WeightsError(f"{path.name!r} cannot be read as safetensors ({e}). It is corrupt: re-download it.") from e
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False), v

@@ -189,6 +189,10 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         raise InputError(f"--device {device!r} is not a device name. Use auto, cpu, cuda, cuda:N or mps.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for but this torch sees no CUDA GPU. Use --device cpu or auto.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"--device {device} was asked for but this machine has no Apple MPS. Use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device} cannot run a model. Use auto, cpu, cuda, cuda:N or mps.")
     return dev
 
 

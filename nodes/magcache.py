@@ -128,6 +128,14 @@ class MagCacheNode:
             }
         }  # fmt: skip
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, ratios):
+        try:
+            parse_ratios(ratios)
+        except InputError as e:
+            return str(e)
+        return True
+
     def apply(self, model, threshold, K, retention, ratios):
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)

@@ -257,3 +257,31 @@ def test_download_does_not_call_a_truncated_dit_present(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "dit   present" not in out, out
     assert f"dit   broken:  {dit} is truncated (an interrupted download); fetching it again" in out, out
+
+
+# --- 9: one-line messages instead of raw exceptions -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device, expected",
+    [("mps", "--device mps was asked for but this machine has no Apple MPS"), ("meta", "--device meta cannot run")],
+)
+def test_cli_absent_device_is_refused_before_loading(capsys, no_models, tmp_path, device, expected):
+    err = cli_error(GEN + ["--variant", "t2i-lite", "--device", device, "--output", str(tmp_path / "o.png")], capsys)
+    assert expected in err, err
+
+
+def test_cli_decompression_bomb_image_is_refused_with_a_message(capsys, no_models, tmp_path, monkeypatch):
+    """Pillow refuses images over twice MAX_IMAGE_PIXELS; the limit is lowered here so a small file is one."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    png = save_png(tmp_path / "bomb.png", 100, 100)
+    err = cli_error(GEN + ["--variant", "i2v-lite-5s", "--image", png, "--output", str(tmp_path / "o.mp4")], capsys)
+    assert "cannot be read as an image" in err and "decompression bomb" in err, err
+
+
+@pytest.mark.parametrize("image", ["folder", "/dev/zero"])
+def test_cli_image_that_is_not_a_file_is_named_as_such(capsys, no_models, tmp_path, image):
+    path = str(tmp_path) if image == "folder" else image
+    err = cli_error(GEN + ["--variant", "i2v-lite-5s", "--image", path, "--output", str(tmp_path / "o.mp4")], capsys)
+    assert f"Input image {path!r} is not a regular file (a folder or device)" in err, err
+    assert "does not exist" not in err

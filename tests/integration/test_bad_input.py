@@ -162,3 +162,100 @@ def test_index_naming_a_shard_outside_the_folder_is_refused_at_validation(comfyu
     errors = validation_errors(comfyui, g)
     assert "2:" in errors and "names shards outside its folder" in errors, errors
     assert "only files inside" in errors
+
+
+def rewrite_header(src, dst, change) -> None:
+    """A copy of the safetensors file `src` whose JSON header went through `change(header)`."""
+    import json
+    import struct
+
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    change(header)
+    new = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def first_tensor(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+@pytest.mark.parametrize(
+    "fault, change, expected",
+    [
+        (
+            "dtype",
+            lambda h: first_tensor(h).update(dtype="Z9"),
+            "has the dtype 'Z9', which safetensors does not define",
+        ),
+        ("offsets", lambda h: first_tensor(h).update(data_offsets=[0, 3]), "has data offsets [0, 3] that do not fit"),
+    ],
+)
+def test_corrupt_dit_header_is_refused_at_validation(comfyui, fault, change, expected):
+    src = comfyui.models["dit"]["t2v-lite-sft-5s"]
+    name = f"corrupt_{fault}.safetensors"
+    rewrite_header(src, src.parent / name, change)
+    try:
+        g = t2v(comfyui)
+        g["1"]["inputs"]["dit_name"] = name
+        errors = validation_errors(comfyui, g)
+        assert "1:" in errors and expected in errors and "re-download" in errors, errors
+        assert "SafetensorError" not in errors
+    finally:
+        (src.parent / name).unlink()
+
+
+def test_broken_tokenizer_is_named_with_the_fix(comfyui):
+    import shutil
+
+    from comfy_server import QWEN as QWEN_DIR
+
+    folder = comfyui.base / "models" / "text_encoders" / "qwen_broken_tokenizer"
+    shutil.copytree(comfyui.base / "models" / "text_encoders" / QWEN_DIR.rstrip("/"), folder)
+    (folder / "vocab.json").write_text('{"broken": ')
+    try:
+        g = t2v(comfyui)
+        g["2"]["inputs"]["qwen_name"] = "qwen_broken_tokenizer/"
+        err = execution_error(comfyui, g)
+        assert err["node_id"] == "2" and err["exception_type"].endswith("WeightsError"), err
+        assert "The Qwen2.5-VL tokenizer in" in err["exception_message"]
+        assert "are broken or incomplete: download them again" in err["exception_message"]
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("fifo", "is not a regular file (a FIFO, device, socket or a link to one)"),
+        ("dev_zero_link", "is not a regular file (a FIFO, device, socket or a link to one)"),
+        ("dangling_link", "is a broken link in ComfyUI's diffusion_models folder: it points to"),
+    ],
+)
+def test_odd_entries_in_the_models_folder_are_named_for_what_they_are(comfyui, kind, expected):
+    import os
+
+    entry = comfyui.base / "models" / "diffusion_models" / f"{kind}.safetensors"
+    if kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to("/dev/zero" if kind == "dev_zero_link" else comfyui.base / "nowhere.safetensors")
+    try:
+        g = t2v(comfyui)
+        g["1"]["inputs"]["dit_name"] = entry.name
+        errors = validation_errors(comfyui, g)
+        assert "1:" in errors and expected in errors, errors
+        assert "is not in ComfyUI's" not in errors
+    finally:
+        entry.unlink()
+
+
+def test_negative_magcache_ratio_is_refused_at_validation_with_its_own_message(comfyui):
+    g = t2v(comfyui)
+    inputs = {"model": ["1", 0], "threshold": 0.12, "K": 2, "retention": 0.2, "ratios": "1.0, -0.5, 1.0"}
+    g["10"] = {"class_type": "Kandinsky5MagCache", "inputs": inputs}
+    g["5"]["inputs"]["model"] = ["10", 0]
+    errors = validation_errors(comfyui, g)
+    assert "10:" in errors and "MagCache ratios must be a non-empty list of numbers >= 0" in errors, errors
+    assert "not a list of numbers" not in errors
