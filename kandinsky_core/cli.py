@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import InputError, KandinskyError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # what shells report for Ctrl-C
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KandinskyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"\nstopped (Ctrl-C): {args.command} was interrupted; nothing was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `... variants | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 0

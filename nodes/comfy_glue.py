@@ -101,6 +101,13 @@ def check_interrupted() -> None:
     model_management().throw_exception_if_processing_interrupted()
 
 
+def cancellable(*roots: Any) -> Any:
+    """A context in which ComfyUI's Cancel stops the models `roots` between their blocks (layers, tokens, tiles)."""
+    from kandinsky_core.cancel import checks_between
+
+    return checks_between(roots, check_interrupted)
+
+
 def comfy_dir() -> str:
     """ComfyUI's `comfy` package folder, where it bundles the Qwen2.5 and CLIP tokenizers.
 

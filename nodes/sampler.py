@@ -241,8 +241,10 @@ class Sampler:
             block_cache = None if cache_setting is None else cache_setting.make(v)
             swap = None if swap_setting is None else swap_setting.place(model, estimate)
             compiled = compile_setting.applied(model.model) if compile_setting else contextlib.nullcontext()
+            # Cancel stops between DiT blocks too (not in compiled blocks: a check there would break the graph)
+            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(model.model)
             try:
-                with compiled:
+                with compiled, cancellable:
                     x = run_sampler(
                         model.model,
                         noise,

@@ -122,8 +122,9 @@ class TextEncode:
                 images = [image_to_uint8(edit_image)]
             enc = text_encoders.encoders
             comfy_glue.load(text_encoders.patcher, activation_memory(enc, max_length))
-            cond = enc.encode([prompt], kind, max_length, images=images).to("cpu")
-            neg = enc.encode([negative_prompt], kind, max_length, images=images).to("cpu")
+            with comfy_glue.cancellable(enc.qwen, enc.clip):
+                cond = enc.encode([prompt], kind, max_length, images=images).to("cpu")
+                neg = enc.encode([negative_prompt], kind, max_length, images=images).to("cpu")
             return to_conditioning(cond, kind), to_conditioning(neg, kind)
 
 
@@ -163,7 +164,8 @@ class PromptExpansion:
             kind, _ = pick_template(template, model)
             comfy_glue.load(text_encoders.patcher, 0)
             picture = image_to_uint8(image) if image is not None else None
-            text = text_encoders.encoders.expand_prompt(
-                prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens
-            )
+            with comfy_glue.cancellable(text_encoders.encoders.qwen):  # every token runs the layers
+                text = text_encoders.encoders.expand_prompt(
+                    prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens
+                )
             return (text,)

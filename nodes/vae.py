@@ -103,10 +103,12 @@ class VAEDecode:
                 if z.ndim == 4:
                     z = z[:, :, None]
                 tiles = VAETiling(tile_px, overlap_px, tile_frames, overlap_frames)
-                pixels = model.decode(z, tiled=tiled, tiling=tiles)
+                with comfy_glue.cancellable(model):  # Cancel stops between VAE blocks, in every tile
+                    pixels = model.decode(z, tiled=tiled, tiling=tiles)
             else:
                 tile = None if tiled is False or (tiled == "auto" and max(z.shape[-2:]) * 8 <= 2048) else tile_px // 8
-                pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
+                with comfy_glue.cancellable(model):
+                    pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
             return (pixels_to_image(pixels),)
 
 
@@ -152,7 +154,8 @@ class VAEEncode:
             comfy_glue.load(vae.patcher, decode_memory(vae.kind, (n, 16, 1, h // 8, w // 8)))
             model = vae.vae
             x = pixels.to(device=comfy_glue.load_device(), dtype=param_dtype(model))[:, :, None]  # [N, 3, 1, H, W]
-            latent = model.encode(x).float()
+            with comfy_glue.cancellable(model):
+                latent = model.encode(x).float()
             if latent.ndim == 4:
                 latent = latent[:, :, None]
             return ({"samples": latent.cpu()},)

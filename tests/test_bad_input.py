@@ -285,3 +285,19 @@ def test_cli_image_that_is_not_a_file_is_named_as_such(capsys, no_models, tmp_pa
     err = cli_error(GEN + ["--variant", "i2v-lite-5s", "--image", path, "--output", str(tmp_path / "o.mp4")], capsys)
     assert f"Input image {path!r} is not a regular file (a folder or device)" in err, err
     assert "does not exist" not in err
+
+
+# --- 6: Ctrl-C ends the CLI with one line -----------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_generation_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, fake_run):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    out = tmp_path / "o.png"
+    rc = cli.main(GEN + ["--variant", "t2i-lite", "--output", str(out), *fake_run["args"]])
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert err.strip() == "stopped (Ctrl-C): generate was interrupted; nothing was written.", err
+    assert not out.exists() and list(tmp_path.glob(".o.*")) == []
