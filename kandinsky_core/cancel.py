@@ -14,15 +14,17 @@ from torch import nn
 
 
 def blocks(*roots: nn.Module | None) -> list[nn.Module]:
-    """The modules held in an nn.ModuleList under `roots` (layers, blocks, VAE levels), each once."""
+    """The blocks of `roots`: the modules held in an nn.ModuleList (layers, DiT blocks, VAE resnet blocks), and every
+    other module of a block's class (e.g. the VAE mid-block's resnet blocks), each once."""
+    roots = tuple(r for r in roots if r is not None)
+    kinds = {type(child) for root in roots for m in root.modules() if isinstance(m, nn.ModuleList) for child in m} - {
+        nn.Module
+    }  # plain nn.Module() holders are iterated, never called
     seen: dict[int, nn.Module] = {}
     for root in roots:
-        if root is None:
-            continue
         for module in root.modules():
-            if isinstance(module, nn.ModuleList):
-                for child in module:
-                    seen.setdefault(id(child), child)
+            if type(module) in kinds:
+                seen.setdefault(id(module), module)
     return list(seen.values())
 
 

@@ -259,3 +259,92 @@ def test_negative_magcache_ratio_is_refused_at_validation_with_its_own_message(c
     errors = validation_errors(comfyui, g)
     assert "10:" in errors and "MagCache ratios must be a non-empty list of numbers >= 0" in errors, errors
     assert "not a list of numbers" not in errors
+
+
+# --- 6: Cancel stops every stage within one block; the next prompt runs ---------------------------------------------
+
+SLOW = 1.0  # s each slowed block sleeps (after it ran)
+
+
+def executing_since(comfyui, node: str, since: float) -> float | None:
+    for t, kind, m in comfyui.ws.snapshot():
+        if kind == "json" and t > since and m.get("type") == "executing" and m["data"].get("node") == node:
+            return t
+    return None
+
+
+def interrupted_since(comfyui, since: float) -> float | None:
+    for t, kind, m in comfyui.ws.snapshot():
+        if kind == "json" and t > since and m.get("type") == "execution_interrupted":
+            return t
+    return None
+
+
+def cancel_in_the_middle(comfyui, graph: dict, node: str, classes: str, blocks_in_stage: int) -> None:
+    """Queue `graph` with the blocks of `classes` slowed, press Cancel while `node` runs, and check it stopped in
+    that node within about one block, long before the stage could have ended; then a short prompt succeeds."""
+    slow = comfyui.base / "slow_blocks"
+    slow.write_text(f"{SLOW} {classes}")
+    try:
+        started = time.monotonic()
+        status, body = comfyui.queue(graph)
+        assert status == 200, body
+        deadline = started + 120
+        while (began := executing_since(comfyui, node, started)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert began is not None, comfyui.log_tail()
+        time.sleep(0.5 * SLOW)  # inside the stage: in its first block (or, for the sampler, its first step)
+        assert comfyui.request("/interrupt", {})[0] == 200
+        pressed = time.monotonic()
+        entry = comfyui.wait(body["prompt_id"], timeout=120)
+        stopped = interrupted_since(comfyui, started)
+    finally:
+        slow.unlink()
+    messages = dict(entry["status"]["messages"])
+    assert "execution_interrupted" in messages, entry["status"]
+    assert messages["execution_interrupted"]["node_id"] == node, messages["execution_interrupted"]
+    # within the block that was running (its sleep), where the stage had many more to go
+    assert stopped - pressed < SLOW + 0.6, stopped - pressed
+    assert (blocks_in_stage * SLOW) - (pressed - began) > 3 * SLOW
+    short = t2v(comfyui)
+    short["4"]["inputs"]["prompt"] = f"after a cancel {time.monotonic()}"
+    short["7"]["inputs"]["filename_prefix"] = "after_cancel"
+    assert len(comfyui.output_files(comfyui.run(short), "7")) == FRAMES
+
+
+def fresh(comfyui, **sampler) -> dict:
+    g = t2v(comfyui, **sampler)
+    g["4"]["inputs"]["prompt"] = f"{PROMPT} {time.monotonic()}"  # not cached from an earlier prompt
+    return g
+
+
+def test_cancel_stops_text_encode_within_a_layer(comfyui):
+    # 2 prompts x (2 Qwen + 2 CLIP layers)
+    cancel_in_the_middle(comfyui, fresh(comfyui), "4", "Qwen2_5_VLDecoderLayer CLIPEncoderLayer", 8)
+
+
+def test_cancel_stops_prompt_expansion_within_a_token(comfyui):
+    g = graphs.loaders(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP)
+    del g["3"]
+    g["4"] = {"class_type": "Kandinsky5PromptExpansion",
+              "inputs": {"text_encoders": ["2", 0], "prompt": f"a fox {time.monotonic()}", "template": "video",
+                         "seed": 1, "max_new_tokens": 64}}  # fmt: skip
+    g["7"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}
+    # the prompt's prefill, then 2 Qwen layers per token: at least a few tokens
+    cancel_in_the_middle(comfyui, g, "4", "Qwen2_5_VLDecoderLayer", 10)
+
+
+def test_cancel_stops_sampling_within_a_dit_block(comfyui):
+    from comfy_server import tiny_archs
+
+    arch = tiny_archs()["t2v-lite-sft-5s"]
+    per_step = 2 * (arch.num_text_blocks + arch.num_visual_blocks)  # with CFG
+    cancel_in_the_middle(comfyui, fresh(comfyui, steps=8), "5", "TextBlock VisualBlock", 4 * per_step)
+
+
+def test_cancel_stops_vae_decode_within_a_block(comfyui):
+    from kandinsky_core.cancel import blocks  # noqa: F401 - the rule the server applies
+
+    g = fresh(comfyui)
+    g["6"]["inputs"].update(tiling="on", tile_px=64, overlap_px=16)  # several tiles, every one with its blocks
+    cancel_in_the_middle(comfyui, g, "6", "ResnetBlock", 10)
