@@ -1,9 +1,10 @@
-# Quick start:  make test   (virtual environment with Python 3.11, CPU torch 2.13.0, requirements, pytest)
+# Quick start:  make test   (virtual environment with Python 3.11, CPU torch 2.13.0, requirements; a cached CPU ComfyUI
+# of the newest and the oldest supported release; Chromium; then every test, unit, real-ComfyUI and browser alike)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint docs workflows generate
+.PHONY: venv test unit comfyui lint docs workflows generate
 
 venv: $(VENV)/.installed
 
@@ -14,8 +15,18 @@ $(VENV)/.installed: requirements.txt requirements-test.txt constraints.txt
 	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt -c constraints.txt
 	touch $@
 
-test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+# Stages and their times: scripts/run_tests.py. Extra pytest arguments: make test ARGS="-k sampler"
+test:
+	@start=$$(date +%s) && $(MAKE) --no-print-directory venv && \
+	K5_VENV_SECONDS=$$(( $$(date +%s) - start )) $(BIN)/python scripts/run_tests.py $(ARGS)
+
+# Only the unit tests (no ComfyUI, no browser): the quick loop while editing kandinsky_core
+unit: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
+
+# A cached CPU ComfyUI runtime (.cache/comfyui/RELEASE/); prints COMFYUI_DIR and COMFYUI_PYTHON
+comfyui: venv
+	$(BIN)/python scripts/comfyui_runtime.py $(RELEASE)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -11,10 +11,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)  # `kandinsky_core` is imported by its own name, as the CLI and the tests do
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-from .nodes.web_api import register_routes  # noqa: E402
+if __package__:  # ComfyUI imports the pack as a package. pytest imports this file as a plain module when the
+    # checkout's folder name is not an identifier (e.g. comfyui-kandinsky5): then there is nothing to register.
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.web_api import register_routes
 
-register_routes()  # GET /kandinsky5/variants for js/kandinsky5.js (a no-op outside ComfyUI)
+    register_routes()  # GET /kandinsky5/variants for js/kandinsky5.js (a no-op outside ComfyUI)
 
 WEB_DIRECTORY = "./js"
 

@@ -5,11 +5,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def publish(report: str, append: bool = True, quiet_append: bool = False) -> None:
-    """Print the report; unless told otherwise, append it to RESULTS.md (every measured table is kept)."""
+def publish(report: str, append: bool = True, quiet_append: bool = False, path: Path | None = None) -> None:
+    """Print the report; unless told otherwise, append it to RESULTS.md (or `path`; every measured table is kept)."""
     print(report)
     if append:
-        with RESULTS.open("a") as f:
+        path = path or RESULTS
+        with Path(path).open("a") as f:
             f.write("\n" + report)
         if not quiet_append:
-            print(f"appended to {RESULTS}")
+            print(f"appended to {path}")

@@ -53,12 +53,15 @@ class _Guarded:
             state.eager_calls += 1
             return self.eager(*args, **kwargs)
         try:
-            out = self.compiled(*args, **kwargs)
+            # Past torch._dynamo's recompile limit (8 shapes per block with dynamic=False) dynamo would run the
+            # block eagerly without a word while we count compiled calls: make it raise, so the fallback is told.
+            with _recompile_limit_raises():
+                out = self.compiled(*args, **kwargs)
         except KandinskyError:
             raise  # our own input errors are not compiler failures
         except Exception as e:  # the compiler's failures have no common base class
             state.failed = True
-            state.error = _describe(e)
+            state.error = describe_compile_error(e)
             log.warning(
                 "torch.compile failed (backend %s, mode %s), running the DiT without compiling: %s",
                 getattr(state.backend, "__name__", state.backend), state.mode, state.error[:300],
@@ -69,7 +72,13 @@ class _Guarded:
         return out
 
 
-def _describe(error: BaseException) -> str:
+def _recompile_limit_raises():
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
+def describe_compile_error(error: BaseException) -> str:
     """The root cause of a compiler error in one line (dynamo wraps a backend's own error in BackendCompilerFailed)."""
     while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
         error = getattr(error, "inner_exception", None) or error.__cause__

@@ -9,12 +9,14 @@ Our parameter names follow the original latent-diffusion layout ComfyUI uses (`e
 `mid.attn_1`, `norm_out`), with the attention projections as linear layers (2D weights).
 """
 
+import copy
 import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -25,7 +27,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from kandinsky_core.errors import InputError, WeightsError
-from kandinsky_core.vae_tiling import blend_chunks_1d, tiled_map_2d
+from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
+from kandinsky_core.vae_tiling import blend_chunks_1d, tile_spans, tiled_map_2d
 
 SCALING_FACTOR = 0.476986
 
@@ -263,7 +266,7 @@ class Decoder(nn.Module):
 
 Tiled = bool | Literal["auto"]
 
-# Rough count of full-resolution, first-level-width activations alive at once in an untiled pass.
+# Rough count of full-resolution, first-level-width activations alive at once in an untiled encode.
 _LIVE_FULL_RES_ACTIVATIONS = 8
 _CPU_BUDGET = 4 * 2**30
 
@@ -319,18 +322,41 @@ class HunyuanVideoVAE(nn.Module):
         latent: Tensor,
         *,
         tiled: Tiled = "auto",
-        tiling: VAETiling = VAETiling(),
+        tiling: VAETiling | None = None,
         clamp: bool = True,
+        budget_bytes: int | None = None,
     ) -> Tensor:
         """Unscaled latent `[B, 16, T, h, w]` -> pixels `[B, 3, 4(T-1)+1, 8h, 8w]`, clamped to -1..1 as the
-        official pipeline does (clamp=False gives the raw decoder output). Returned in the latent's dtype."""
+        official pipeline does (clamp=False gives the raw decoder output). Returned in the latent's dtype.
+
+        tiled=True tiles with `tiling` (default VAETiling()); tiled="auto" without a `tiling` decodes with
+        `plan_decode`'s choice: untiled when it fits, else the tiles with the least recomputed work that fit
+        `budget_bytes` (default: the free memory of the VAE's device); with a `tiling`, it tiles with that one only
+        when an untiled decode would not fit."""
         _check_latent(latent, self.config)
-        _check_tiling(tiling, self.config)
+        if tiling is not None:
+            _check_tiling(tiling, self.config)
         z = latent.to(device=self.device, dtype=self.dtype)
-        video = self._decode_pixels(z, tiled, tiling)
+        if tiled == "auto":
+            budget = self.memory_budget() if budget_bytes is None else budget_bytes
+            if tiling is None:
+                plan = plan_decode(self.config, self.dtype, tuple(z.shape), budget)
+                tiled, tiling = plan.tiled, plan.tiling
+            else:
+                tiled = decode_peak_bytes(self.config, self.dtype, tuple(z.shape), False, tiling) > budget
+        video = self._decode_pixels(z, bool(tiled), tiling or VAETiling())
         if clamp:
             video = video.clamp(-1.0, 1.0)
         return video.to(latent.dtype)
+
+    def memory_budget(self) -> int:
+        """Bytes a decode may use for activations on the VAE's device: the free CUDA memory (what the caching
+        allocator holds unused included) over ALLOCATOR_MARGIN, or _CPU_BUDGET elsewhere."""
+        if self.device.type != "cuda":
+            return _CPU_BUDGET
+        free = torch.cuda.mem_get_info(self.device)[0]
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(free / ALLOCATOR_MARGIN)
 
     # Untiled building blocks.
 
@@ -380,10 +406,9 @@ class HunyuanVideoVAE(nn.Module):
             return encode_clip(x)
         return blend_chunks_1d(chunks, dim=2)
 
-    def _decode_pixels(self, z: Tensor, tiled: Tiled, tiling: VAETiling) -> Tensor:
+    def _decode_pixels(self, z: Tensor, tiled: bool, tiling: VAETiling) -> Tensor:
         r, s = self.config.temporal_compression, self.config.spatial_compression
-        pixels = z.shape[0] * (r * (z.shape[2] - 1) + 1) * z.shape[3] * z.shape[4] * s * s
-        if not self._use_tiles(tiled, pixels):
+        if not tiled:
             return self._decode_untiled(z)
 
         def decode_clip(clip: Tensor) -> Tensor:
@@ -400,6 +425,131 @@ class HunyuanVideoVAE(nn.Module):
         if len(chunks) == 1:
             return decode_clip(z)
         return blend_chunks_1d(chunks, dim=2)
+
+
+# Decode planning: measured peaks (kandinsky_core.memory, on a meta copy of the VAE) instead of a formula.
+
+
+_SPATIAL_TILE_PENALTY = 0.1
+
+
+def _spatial_tiles(config: HunyuanVAEConfig, shape: tuple[int, ...], tiling: VAETiling) -> int:
+    s = config.spatial_compression
+    return math.prod(len(tile_spans(n, tiling.tile_px // s, tiling.overlap_px // s)) for n in shape[3:])
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How to decode one latent: untiled or with `tiling`; `peak_bytes` is the measured activation peak (without
+    ALLOCATOR_MARGIN); `work` the decoded latent volume over the latent's own (1.0 untiled, more with overlaps)."""
+
+    tiled: bool
+    tiling: VAETiling
+    peak_bytes: int
+    work: float
+
+
+@lru_cache(maxsize=8)
+def _meta_vae(config: HunyuanVAEConfig, dtype: torch.dtype) -> "HunyuanVideoVAE":
+    with torch.device("meta"):
+        return HunyuanVideoVAE(config).to(dtype)
+
+
+@lru_cache(maxsize=512)
+def _untiled_peak(config: HunyuanVAEConfig, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    vae = _meta_vae(config, dtype)
+    z = torch.empty(shape, device="meta", dtype=dtype)
+    return measure_peak(lambda: vae._decode_untiled(z))
+
+
+def _tile_shapes(config: HunyuanVAEConfig, shape: tuple[int, ...], tiling: VAETiling) -> set[tuple[int, ...]]:
+    r, s = config.temporal_compression, config.spatial_compression
+    b, c, t, h, w = shape
+    frames = {stop - start for start, stop in causal_chunks(t, tiling.tile_frames // r + 1, tiling.overlap_frames // r)}
+    rows = {stop - start for start, stop in tile_spans(h, tiling.tile_px // s, tiling.overlap_px // s)}
+    cols = {stop - start for start, stop in tile_spans(w, tiling.tile_px // s, tiling.overlap_px // s)}
+    return {(b, c, f, y, x) for f in frames for y in rows for x in cols}
+
+
+@lru_cache(maxsize=256)
+def decode_peak_bytes(
+    config: HunyuanVAEConfig, dtype: torch.dtype, shape: tuple[int, ...], tiled: bool, tiling: VAETiling
+) -> int:
+    """Measured activation peak of `HunyuanVideoVAE.decode` of a latent `shape` (the final clamp and cast
+    included): the largest tile's untiled decode on top of the tiling's own buffers (blend accumulators, output),
+    both measured on meta tensors in milliseconds."""
+    vae = _meta_vae(config, dtype)
+    z = torch.empty(shape, device="meta", dtype=dtype)
+    if not tiled:
+        return measure_peak(lambda: vae.decode(z, tiled=False))
+    r, s = config.temporal_compression, config.spatial_compression
+
+    def stand_in(zt: Tensor) -> Tensor:  # the decoder's output, without its work
+        out_shape = (zt.shape[0], config.out_channels, r * (zt.shape[2] - 1) + 1, *(n * s for n in zt.shape[3:]))
+        return torch.empty(out_shape, device=zt.device, dtype=zt.dtype)
+
+    orchestration = copy.copy(vae)
+    orchestration._decode_untiled = stand_in
+    buffers = measure_peak(lambda: orchestration.decode(z, tiled=True, tiling=tiling))
+    return buffers + max(_untiled_peak(config, dtype, t) for t in _tile_shapes(config, shape, tiling))
+
+
+def _work(config: HunyuanVAEConfig, shape: tuple[int, ...], tiling: VAETiling) -> float:
+    r, s = config.temporal_compression, config.spatial_compression
+    t, h, w = shape[2:]
+    chunks = causal_chunks(t, tiling.tile_frames // r + 1, tiling.overlap_frames // r)
+    rows = tile_spans(h, tiling.tile_px // s, tiling.overlap_px // s)
+    cols = tile_spans(w, tiling.tile_px // s, tiling.overlap_px // s)
+    return math.prod(sum(b - a for a, b in spans) / n for spans, n in ((chunks, t), (rows, h), (cols, w)))
+
+
+def _tile_volume(config: HunyuanVAEConfig, shape: tuple[int, ...], tiled: bool, tiling: VAETiling) -> int:
+    """Latent positions one tile covers (the whole latent when untiled)."""
+    t, h, w = shape[2:]
+    if not tiled:
+        return t * h * w
+    r, s = config.temporal_compression, config.spatial_compression
+    return min(t, tiling.tile_frames // r + 1) * min(h, tiling.tile_px // s) * min(w, tiling.tile_px // s)
+
+
+def decode_plans(config: HunyuanVAEConfig, shape: tuple[int, ...]) -> list[tuple[bool, VAETiling]]:
+    """The candidates plan_decode weighs: untiled; whole frames in temporal clips; square spatial tiles from the
+    frame's size down to 128 px, each over all frames or in clips. Spatial overlaps are a quarter of the tile (at
+    most 128 px), temporal overlaps one latent (4 frames), as diffusers' tiled decode blends."""
+    r, s = config.temporal_compression, config.spatial_compression
+    t, h, w = shape[2:]
+    all_frames = max(2 * r, r * (t - 1))
+    side = max(h, w) * s
+    plans: list[tuple[bool, VAETiling]] = [(False, VAETiling())]
+    clips = [n for n in (64, 32, 16, 12, 8) if n < all_frames]
+    for tile_px in [side] + [n for n in (1024, 768, 640, 512, 384, 256, 192, 128) if n < side]:
+        overlap_px = min(128, tile_px // 4 // s * s)
+        for tile_frames in ([all_frames] if tile_px < side else []) + clips:
+            plans.append((True, VAETiling(tile_px, overlap_px, tile_frames, r)))
+    return plans
+
+
+def plan_decode(
+    config: HunyuanVAEConfig, dtype: torch.dtype, shape: tuple[int, ...], budget_bytes: float
+) -> DecodePlan:
+    """The cheapest decode whose measured peak fits `budget_bytes`: untiled when it fits, else the least recomputed
+    work (overlaps), each extra spatial tile adding 10% for its seams and lost context (the official decoder
+    likewise keeps SD frames whole and decodes HD frames in a few large tiles); larger tiles first between equals.
+    When nothing fits, the plan with the smallest peak."""
+    candidates = []
+    for tiled, tiling in decode_plans(config, shape):
+        work = _work(config, shape, tiling) if tiled else 1.0
+        cost = work * (1 + _SPATIAL_TILE_PENALTY * (_spatial_tiles(config, shape, tiling) - 1 if tiled else 0))
+        candidates.append((cost, -_tile_volume(config, shape, tiled, tiling), work, tiled, tiling))
+    candidates.sort(key=lambda c: c[:2])
+    smallest = None
+    for _, _, work, tiled, tiling in candidates:
+        plan = DecodePlan(tiled, tiling, decode_peak_bytes(config, dtype, shape, tiled, tiling), work)
+        if plan.peak_bytes <= budget_bytes:
+            return plan
+        if smallest is None or plan.peak_bytes < smallest.peak_bytes:
+            smallest = plan
+    return smallest
 
 
 def causal_chunks(latent_frames: int, chunk: int, overlap: int) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -136,16 +137,13 @@ class Kandinsky5DiT(nn.Module):
         if timestep.numel() == 1 and b > 1:
             timestep = timestep.expand(b)
         if text_mask is not None:
-            text_mask = text_mask.to(device=x.device, dtype=torch.bool)
             if text_mask.shape != text_embeds.shape[:2]:
                 raise InputError(
                     f"text_mask has shape {tuple(text_mask.shape)}; it must match text_embeds [B, L] = "
                     f"{tuple(text_embeds.shape[:2])}."
                 )
-            if not bool(text_mask.any(dim=1).all()):
-                raise InputError("text_mask has a sample with no real token; every prompt needs at least one token.")
-            if bool(text_mask.all()):
-                text_mask = None  # lets the attention backend take its unmasked fast path
+            # None lets the attention backend take its unmasked fast path
+            text_mask = None if _mask_is_full(text_mask) else text_mask.to(device=x.device, dtype=torch.bool)
 
         text = self.text_embeddings(text_embeds.to(dt))
         time_embed = self.time_embeddings(timestep)
@@ -172,3 +170,22 @@ class Kandinsky5DiT(nn.Module):
             visual = untile_tokens(visual, grid)
 
         return self.out_layer(visual, time_embed, grid).to(out_dtype)
+
+
+_checked_masks: dict[int, bool] = {}  # id(text mask) -> every token real, while that tensor lives
+
+
+def _mask_is_full(text_mask: Tensor) -> bool:
+    """Whether every token of `text_mask` is real; raises when a sample has none. One device-to-host copy per mask
+    tensor, not two per forward: the sampler passes the same mask to every step, so the result is kept for as long
+    as the tensor lives (masks are not modified in place)."""
+    key = id(text_mask)
+    full = _checked_masks.get(key)
+    if full is None:
+        mask = text_mask.to(torch.bool)
+        every_row, full = (bool(f) for f in torch.stack([mask.any(dim=1).all(), mask.all()]).cpu())
+        if not every_row:
+            raise InputError("text_mask has a sample with no real token; every prompt needs at least one token.")
+        _checked_masks[key] = full
+        weakref.finalize(text_mask, _checked_masks.pop, key, None)
+    return full

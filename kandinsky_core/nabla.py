@@ -97,25 +97,45 @@ def sliding_tile_mask(T: int, Hb: int, Wb: int, wT: int, wH: int, wW: int, devic
     return _sliding_tile_mask(T, Hb, Wb, wT, wH, wW, torch.device(device))
 
 
-def nabla_block_mask(q: Tensor, k: Tensor, sta_mask: Tensor, P: float) -> Tensor:
+def _pool_blocks(x: Tensor, heads_per_chunk: int) -> Tensor:
+    """[B, S, H, D] -> [B, H, N, D] float32 means over 64-token blocks. Each chunk of heads is made a contiguous
+    float32 [B, h, S, D] first (the official layout, so every mean reduces in the same order, bit for bit), so only
+    one chunk's float32 copy is alive at a time instead of the whole of q or k."""
+    b, s, h, d = x.shape
+    out = torch.empty((b, h, s // BLOCK, d), dtype=torch.float32, device=x.device)
+    for h0 in range(0, h, heads_per_chunk):
+        chunk = x[:, :, h0 : h0 + heads_per_chunk].transpose(1, 2).float().contiguous()
+        out[:, h0 : h0 + heads_per_chunk] = rearrange(chunk, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
+        del chunk
+    return out
+
+
+def nabla_block_mask(q: Tensor, k: Tensor, sta_mask: Tensor, P: float, heads_per_chunk: int = 4) -> Tensor:
     """[B, H, N, N] bool block mask: the top-cdf blocks of the pooled attention map, OR the sliding-tile mask.
 
     q, k are [B, S, H, D] in tile order. The pooled map is computed in float32 whatever the input dtype
     (the official code pools in the model dtype, bf16), so bf16 selections can differ at the P boundary.
     For each query block the map row is sorted ascending and cumsummed; blocks whose cumulative mass is
     >= 1 - P are kept, i.e. the smallest tail of large blocks that leaves less than 1 - P mass outside.
+
+    Memory: pooling and the sort / cumsum / scatter run `heads_per_chunk` heads at a time, so the transient is
+    the float32 map plus one chunk's work (not float32 copies of q and k and int64 sort indices of every head);
+    the map itself comes from one matmul and one softmax over all heads, as before, so the mask is bit-identical.
     """
     d = q.shape[-1]
-    # contiguous [B, H, S, D] first, so pooling reduces in the same order as the official code
-    qh = q.transpose(1, 2).float().contiguous()
-    kh = k.transpose(1, 2).float().contiguous()
-    qa = rearrange(qh, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
-    ka = rearrange(kh, "b h (n s) d -> b h n s d", s=BLOCK).mean(-2)
+    qa, ka = _pool_blocks(q, heads_per_chunk), _pool_blocks(k, heads_per_chunk)
     attn_map = torch.softmax((qa @ ka.transpose(-2, -1)) / math.sqrt(d), dim=-1)
-    vals, order = attn_map.sort(-1)
-    keep = vals.cumsum_(-1) >= 1 - P
-    mask = torch.zeros_like(keep).scatter_(-1, order, keep)
-    return mask | sta_mask.to(mask.device)
+    del qa, ka
+    mask = torch.empty(attn_map.shape, dtype=torch.bool, device=attn_map.device)
+    sta = sta_mask.to(mask.device)
+    for h0 in range(0, attn_map.shape[1], heads_per_chunk):
+        vals, order = attn_map[:, h0 : h0 + heads_per_chunk].sort(-1)
+        keep = vals.cumsum_(-1) >= 1 - P
+        del vals
+        part = mask[:, h0 : h0 + heads_per_chunk]
+        part.zero_().scatter_(-1, order, keep)
+        part |= sta
+    return mask
 
 
 def _group_rows(query_groups: Tensor, bh: int, n: int) -> list[Tensor]:
@@ -253,6 +273,16 @@ def block_sparse_attention_sdpa(
 
 _compiled_flex = None
 _flex_broken = False
+# Why compiled flex_attention is not used in this process (None while it works or was never tried on CUDA).
+flex_failure: str | None = None
+
+# NABLA's blocks are 64 tokens: torch.compile's default flex_attention config uses BLOCK_M = 128 on CUDA (every GPU
+# generation, bf16) and then raises "Q and KV block size must be divisible by BLOCK_M and BLOCK_N".
+FLEX_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def _on_cuda(x: Tensor) -> bool:
+    return x.is_cuda
 
 
 def _get_compiled_flex():
@@ -274,19 +304,24 @@ def _to_flex_block_mask(block_mask: Tensor, s: int, full_blocks: bool):
     if full_blocks:
         # every selected block is a full block, so no mask_mod is ever evaluated
         return BlockMask.from_kv_blocks(
-            torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(s, s)
-        )
+            torch.zeros_like(counts), indices, counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(s, s),
+            compute_q_blocks=False,  # the q_* tensors only serve the backward pass: inference never reads them
+        )  # fmt: skip
     # Inductor's C++ flex kernel (torch 2.13) fails to compile full-blocks-only masks, so on CPU the same
     # blocks are listed as partial blocks with an all-true mask_mod: identical result, still block-sparse.
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=BLOCK, mask_mod=noop_mask, seq_lengths=(s, s))
+    return BlockMask.from_kv_blocks(
+        counts, indices, BLOCK_SIZE=BLOCK, mask_mod=noop_mask, seq_lengths=(s, s), compute_q_blocks=False
+    )
 
 
 def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor) -> Tensor:
     """Block-sparse attention with compiled flex_attention; q, k, v [B, S, H, D], block_mask [B, H, N, N] bool."""
     b, s, h, _ = q.shape
     n = s // BLOCK
-    flex_mask = _to_flex_block_mask(block_mask.expand(b, h, n, n), s, full_blocks=q.is_cuda)
-    out = _get_compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=flex_mask)
+    cuda = _on_cuda(q)
+    flex_mask = _to_flex_block_mask(block_mask.expand(b, h, n, n), s, full_blocks=cuda)
+    kw = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if cuda else {}
+    out = _get_compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=flex_mask, **kw)
     return out.transpose(1, 2).contiguous()
 
 
@@ -315,37 +350,54 @@ def nabla_attention(
     *,
     executor: str = "auto",
     return_mask: bool = False,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """NABLA self-attention on tile-ordered q, k, v [B, S, H, D] of a (T, H, W) token grid.
 
-    executor: "auto" (compiled flex on CUDA, SDPA gather path otherwise or if compiling fails),
-    "flex" or "sdpa". With return_mask, also returns the [B, H, N, N] block mask.
+    executor: "auto" (compiled flex on CUDA, the SDPA gather path elsewhere), "flex" or "sdpa". On CUDA, when
+    compiled flex_attention fails, "auto" runs dense attention (`backend`, see attention.py) from then on: the
+    gather path is slower than dense flash attention on a GPU, and NABLA only exists to be faster than dense. The
+    failure is logged once and kept in `flex_failure`. With return_mask, also returns the [B, H, N, N] block mask
+    (None where dense attention ran).
     """
-    global _flex_broken
+    global _flex_broken, flex_failure
     if executor not in ("auto", "flex", "sdpa"):
         raise InputError(f"NABLA executor {executor!r} is unknown: use 'auto', 'flex' or 'sdpa'.")
     _check_grid(grid)
     t, h, w = grid
     if q.shape[1] != t * h * w:
         raise InputError(f"NABLA got {q.shape[1]} tokens for a {t}x{h}x{w} token grid; they must match.")
+    cuda = _on_cuda(q)
+    if executor == "auto" and cuda and _flex_broken:
+        return _dense(q, k, v, backend, return_mask)
     sta = sliding_tile_mask(t, h // TILE, w // TILE, params.wT, params.wH, params.wW, q.device)
     block_mask = nabla_block_mask(q, k, sta, params.P)
 
-    use_flex = executor == "flex" or (executor == "auto" and q.is_cuda and not _flex_broken)
     out = None
-    if use_flex:
-        if executor == "flex":
+    if executor == "flex":
+        out = block_sparse_attention_flex(q, k, v, block_mask)
+    elif executor == "auto" and cuda:
+        try:
             out = block_sparse_attention_flex(q, k, v, block_mask)
-        else:
-            try:
-                out = block_sparse_attention_flex(q, k, v, block_mask)
-                _log_once("NABLA executor: compiled flex_attention")
-            except Exception as e:  # compiler or Triton missing: the gather path gives the same result
-                _flex_broken = True
-                _log_once(f"NABLA: compiled flex_attention failed ({type(e).__name__}: {e}); using the SDPA path")
+            _log_once("NABLA executor: compiled flex_attention")
+        except Exception as e:  # compiler, Triton or kernel config: dense attention is never slower than the rest
+            _flex_broken = True
+            flex_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning(
+                "NABLA: compiled flex_attention failed (%s); running dense attention instead for the rest of this "
+                "process (on a GPU the gather path would be slower than dense)", flex_failure[:300],
+            )  # fmt: skip
+            return _dense(q, k, v, backend, return_mask)
     if out is None:
         _log_once("NABLA executor: block-sparse SDPA gather path")
         out = block_sparse_attention_sdpa(
             q, k, v, block_mask, query_groups=tile_query_groups(t, h // TILE, w // TILE, q.device)
         )
     return (out, block_mask) if return_mask else out
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, backend: str | None, return_mask: bool):
+    from .attention import attention
+
+    out = attention(q, k, v, backend=backend)
+    return (out, None) if return_mask else out

@@ -70,6 +70,7 @@ class BlockSwap:
     _resident: set[int] = field(default_factory=set)
     _handles: list[Any] = field(default_factory=list)
     _stream: Any = None
+    _releases: list[Any] = field(default_factory=list)  # unpin the host buffers
 
     @property
     def swapped(self) -> list[int]:
@@ -137,6 +138,9 @@ class BlockSwap:
         for index in list(self._resident):
             self._unload(index)
         self._pending.clear()
+        for release in self._releases:
+            release()
+        self._releases.clear()
 
 
 def enable_block_swap(
@@ -189,13 +193,57 @@ def swap_layers(
     )
     for index in range(resident, len(layers)):
         slots = _slots(layers[index])
-        host = []
-        for slot in slots:
-            t = _get(slot).detach().to(offload_device)
-            host.append(t.pin_memory() if pin else t)
+        if pin:
+            host, release = pin_exact([_get(slot).detach() for slot in slots])
+            swap._releases.append(release)
+        else:
+            host = [_get(slot).detach().to(offload_device) for slot in slots]
         swap._slots[index], swap.host[index] = slots, host
         for slot, h in zip(slots, host, strict=True):
             _set(slot, h)
         swap._handles.append(layers[index].register_forward_pre_hook(swap._before(index)))
         swap._handles.append(layers[index].register_forward_hook(swap._after(index)))
     return swap
+
+
+_ALIGN = 256  # bytes between tensors in a pinned buffer (any dtype's alignment, and CUDA's copy granularity)
+
+
+def _cudart() -> Any:
+    return torch.cuda.cudart()
+
+
+def pin_exact(tensors: list[Tensor]) -> tuple[list[Tensor], Any]:
+    """Host copies of `tensors` in one page-locked buffer of exactly their size, and a function that unpins it.
+
+    Tensor.pin_memory() goes through CUDA's caching host allocator, which rounds every block up to a power of two
+    (a 0.47 GB Qwen layer takes 0.5 GB, a 0.14 GB DiT block 0.27 GB) and keeps the pages pinned after they are
+    freed. Here the buffer is ordinary memory registered with cudaHostRegister and unregistered on release, after
+    which the copies stay valid as pageable memory."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _ALIGN) * _ALIGN
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8)
+    copies = []
+    for t, offset, size in zip(tensors, offsets, sizes, strict=True):
+        view = buffer[offset : offset + size].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        copies.append(view)
+    cudart = _cudart()
+    ptr = buffer.data_ptr()
+    registered = int(cudart.cudaHostRegister(ptr, buffer.numel(), 1)) == 0  # 1: cudaHostRegisterPortable
+    if not registered:
+        import logging
+
+        logging.getLogger("kandinsky5").warning("block swap: pinning %d MiB failed; copies will not overlap",
+                                                 buffer.numel() >> 20)  # fmt: skip
+
+    def release() -> None:
+        nonlocal registered
+        if registered:
+            cudart.cudaHostUnregister(ptr)
+            registered = False
+
+    return copies, release

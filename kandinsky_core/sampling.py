@@ -4,8 +4,10 @@ Everything here works on the DiT's latent space: `latent * variant.latent_scale`
 `[B, 16, T, H, W]`. `latent_to_dit` / `dit_to_latent` convert from / to ComfyUI LATENTs (unscaled VAE latents).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -293,3 +295,63 @@ def denoise(
         **sample_kwargs,
     )
     return dit_to_latent(x, latent_scale)
+
+
+# Memory: what one sampling step needs beyond the weights, measured (kandinsky_core.memory) on a meta copy of the DiT.
+
+
+@lru_cache(maxsize=4)
+def _meta_dit(arch: Any, dtype: torch.dtype) -> Any:
+    from .model import Kandinsky5DiT
+
+    with torch.device("meta"):
+        return Kandinsky5DiT(arch, dtype=dtype).eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=64)
+def step_peak_bytes(
+    arch: Any,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int, int],
+    text_len: int,
+    cfg: bool,
+    nabla: NablaParams | None = None,
+) -> int:
+    """Activation peak of one Euler step of `sample` for a latent `shape` [B, 16, T, H, W] (float32, as the Sampler
+    keeps it), `text_len` text tokens, with or without CFG (the branches run one after the other, so CFG adds one
+    velocity, not a second forward's activations), measured by running the step on meta tensors. With NABLA, the
+    transient of its block mask (pooled map, sort, cumsum) is added on top of the dense forward's peak; the sparse
+    executors allocate no more than dense attention's output."""
+    from .memory import measure_peak
+
+    dit = _meta_dit(arch, dtype)
+    b, _, t, h, w = shape
+    visual_cond, instruct = _arch_flags(arch)
+    meta = dict(device="meta")
+    x = torch.empty(shape, dtype=torch.float32, **meta)
+    text = torch.empty((b, text_len, arch.in_text_dim), dtype=dtype, **meta)
+    pooled = torch.empty((b, arch.in_text_dim2), dtype=dtype, **meta)
+    timestep = torch.empty((b,), **meta)
+
+    def step() -> Tensor:
+        state = x.clone()  # the sampler's own latent, next to the noise it started from
+        # I2V / I2I models: the conditioning channels the sampler keeps for the whole run
+        extra = torch.zeros((b, LATENT_CHANNELS + 1, t, h, w), **meta) if visual_cond or instruct else None
+        model_input = state if extra is None else torch.cat([state, extra], dim=1)
+        v = dit(model_input, text, pooled, timestep)[:, :LATENT_CHANNELS]
+        if cfg:
+            v_uncond = dit(model_input, text, pooled, timestep)[:, :LATENT_CHANNELS]
+            v = v_uncond + 5.0 * (v - v_uncond)
+        return state + 0.1 * v.to(state.dtype)
+
+    peak = measure_peak(step)
+    if nabla is not None:
+        from .nabla import nabla_block_mask, sliding_tile_mask
+
+        p = arch.patch_size
+        grid = (t // p[0], h // p[1], w // p[2])
+        heads = arch.model_dim // arch.head_dim
+        q = torch.empty((b, math.prod(grid), heads, arch.head_dim), dtype=dtype, **meta)
+        sta = sliding_tile_mask(grid[0], grid[1] // 8, grid[2] // 8, nabla.wT, nabla.wH, nabla.wW, "meta")
+        peak += measure_peak(lambda: nabla_block_mask(q, q, sta, nabla.P))
+    return peak

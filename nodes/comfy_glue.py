@@ -7,7 +7,8 @@ in sys.modules) and importing the pack costs nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -66,9 +67,21 @@ def eager_weights(linear: type) -> type:
     `load_state_dict(assign=True)`, which needs the parameters to exist. Casting at use (what partial loading relies
     on) is unchanged."""
 
+    from kandinsky_core import layers
+
+    scales_weight = issubclass(linear, layers.Linear)
+
     class Linear(linear):
         def _load_from_state_dict(self, *args, **kwargs):
             return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+        def forward(self, x, *args, **kwargs):
+            # float8 storage with a per-tensor scale (kandinsky_core.loading.to_scaled_fp8): comfy.ops casts the
+            # stored weight only, so the scale goes on the input, (x * s) W^T = x (s W)^T
+            scale = self._buffers.get("weight_scale")
+            if scale is not None and not scales_weight:
+                x = x * scale.to(device=x.device, dtype=x.dtype)
+            return super().forward(x, *args, **kwargs)
 
     Linear.__qualname__ = f"{linear.__qualname__}[eager]"
     return Linear
@@ -94,6 +107,67 @@ def wrap(model: torch.nn.Module, kind: str) -> Any:
 def load(patcher: Any, memory_required: int) -> None:
     """Make room (ComfyUI unloads or offloads other models) and load `patcher` onto the torch device."""
     model_management().load_models_gpu([patcher], memory_required=int(memory_required))
+
+
+# What ComfyUI's partial loader may keep on top of the weights (the largest module or two it moves one at a time).
+_LOAD_SLACK = 256 * 2**20
+
+
+def available_memory(patcher: Any) -> int:
+    """Bytes `patcher`'s model may use for activations once loaded on the torch device: the free memory plus what
+    other loaded models hold there (load_models_gpu evicts them on demand), less the weights of this model not yet
+    on the device, ComfyUI's reserve and _LOAD_SLACK (so that asking for this much still loads the model whole)."""
+    mm = model_management()
+    device = patcher.load_device
+    free = mm.get_free_memory(device)
+    for loaded in getattr(mm, "current_loaded_models", []):
+        other = loaded.model
+        if other is not None and other is not patcher and loaded.device == device:
+            free += other.loaded_size()
+    free -= patcher.model_size() - patcher.loaded_size()
+    return int(free - mm.extra_reserved_memory() - _LOAD_SLACK)
+
+
+@contextmanager
+def loaded_or_swapped(patcher: Any, layers: torch.nn.ModuleList, memory_required: int) -> Iterator[Any]:
+    """Have `patcher`'s model on the torch device while the block runs.
+
+    When it fits (with `memory_required` bytes of activations), ComfyUI loads it whole, as any model. When it does
+    not, it is never handed to ComfyUI's partial loader: that moves some modules of a plain-torch model (e.g. a
+    transformers Qwen) and leaves the rest on the CPU with nothing to cast them, so the first layer left behind
+    fails with mismatched devices. Instead ComfyUI evicts other models, everything outside `layers` plus as many of
+    `layers` as fit goes to the device, and the remaining layers are swapped in one at a time
+    (kandinsky_core.offload.swap_layers); the model returns to its offload device afterwards. Yields the BlockSwap,
+    or None for a whole load."""
+    if patcher.load_device.type == "cpu" or available_memory(patcher) >= memory_required:
+        load(patcher, memory_required)
+        yield None
+        return
+    from kandinsky_core.offload import block_bytes, swap_layers
+
+    mm = model_management()
+    device, model = patcher.load_device, patcher.model
+    sizes = [block_bytes(layer) for layer in layers]
+    rest = patcher.model_size() - sum(sizes)
+    mm.free_memory(patcher.model_size() + memory_required + mm.extra_reserved_memory(), device)
+    room = mm.get_free_memory(device) - mm.extra_reserved_memory() - memory_required - rest - 2 * max(sizes)
+    resident = 0
+    while resident < len(sizes) and room >= sizes[resident]:
+        room -= sizes[resident]
+        resident += 1
+    log.info(
+        "Kandinsky 5: %.1f GiB of weights do not fit the %.1f GiB free on %s: %d of %d layers stay there, the "
+        "others are copied in one at a time", patcher.model_size() / 2**30, mm.get_free_memory(device) / 2**30,
+        device, resident, len(sizes),
+    )  # fmt: skip
+    swap = None
+    try:
+        swap = swap_layers(model, layers, device, resident, offload_device=patcher.offload_device)
+        yield swap
+    finally:
+        if swap is not None:
+            swap.remove()
+        model.to(patcher.offload_device)
 
 
 def check_interrupted() -> None:

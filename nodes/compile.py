@@ -21,6 +21,12 @@ MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 BACKENDS = ("inductor", "aot_eager", "eager")
 
 
+def torch_mode(mode: str) -> str | None:
+    """torch.compile's mode for the node's choice. "max-autotune" would turn CUDA graphs on, which clash with block
+    swap, weight casting and ComfyUI's offloading: it runs as max-autotune-no-cudagraphs (saved workflows keep it)."""
+    return {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+
+
 @dataclass(frozen=True)
 class CompileSetting:
     mode: str = "default"
@@ -31,7 +37,7 @@ class CompileSetting:
         """The DiT compiled (lazily: the first step compiles) for the duration of the block; eager again after."""
         from kandinsky_core.compile import compile_dit, compile_state, uncompile_dit
 
-        compile_dit(dit, mode=None if self.mode == "default" else self.mode, backend=self.backend)
+        compile_dit(dit, mode=torch_mode(self.mode), backend=self.backend)
         try:
             yield compile_state(dit)
         finally:
@@ -56,8 +62,9 @@ class Compile:
             "required": {
                 "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache / Block Swap)."}),
                 "mode": (list(MODES), {"default": "default", "tooltip":
-                         "torch.compile mode. max-autotune searches faster kernels (much longer compile). CUDA "
-                         "graph modes are not offered: they conflict with block swap and ComfyUI offloading."}),
+                         "torch.compile mode. max-autotune searches faster kernels (much longer compile); it runs "
+                         "without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap and "
+                         "ComfyUI offloading."}),
                 "backend": (list(BACKENDS), {"default": "inductor", "tooltip":
                             "inductor generates fused kernels (needs Triton on GPU, a C++ compiler on CPU); aot_eager "
                             "and eager only trace (for debugging, no speed-up)."}),

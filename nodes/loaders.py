@@ -18,7 +18,7 @@ from .common import CATEGORY, fail
 AUTO = "auto"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIT_DTYPES = (*DTYPES, "fp8_e4m3fn")
-ATTENTION = ("auto", "sdpa", "flash_attn_2", "flash_attn_3")
+ATTENTION = ("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattention")
 
 
 @dataclass
@@ -109,7 +109,8 @@ class LoadDiT:
                 "attention": (
                     list(ATTENTION),
                     {"default": "auto", "tooltip": "Dense attention backend: auto picks FlashAttention 3, then 2, "
-                     "then PyTorch SDPA, whichever is installed."},
+                     "then PyTorch SDPA, whichever is installed. sageattention (8-bit, approximate; the optional "
+                     "sageattention package) only when chosen here."},
                 ),
             }
         }  # fmt: skip

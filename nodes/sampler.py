@@ -112,12 +112,14 @@ def latent_frames(length: int) -> int:
     return (length - 1) // 4 + 1
 
 
-def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool) -> int:
-    """Bytes of activations the DiT needs beyond its weights (tokens x width x ~40 live copies)."""
-    arch = model.variant.arch
-    tokens = t * (h // 2) * (w // 2)
-    dtype_size = torch.finfo(model.model.compute_dtype).bits // 8
-    return int(batch * (2 if cfg else 1) * tokens * arch.model_dim * dtype_size * 40)
+def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool, text_len: int = 256, nabla=None) -> int:
+    """Bytes of activations one sampling step needs beyond the DiT's weights: the step's peak measured on meta
+    tensors (kandinsky_core.sampling.step_peak_bytes), plus the allocator margin."""
+    from kandinsky_core.memory import ALLOCATOR_MARGIN
+    from kandinsky_core.sampling import step_peak_bytes
+
+    arch, dtype = model.variant.arch, model.model.compute_dtype
+    return int(step_peak_bytes(arch, dtype, (batch, 16, t, h, w), text_len, cfg, nabla) * ALLOCATOR_MARGIN)
 
 
 class Sampler:
@@ -222,7 +224,8 @@ class Sampler:
                 v.name, width, height, length, s.steps, s.guidance, s.scheduler_scale, s.nabla or "off",
             )  # fmt: skip
             cfg = uncond is not None
-            estimate = memory_estimate(model, batch_size, *shape[2:], cfg)
+            text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
+            estimate = memory_estimate(model, batch_size, *shape[2:], cfg, text_len, s.nabla)
             swap_setting = getattr(model, "block_swap", None)  # from Kandinsky 5 Block Swap
             cache_setting = getattr(model, "block_cache", None)  # from Kandinsky 5 MagCache / MagCache Calibrate
             compile_setting = getattr(model, "compile", None)  # from Kandinsky 5 Compile

@@ -40,8 +40,28 @@ def param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def decode_memory(vae_kind: str, shape: tuple[int, ...]) -> int:
+    """Rough untiled activation bytes (FLUX decode, and encoding one image)."""
     frames = 4 * (shape[2] - 1) + 1 if vae_kind == "hunyuan" and len(shape) == 5 else 1
     return int(shape[0] * frames * shape[-2] * shape[-1] * 64 * 128 * 4 * 3)
+
+
+def hunyuan_decode_plan(vae, shape: tuple[int, ...], tiling: str, tiles) -> tuple[bool, object, int]:
+    """(tiled, VAETiling, bytes to ask ComfyUI for) of a HunyuanVideo decode. auto: the largest tiles that fit the
+    device's memory (kandinsky_core.hunyuan_vae.plan_decode, from measured peaks); on / off: the given tiles or
+    none. The bytes are the measured peak of that decode, so ComfyUI moves the whole VAE to the device (it would
+    leave a plain-torch VAE on the CPU, silently, when asked for more than it has)."""
+    from kandinsky_core.hunyuan_vae import decode_peak_bytes, plan_decode
+    from kandinsky_core.memory import ALLOCATOR_MARGIN
+
+    model = vae.vae
+    if tiling == "auto":
+        budget = comfy_glue.available_memory(vae.patcher) / ALLOCATOR_MARGIN
+        plan = plan_decode(model.config, param_dtype(model), shape, budget)
+        tiled, tiles, peak = plan.tiled, plan.tiling, plan.peak_bytes
+    else:
+        tiled = tiling == "on"
+        peak = decode_peak_bytes(model.config, param_dtype(model), shape, tiled, tiles)
+    return tiled, tiles, int(peak * ALLOCATOR_MARGIN)
 
 
 class VAEDecode:
@@ -58,8 +78,9 @@ class VAEDecode:
             "required": {
                 "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE."}),
                 "samples": ("LATENT", {"tooltip": "From Kandinsky 5 Sampler (or any HunyuanVideo / FLUX latent)."}),
-                "tiling": (list(TILING), {"default": "auto", "tooltip": "auto: tiles only when the video is large "
-                           "for the device; on / off force it. Tiles are cross-faded; tiled output differs slightly."}),
+                "tiling": (list(TILING), {"default": "auto", "tooltip": "auto: untiled when it fits the device, else "
+                           "the largest tiles that fit (HunyuanVideo; sizes below are ignored); on: the tile sizes "
+                           "below; off: untiled. Tiles are cross-faded; tiled output differs slightly."}),
                 "tile_px": ("INT", {"default": 256, "min": 64, "max": 2048, "step": 32, "tooltip":
                             "Spatial tile size in pixels."}),
                 "overlap_px": ("INT", {"default": 64, "min": 0, "max": 512, "step": 16, "tooltip":
@@ -93,19 +114,22 @@ class VAEDecode:
                     f"samples were made for {names.get(made_for, made_for)} but the connected VAE is "
                     f"{names.get(vae.kind, vae.kind)}. Load {names.get(made_for, made_for)} in Load Kandinsky 5 VAE."
                 )
-            comfy_glue.load(vae.patcher, decode_memory(vae.kind, tuple(z.shape)))
             model = vae.vae
-            tiled = {"auto": "auto", "on": True, "off": False}[tiling]
-            z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
             if vae.kind == "hunyuan":
                 from kandinsky_core.hunyuan_vae import VAETiling
 
                 if z.ndim == 4:
                     z = z[:, :, None]
                 tiles = VAETiling(tile_px, overlap_px, tile_frames, overlap_frames)
+                tiled, tiles, memory = hunyuan_decode_plan(vae, tuple(z.shape), tiling, tiles)
+                comfy_glue.load(vae.patcher, memory)
+                z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
                 with comfy_glue.cancellable(model):  # Cancel stops between VAE blocks, in every tile
                     pixels = model.decode(z, tiled=tiled, tiling=tiles)
             else:
+                comfy_glue.load(vae.patcher, decode_memory(vae.kind, tuple(z.shape)))
+                tiled = {"auto": "auto", "on": True, "off": False}[tiling]
+                z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
                 tile = None if tiled is False or (tiled == "auto" and max(z.shape[-2:]) * 8 <= 2048) else tile_px // 8
                 with comfy_glue.cancellable(model):
                     pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)

@@ -159,3 +159,63 @@ def test_explicit_backend_logged_once(no_flash, caplog):
     for _ in range(3):
         attention(q, q, q, backend="sdpa")
     assert [r.getMessage() for r in caplog.records] == ["Kandinsky attention backend: sdpa"]
+
+
+def test_flash_attn_4_bare_namespace_is_not_taken_for_flash_attn_2(monkeypatch):
+    """flash-attn 4 installs `flash_attn` as a bare namespace (only flash_attn.cute): importing it succeeds, but it
+    has no flash_attn_func, so it must not count as flash-attn 2 (the first CUDA attention would raise
+    AttributeError)."""
+    namespace = types.ModuleType("flash_attn")
+    namespace.__path__ = []
+    monkeypatch.setitem(sys.modules, "flash_attn", namespace)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    assert "flash_attn_2" not in attn_mod.available_backends()
+    assert select_backend("auto") == "sdpa"
+
+
+def fake_cuda_flash(monkeypatch, module_name, module):
+    monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setattr(attn_mod, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(attn_mod, "_failed", {})
+
+
+def test_flash_attn_3_without_kernels_for_the_card_falls_back_once(monkeypatch, caplog):
+    calls = []
+
+    def unsupported(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("FlashAttention-3 only supports Hopper GPUs (sm90)")
+
+    fa3 = types.SimpleNamespace(flash_attn_func=unsupported, flash_attn_varlen_func=unsupported)
+    fake_cuda_flash(monkeypatch, "flash_attn_interface", fa3)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    q = torch.randn(1, 6, 2, 8).bfloat16()
+    caplog.set_level(logging.INFO, logger="kandinsky5")
+    for _ in range(3):
+        out = attention(q, q, q, backend="auto")
+        torch.testing.assert_close(out, attention(q, q, q, backend="sdpa"))
+    assert calls == [1]
+    assert "sm90" in attn_mod._failed["flash_attn_3"]
+    assert sum("flash_attn_3 failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sageattention_runs_only_when_asked_for_in_nhd_layout(monkeypatch):
+    calls = []
+
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False):
+        calls.append((tensor_layout, is_causal))
+        return reference_attention(q, k, v).to(q.dtype)
+
+    fake_cuda_flash(monkeypatch, "sageattention", types.SimpleNamespace(sageattn=sageattn))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    assert select_backend("auto") == "sdpa" and "sageattention" in attn_mod.available_backends()
+    q = torch.randn(1, 6, 2, 8).bfloat16()
+    attention(q, q, q, backend="auto")
+    assert calls == []
+    out = attention(q, q, q, backend="sageattention")
+    assert calls == [("NHD", False)]
+    torch.testing.assert_close(out.float(), reference_attention(q, q, q).float(), atol=2e-2, rtol=2e-2)
+    key_mask = torch.tensor([[True, True, True, False, False, True]])
+    attention(q, q, q, key_mask=key_mask, backend="sageattention")  # no mask support: SDPA, exactly
+    assert len(calls) == 1

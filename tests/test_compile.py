@@ -153,3 +153,39 @@ def test_inductor_matches_eager_on_cpu():
     state = compile_state(dit)
     assert not state.failed, state.error
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_attention_backend_does_not_break_compiled_graphs():
+    """The DiT resolves "auto" once per forward and hands the name to its (compiled) blocks; looking that name up
+    again must not probe flash-attn imports inside the graph (importlib is a graph break)."""
+    from kandinsky_core import attention
+
+    attention._validated.clear()
+    name = attention.select_backend("auto")
+    q = torch.randn(1, 8, 2, 16)
+    fn = torch.compile(lambda q: attention.attention(q, q, q, backend=name), backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(q), attention.attention(q, q, q, backend="sdpa"))
+
+
+def test_recompile_limit_is_reported_as_a_fallback_not_run_eager_silently(caplog):
+    """With dynamic=False every new shape recompiles each block; past torch's limit (8) dynamo would run the blocks
+    eagerly while CompileState kept counting compiled calls."""
+    from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
+
+    dit = compile_dit(make_tiny_dit(TINY_ARCHS["lite"]), backend="eager", dynamic=False)
+    with caplog.at_level("WARNING"):
+        for length in range(1, 12):
+            dit(**make_inputs(TINY_ARCHS["lite"], text_len=length))
+    state = compile_state(dit)
+    assert state.failed and "recompile" in state.error.lower(), state
+    assert state.eager_calls > 0
+
+
+def test_compile_node_max_autotune_runs_without_cuda_graphs():
+    from tiny import TINY_ARCHS, make_tiny_dit
+
+    from nodes.compile import CompileSetting
+
+    dit = make_tiny_dit(TINY_ARCHS["lite"])
+    with CompileSetting("max-autotune", "eager").applied(dit) as state:
+        assert state.mode == "max-autotune-no-cudagraphs"

@@ -1,5 +1,6 @@
 """HunyuanVideo VAE: parity with diffusers, both key layouts, shapes, tiling (exactness, error, memory), errors."""
 
+import copy
 import json
 import weakref
 from types import SimpleNamespace
@@ -188,8 +189,12 @@ def test_tiled_is_exact_when_one_tile_covers_everything(vae):
 
 @pytest.mark.parametrize(
     ("tiling", "z"),
-    [(VAETiling(32, 16, 64, 0), latent(1, size=6)), (VAETiling(256, 64, 8, 4), latent(4, size=2))],
-    ids=["spatial", "temporal"],
+    [
+        (VAETiling(32, 16, 64, 0), latent(1, size=6)),
+        (VAETiling(256, 64, 8, 4), latent(4, size=2)),
+        (VAETiling(32, 8, 8, 4), latent(4, size=6)),  # plan_decode's overlaps: a quarter tile, one latent
+    ],
+    ids=["spatial", "temporal", "planned"],
 )
 def test_tiled_error_is_no_worse_than_the_reference_tiling(vae, tiling, z):
     """Tiles see less context (group-norm statistics, causal attention, receptive field), so tiled decoding is not
@@ -209,6 +214,59 @@ def test_tiled_error_is_no_worse_than_the_reference_tiling(vae, tiling, z):
     ours = (vae.decode(z, tiled=True, tiling=tiling, clamp=False) - exact).abs().mean()
     theirs = (ref.decode(z).sample - exact).abs().mean()
     assert 0 < ours < 1.25 * theirs
+
+
+def diffusers_temporal_tiling(tiling: VAETiling):
+    """diffusers' AutoencoderKLHunyuanVideo on the same weights, with its frame-wise (temporal) tiling at the same
+    tile settings and no spatial tiling (the videos here fit one spatial tile)."""
+    ref = diffusers_vae()
+    ref.use_framewise_decoding = ref.use_framewise_encoding = True
+    ref.tile_sample_min_num_frames = tiling.tile_frames
+    ref.tile_sample_stride_num_frames = tiling.tile_frames - tiling.overlap_frames
+    return ref
+
+
+def test_temporal_tiles_equal_diffusers_tiled_decode_and_encode(vae):
+    """Without a temporal overlap nothing is blended, so our temporal tiling must give exactly what diffusers' does:
+    the same causal clips (3 latents = 9 frames here), and a clip that starts mid-video drops its first decoded
+    frame (a lone first frame, decoded as an image) and its first latent when encoding."""
+    tiling = VAETiling(tile_px=256, overlap_px=64, tile_frames=8, overlap_frames=0)
+    ref = diffusers_temporal_tiling(tiling)
+    z = latent(7, size=2)  # 25 frames of 16x16 px: clips at latents 0-2, 2-4, 4-6
+    want = ref.decode(z).sample
+    got = vae.decode(z, tiled=True, tiling=tiling, clamp=False)
+    assert got.shape == want.shape == (1, 3, 25, 16, 16)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - vae.decode(z, tiled=False, clamp=False)).abs().max() > 1e-2  # tiling changes frames
+
+    x = video(25, size=16)
+    torch.testing.assert_close(
+        vae.encode(x, tiled=True, tiling=tiling), ref.encode(x).latent_dist.mean, rtol=0, atol=1e-5
+    )
+
+
+def test_temporal_tile_overlaps_match_diffusers_but_for_the_crossfade_weights(vae):
+    """diffusers' defaults (clips of 16 + 1 frames, 4 overlapping) on 7 latents (25 frames): clips at latents 0-4
+    and 3-6. Every frame outside the overlap is exactly diffusers'; in the 4 overlapping frames (13-16) both blend
+    the same two clips (the later one without its lone first frame), diffusers with weights 0, 1/4, 2/4, 3/4 for
+    the later clip, we with 1/5 .. 4/5 (the ramp our spatial tiles use too)."""
+    tiling = VAETiling(tile_px=256, overlap_px=64, tile_frames=16, overlap_frames=4)
+    ref = diffusers_temporal_tiling(tiling)
+    z = latent(7, size=2, seed=1)
+    want = ref.decode(z).sample
+    got = vae.decode(z, tiled=True, tiling=tiling, clamp=False)
+    assert got.shape == want.shape == (1, 3, 25, 16, 16)
+    outside = [f for f in range(25) if not 13 <= f <= 16]
+    torch.testing.assert_close(got[:, :, outside], want[:, :, outside], rtol=0, atol=1e-5)
+
+    untiled = diffusers_vae()  # each clip decoded alone by diffusers
+    first = untiled.decode(z[:, :, 0:5]).sample[:, :, 13:17]  # frames 13-16 of the clip at latents 0-4
+    later = untiled.decode(z[:, :, 3:7]).sample[:, :, 1:5]  # the clip at latents 3-6 starts at frame 12: drop it
+    theirs = torch.tensor([0, 1, 2, 3]) / 4
+    ours = torch.tensor([1, 2, 3, 4]) / 5
+    for weights, result in ((theirs, want), (ours, got)):
+        w = weights.view(1, 1, 4, 1, 1)
+        torch.testing.assert_close(result[:, :, 13:17], (1 - w) * first + w * later, rtol=0, atol=1e-5)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -365,3 +423,54 @@ def test_layers_come_from_the_operations_namespace():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert convs and all(type(m) is Conv3d for m in convs)
     assert len(linears) == 8 and all(type(m) is Linear for m in linears)
+
+
+# Decode planning from measured peaks (what VAE Decode asks ComfyUI for, and how it tiles by default).
+
+
+def test_decode_peak_estimate_covers_the_measured_peak_of_the_whole_tiled_decode():
+    """decode_peak_bytes adds the largest tile's peak to the tiling's buffers; the whole tiled decode of the
+    released VAE, measured on meta tensors, must stay under it, and not by much (the estimate sizes ComfyUI's load)."""
+    from kandinsky_core.hunyuan_vae import HUNYUAN_VAE_CONFIG, _meta_vae, decode_peak_bytes
+    from kandinsky_core.memory import measure_peak
+
+    shape, tiling = (1, 16, 9, 64, 96), VAETiling(512, 128, 16, 4)
+    vae = _meta_vae(HUNYUAN_VAE_CONFIG, torch.bfloat16)
+    z = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    measured = measure_peak(lambda: vae.decode(z, tiled=True, tiling=tiling))
+    estimate = decode_peak_bytes(HUNYUAN_VAE_CONFIG, torch.bfloat16, shape, True, tiling)
+    assert measured <= estimate <= 1.25 * measured, (measured, estimate)
+
+
+def test_plan_decode_takes_the_largest_tiles_that_fit():
+    from kandinsky_core.hunyuan_vae import HUNYUAN_VAE_CONFIG, plan_decode
+
+    lite_5s = (1, 16, 31, 64, 96)  # 121 frames, 768x512
+    roomy = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, 1000 * 2**30)
+    assert not roomy.tiled and roomy.work == 1.0
+    for gib in (16, 8, 3):
+        plan = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, gib * 2**30)
+        assert plan.tiled and plan.peak_bytes <= gib * 2**30, (gib, plan)
+    sd = plan_decode(HUNYUAN_VAE_CONFIG, torch.bfloat16, lite_5s, 16 * 2**30)
+    assert sd.tiling.tile_px >= 768, f"an SD video is decoded in whole frames when they fit: {sd}"
+    assert sd.work < 2.0, sd  # temporal clips of 16 + 1 frames overlapping by one latent
+
+
+def test_auto_decode_of_an_sd_video_uses_whole_frames_when_memory_allows(monkeypatch):
+    """tiled='auto' decodes with plan_decode's tiles for the memory at hand: a Lite 5 s 768x512 latent on a device
+    with 20 GiB to spare is decoded in whole frames (temporal clips only), not in the 256 px tiles that cost 4.1x
+    the untiled work."""
+    from kandinsky_core import hunyuan_vae
+
+    vae = copy.copy(hunyuan_vae._meta_vae(hunyuan_vae.HUNYUAN_VAE_CONFIG, torch.bfloat16))
+    seen = []
+
+    def decode_pixels(z, tiled, tiling):
+        seen.append((tiled, tiling))
+        return torch.empty((z.shape[0], 3, 4 * (z.shape[2] - 1) + 1, z.shape[3] * 8, z.shape[4] * 8), device="meta")
+
+    vae._decode_pixels = decode_pixels
+    z = torch.empty(1, 16, 31, 64, 96, device="meta", dtype=torch.bfloat16)
+    vae.decode(z, tiled="auto", budget_bytes=20 * 2**30)
+    ((tiled, tiling),) = seen
+    assert tiled and tiling.tile_px >= 768, tiling

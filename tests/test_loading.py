@@ -283,3 +283,31 @@ def test_hand_written_header(tmp_path):
     p.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 3)  # one data byte short
     with pytest.raises(WeightsError, match="truncated"):
         read_safetensors_header(p)
+
+
+def test_fp8_storage_keeps_small_weights_accurate(tmp_path):
+    """Real block weights have std ~0.01, mostly below float8_e4m3's smallest normal (2**-6): an unscaled cast
+    rounds them in its coarse subnormal range (5.7% output error). With a per-tensor scale the error is that of
+    float8's 3 mantissa bits."""
+    arch = TINY_ARCHS["lite"]
+    g = torch.Generator().manual_seed(40)
+    state = {
+        k: torch.randn(v.shape, generator=g) * 0.01 if v.ndim == 2 and "transformer_blocks" in k else v
+        for k, v in random_state_dict(arch, 8).items()
+    }
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
+    full, _ = load_dit(path, variant=tiny_variant(arch), dtype=torch.bfloat16)
+    fp8, _ = load_dit(path, variant=tiny_variant(arch), dtype=torch.bfloat16, fp8=True)
+    assert fp8.state_dict()["visual_transformer_blocks.0.feed_forward.in_layer.weight"].dtype == torch.float8_e4m3fn
+    assert set(fp8.state_dict()) == set(full.state_dict())  # the scales are not checkpoint keys
+    name = "visual_transformer_blocks.0.feed_forward.in_layer"
+    x = torch.randn(64, arch.model_dim, generator=g).bfloat16()
+    ref = full.get_submodule(name)(x).float()
+    out = fp8.get_submodule(name)(x).float()
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 0.035, f"block linear output error {rel:.2%} with float8 storage"
+    inp = {k: v.bfloat16() if v.is_floating_point() and k != "timestep" else v
+           for k, v in make_inputs(arch, grid=(2, 4, 4)).items()}  # fmt: skip
+    whole = float((fp8(**inp).float() - full(**inp).float()).norm() / full(**inp).float().norm())
+    assert whole < 0.03, whole

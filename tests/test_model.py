@@ -300,3 +300,74 @@ def test_bf16_model_runs_and_stays_close():
     out, ref = model(**inp), ref_model(**inp)
     assert out.dtype == torch.float32  # returned in the input's dtype
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_text_mask_is_read_back_once_per_mask_not_twice_per_forward():
+    """Validating the text mask reads it back to the host (a device sync on a GPU): the sampler hands the DiT the
+    same mask every step, so it is read once for that tensor, not twice in every forward."""
+    from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Readbacks(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Readbacks.count += 1
+            return func(*args, **(kwargs or {}))
+
+    arch = TINY_ARCHS["lite"]
+    dit = make_tiny_dit(arch)
+    inputs = make_inputs(arch, text_len=6)
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    with Readbacks():
+        for _ in range(3):
+            dit(**inputs, text_mask=mask)
+    assert Readbacks.count <= 2, Readbacks.count  # two flags of one copy to the host
+
+
+def fake_cuda_fusion(monkeypatch, backend):
+    from kandinsky_core import layers
+
+    monkeypatch.setattr(layers, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(layers, "FUSE_BACKEND", backend)
+    monkeypatch.setattr(layers, "_fused_compiled", {})
+    monkeypatch.setattr(layers, "fuse_state", {"compiled_calls": 0, "failed": None})
+    return layers
+
+
+def test_float32_helpers_run_compiled_on_cuda_with_the_eager_numbers(monkeypatch):
+    """On CUDA, modulation norms, gated residuals and RoPE (float32 elementwise work) run torch.compile'd, as the
+    official code compiles its helpers; the float32 math is unchanged (aot_eager here: same graph, no codegen)."""
+    from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
+
+    layers = fake_cuda_fusion(monkeypatch, "aot_eager")
+    arch = TINY_ARCHS["lite"]
+    dit, inputs = make_tiny_dit(arch), make_inputs(arch, grid=(2, 4, 4))
+    monkeypatch.setenv("KANDINSKY_FUSE", "0")
+    eager = dit(**inputs)
+    assert layers.fuse_state["compiled_calls"] == 0
+    monkeypatch.delenv("KANDINSKY_FUSE")
+    fused = dit(**inputs)
+    assert layers.fuse_state["failed"] is None and layers.fuse_state["compiled_calls"] > 0
+    assert set(layers._fused_compiled) == {"apply_rope", "scale_shift_norm", "gate_sum"}
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_helpers_fall_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no Triton for this GPU")
+
+    layers = fake_cuda_fusion(monkeypatch, broken_backend)
+    arch = TINY_ARCHS["lite"]
+    dit, inputs = make_tiny_dit(arch), make_inputs(arch, grid=(2, 4, 4))
+    with caplog.at_level("WARNING", logger="kandinsky5"):
+        out = dit(**inputs)
+        out2 = dit(**inputs)
+    assert "no Triton" in layers.fuse_state["failed"]
+    assert sum("elementwise helpers failed" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setenv("KANDINSKY_FUSE", "0")
+    torch.testing.assert_close(out, dit(**inputs), rtol=0, atol=0)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)

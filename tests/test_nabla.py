@@ -331,3 +331,100 @@ def test_flex_executor_only_runs_compiled_flex(monkeypatch):
     assert seen["fn"] is flex_attention and seen["kwargs"] == {"fullgraph": True}
     assert torch.equal(seen["block_mask"].to_dense().bool(), block_mask)
     assert torch.equal(out, q * 2) and out.is_contiguous()
+
+
+def fake_cuda_flex(monkeypatch, behaviour):
+    """NABLA told its tensors are on CUDA, with a stand-in for the compiled flex_attention."""
+    calls = []
+
+    def compiled(q, k, v, block_mask, **kwargs):
+        calls.append(kwargs)
+        return behaviour(q, k, v, block_mask, **kwargs)
+
+    monkeypatch.setattr(nb, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(nb, "_compiled_flex", compiled)
+    monkeypatch.setattr(nb, "_flex_broken", False)
+    monkeypatch.setattr(nb, "flex_failure", None)
+    return calls
+
+
+def test_cuda_flex_runs_with_64x64_kernel_blocks(monkeypatch):
+    """torch.compile's default flex config uses BLOCK_M=128 on CUDA, which NABLA's 64-token blocks refuse
+    ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N"): the kernel blocks must be 64x64."""
+
+    def flex(q, k, v, block_mask, kernel_options=None):
+        if (kernel_options or {}).get("BLOCK_M", 128) % 64 or 64 % (kernel_options or {}).get("BLOCK_M", 128):
+            raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N.")
+        return q
+
+    calls = fake_cuda_flex(monkeypatch, flex)
+    q, k, v = structured_qkv(1, 4, 2, 8, seed=21)
+    out = nabla_attention(q, k, v, (1, 16, 16), NablaParams(0.9))
+    assert calls == [{"kernel_options": {"BLOCK_M": 64, "BLOCK_N": 64}}]
+    assert torch.equal(out, q.contiguous()) and nb.flex_failure is None
+
+
+def test_cuda_flex_failure_falls_back_to_dense_attention_never_the_gather_path(monkeypatch, caplog):
+    """On a GPU the gather path is slower than dense flash attention: when flex fails, dense attention runs, the
+    reason is logged once and kept in nabla.flex_failure, and flex is not retried."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("Q and KV block size must be divisible by BLOCK_M and BLOCK_N. We got Q_BLOCK_SIZE=64")
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("the gather path ran on CUDA")
+
+    calls = fake_cuda_flex(monkeypatch, broken)
+    monkeypatch.setattr(nb, "block_sparse_attention_sdpa", no_gather)
+    q, k, v = structured_qkv(1, 4, 2, 8, seed=22)
+    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    with caplog.at_level("INFO", logger="kandinsky5"):
+        for _ in range(3):
+            out = nabla_attention(q, k, v, (1, 16, 16), NablaParams(0.9))
+            torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    assert len(calls) == 1  # not retried once broken
+    assert "divisible by BLOCK_M" in nb.flex_failure
+    warnings = [r for r in caplog.records if "dense attention instead" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def unchunked_block_mask(q, k, sta_mask, P):
+    """The block mask computed in one piece (float32 copies of q and k, one sort over every head)."""
+    d = q.shape[-1]
+    qa = rearrange(q.transpose(1, 2).float().contiguous(), "b h (n s) d -> b h n s d", s=64).mean(-2)
+    ka = rearrange(k.transpose(1, 2).float().contiguous(), "b h (n s) d -> b h n s d", s=64).mean(-2)
+    attn_map = torch.softmax((qa @ ka.transpose(-2, -1)) / d**0.5, dim=-1)
+    vals, order = attn_map.sort(-1)
+    keep = vals.cumsum_(-1) >= 1 - P
+    return torch.zeros_like(keep).scatter_(-1, order, keep) | sta_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads_per_chunk", [1, 3, 4, 16])
+def test_chunked_block_mask_is_bit_identical(dtype, heads_per_chunk):
+    g = torch.Generator().manual_seed(30)
+    s, h = 3 * 16 * 24, 7
+    offsets = [torch.randn(2, s // 64, h, 64, generator=g).repeat_interleave(64, 1) for _ in range(2)]
+    q, k = ((torch.randn(2, s, h, 64, generator=g) + 2 * o).to(dtype) for o in offsets)
+    sta = sliding_tile_mask(3, 2, 3, 3, 1, 1, "cpu")
+    for P in (0.5, 0.9, 0.99):
+        expected = unchunked_block_mask(q, k, sta, P)
+        assert torch.equal(nb.nabla_block_mask(q, k, sta, P, heads_per_chunk=heads_per_chunk), expected)
+
+
+def test_block_mask_memory_at_the_lite_10s_shape():
+    """Lite 10 s (61x32x48 tokens, 28 heads of 64, bf16): the mask's transient, measured on meta tensors, was
+    2.33 GiB with float32 copies of q and k and int64 sort indices of every head at once."""
+    from kandinsky_core.memory import measure_peak
+
+    t, h, w, heads = 61, 32, 48, 28
+    q = torch.empty(1, t * h * w, heads, 64, device="meta", dtype=torch.bfloat16)
+    sta = sliding_tile_mask(t, h // 8, w // 8, 11, 3, 3, "meta")
+    peak = measure_peak(lambda: nb.nabla_block_mask(q, q, sta, 0.9))
+    assert peak < 0.6 * 2**30, f"{peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("full_blocks", [True, False])
+def test_flex_block_mask_skips_the_backward_only_q_tensors(full_blocks):
+    flex_mask = nb._to_flex_block_mask(random_block_mask(1, 2, 5, 0.4, seed=31), 5 * 64, full_blocks=full_blocks)
+    assert flex_mask.q_indices is None and flex_mask.q_num_blocks is None

@@ -568,3 +568,28 @@ def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
     torch._dynamo.reset()
     assert used == [model.model]
     torch.testing.assert_close(latent, run_sampler_node(model, steps=2), rtol=0, atol=0)
+
+
+def test_comfy_linear_applies_the_fp8_weight_scale_once():
+    """In ComfyUI the DiT's Linear layers are comfy.ops classes, which cast the stored float8 weight but know
+    nothing of our per-tensor scale: the pack's subclass applies it (on the input); our own Linear applies it
+    itself and must not get it twice."""
+    from kandinsky_core import layers
+    from kandinsky_core.loading import to_scaled_fp8
+
+    class CastLinear(torch.nn.Linear):  # what comfy.ops.manual_cast.Linear does with a float8 weight
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+    g = torch.Generator().manual_seed(41)
+    weight, bias = torch.randn(48, 32, generator=g) * 0.01, torch.randn(48, generator=g) * 0.01
+    x = torch.randn(5, 32, generator=g)
+    expected = x @ weight.T + bias
+    for base in (CastLinear, layers.Linear):
+        lin = comfy_glue.eager_weights(base)(32, 48)
+        stored, scale = to_scaled_fp8(weight)
+        lin.weight.data, lin.bias.data = stored, bias
+        lin.register_buffer("weight_scale", scale, persistent=False)
+        with torch.no_grad():
+            out = lin(x)
+        assert float((out - expected).norm() / expected.norm()) < 0.05, base  # float8's own rounding only

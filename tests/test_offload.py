@@ -228,3 +228,33 @@ def test_budget_plan_of_the_end_to_end_benchmark():
     assert plan["estimate"]["sampling"] > 0.4
     assert plan["settings"]["vae_tiled"] is True
     assert plan["estimate"]["vae decode"] == pytest.approx((3 * 128 * 27 * 2 + 17 * 256 * 256 * 128 * 2 * 8) / 2**30)
+
+
+def test_pinned_host_copies_take_their_exact_size_and_are_unpinned_on_remove(monkeypatch):
+    """Tensor.pin_memory() rounds every block up to a power of two in CUDA's caching host allocator and keeps it
+    pinned after release: block swap registers one buffer of exactly the layer's size instead, and unregisters it
+    when swapping ends."""
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(offload, "_cudart", FakeCudart)
+    tensors = [torch.randn(3, 5), torch.arange(7, dtype=torch.int64), torch.randn(4).bfloat16()]
+    copies, release = offload.pin_exact(tensors)
+    for t, c in zip(tensors, copies, strict=True):
+        assert torch.equal(t, c) and c.dtype == t.dtype and c.data_ptr() != t.data_ptr()
+    ((kind, ptr, size),) = calls
+    assert kind == "register" and size == 3 * 256  # 60, 56 and 8 bytes, each padded to 256, not to powers of two
+    swap = offload.swap_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.ModuleList(), "cpu")
+    swap._releases.append(release)
+    swap.remove()
+    assert calls[-1] == ("unregister", ptr)
+    release()  # once only
+    assert len(calls) == 2

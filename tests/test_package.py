@@ -27,3 +27,16 @@ def test_every_core_module_imports_without_comfy_cuda_or_compile():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_tests_run_in_a_checkout_whose_folder_name_is_not_an_identifier(tmp_path):
+    """A clone named comfyui-kandinsky5 (CI checks out into the repository's name): pytest then imports the root
+    __init__.py as a plain module, with no package for its relative imports. That must not break every test."""
+    clone = tmp_path / "comfyui-kandinsky5"
+    clone.mkdir()
+    (clone / "__init__.py").write_text((ROOT / "__init__.py").read_text())
+    (clone / "tests").mkdir()
+    (clone / "tests" / "test_one.py").write_text("def test_one():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_one.py"]
+    result = subprocess.run(cmd, cwd=clone, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
-from kandinsky_core import cli, download, loading, media, pipeline, text_encoders, variants
+from kandinsky_core import cli, download, loading, media, pipeline, sampling, text_encoders, variants
 from kandinsky_core.errors import InputError, MissingFilesError
 from kandinsky_core.hunyuan_vae import HunyuanVideoVAE
 
@@ -236,3 +236,56 @@ def test_nabla_variant_runs_sparse_and_no_nabla_runs_dense(models_dir, monkeypat
     seen.clear()
     pipeline.generate("t2v-lite-sft-10s", "a fox", nabla=False, **kw)
     assert seen == [None]
+
+
+@pytest.mark.parametrize("variant", ["t2i-lite", "i2i-lite"])
+def test_image_variants_encode_and_decode_as_diffusers_flux_vae(models_dir, start_image, monkeypatch, variant):
+    """The image pipeline's FLUX latent handling against diffusers' AutoencoderKL with the FLUX.1 config (scaling
+    0.3611, shift 0.1159) on the same weights, as diffusers' Kandinsky 5 image pipelines use it: the DiT works on
+    `mean * scaling_factor` (no shift) and its 16 output channels decode as `x / scaling_factor` (no shift); the
+    RGB channels land in the frame's last axis in order."""
+    path, pixels = start_image
+    ref_vae = tiny_flux_vae.tiny_diffusers_vae(seed=0)
+    scale = ref_vae.config.scaling_factor
+    assert (scale, ref_vae.config.shift_factor) == (0.3611, 0.1159)  # a config where a wrong shift shows
+
+    dit_inputs, sampled = [], []
+    real_load, real_sample = loading.load_dit, sampling.sample
+
+    def load_spy(*a, **k):
+        dit, v = real_load(*a, **k)
+        real_forward = dit.forward
+        dit.forward = lambda x, *fa, **fk: (dit_inputs.append(x.detach().clone()), real_forward(x, *fa, **fk))[1]
+        return dit, v
+
+    def sample_spy(*a, **k):
+        sampled.append(real_sample(*a, **k))
+        return sampled[-1].clone()
+
+    monkeypatch.setattr(loading, "load_dit", load_spy)
+    monkeypatch.setattr(sampling, "sample", sample_spy)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() if variant == "i2i-lite" else None
+    request = pipeline.resolve_request(variant, "a red fox", width=W, height=H, seed=4, steps=2, image=image)
+    paths = download.ModelPaths(
+        dit=models_dir / "diffusion_models" / variants.VARIANTS[variant].hf_filename.split("/")[-1],
+        qwen=models_dir / "text_encoders" / download.QWEN_DIR,
+        clip=models_dir / "text_encoders" / download.CLIP_DIR,
+        vae=models_dir / "vae" / download.FLUX_VAE_DIR,
+    )
+    frames = pipeline.run(request, paths, device="cpu", dtype=torch.float32, progress=False)
+
+    with torch.no_grad():
+        if image is not None:  # encode: instruct channels 16..31 = diffusers' posterior mean * scaling_factor
+            x = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1
+            edit = ref_vae.encode(x).latent_dist.mean * scale
+            assert dit_inputs[0].shape == (1, 33, 1, H // 8, W // 8)
+            torch.testing.assert_close(dit_inputs[0][:, 16:32, 0], edit, rtol=1e-4, atol=1e-4)
+        (x,) = sampled
+        assert x.shape == (1, 16, 1, H // 8, W // 8)
+        decoded = ref_vae.decode(x[:, :, 0] / scale).sample  # [1, 3, H, W]
+    want = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0)
+    assert frames.shape == (1, H, W, 3) and frames.dtype == torch.uint8
+    diff = (frames[0].float() - want).abs()
+    worst, mean = float(diff.max()), float(diff.mean())
+    assert worst <= 1 and mean < 0.01, f"8-bit difference from diffusers: max {worst}, mean {mean:.4f}"
+    assert want.std() > 5  # a real image, not a flat one any decoding would match

@@ -248,3 +248,58 @@ def test_x0_estimate_recovers_the_clean_latent_of_a_straight_flow():
     t1, t2 = 0.8, 0.55
     x_t1, x_t2 = (1 - t1) * x0 + t1 * noise, (1 - t2) * x0 + t2 * noise
     torch.testing.assert_close(x0_estimate(x_t1, x_t2, t1, t2), x0)
+
+
+@pytest.mark.parametrize("guidance, one_step, two_steps", [(0.25, 0.075, 0.565625), (0.0, 0.2, 0.675)])
+def test_guidance_below_one_still_applies_cfg(guidance, one_step, two_steps):
+    """Guidance in [0, 1) is CFG (an interpolation towards the negative prompt), not CFG off as guidance 1 is.
+
+    By hand, with the fake DiT's a = 0.5, c = 0.3, u = -0.2 and every latent value 2, scheduler scale 1:
+    one step, t = 1 -> 0 (dt = -1): v_c = 0.5 * 2 + 0.3 + 1 = 2.3, v_u = 0.5 * 2 - 0.2 + 1 = 1.8,
+    v = v_u + g (v_c - v_u) = 1.8 + 0.5 g; g = 0.25: x = 2 - 1.925 = 0.075; g = 0: x = 2 - 1.8 = 0.2
+    (CFG switched off would give 2 - 2.3 = -0.3).
+    Two steps, t = 1 -> 0.5 -> 0 (dt = -0.5): x1 = 2 - 0.5 (1.8 + 0.5 g) = 1.0375 (g = 0.25) / 1.1 (g = 0);
+    at t = 0.5, v = 0.5 x1 - 0.2 + 0.5 + 0.5 g = 0.94375 / 0.85, so x2 = x1 - 0.5 v = 0.565625 / 0.675.
+    """
+    noise = torch.full((1, 16, 1, 2, 2), 2.0)
+    one = sample(FakeDiT(), noise, cond(0.3), cond(-0.2), steps=1, guidance=guidance, scheduler_scale=1.0)
+    torch.testing.assert_close(one, torch.full_like(noise, one_step), atol=1e-6, rtol=0)
+
+    dit = FakeDiT()
+    two = sample(dit, noise, cond(0.3), cond(-0.2), steps=2, guidance=guidance, scheduler_scale=1.0)
+    assert [float(c["pooled"][0, 0]) for c in dit.calls] == pytest.approx([0.3, -0.2, 0.3, -0.2])  # both, each step
+    torch.testing.assert_close(two, torch.full_like(noise, two_steps), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("grid", "batch", "cfg", "text_len"),
+    [((3, 8, 12), 1, True, 7), ((5, 16, 16), 1, False, 12), ((2, 16, 24), 2, True, 5)],
+)
+def test_step_memory_estimate_matches_a_measured_sampling_step(grid, batch, cfg, text_len):
+    """The Sampler asks ComfyUI for step_peak_bytes (measured on meta tensors): it must match the peak of a real
+    one-step `sample` on the CPU (every tensor alive at once counted by kandinsky_core.memory's tracker), CFG
+    included: its two branches run one after the other, so CFG costs one more velocity, not twice the activations
+    (the old formula assumed 40 live copies, doubled for CFG: several times the measurement)."""
+    from tiny import TINY_ARCHS, make_tiny_dit
+
+    from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
+    from nodes.sampler import memory_estimate
+
+    arch = TINY_ARCHS["lite"]
+    dit = make_tiny_dit(arch)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch, 16, *grid, generator=g)
+
+    def conditioning():
+        embeds = torch.randn(1, text_len, arch.in_text_dim, generator=g)
+        pooled = torch.randn(1, arch.in_text_dim2, generator=g)
+        return TextConditioning(embeds, torch.ones(1, text_len, dtype=torch.bool), pooled)
+
+    cond, uncond = conditioning(), conditioning() if cfg else None
+    measured = measure_peak(
+        lambda: sample(dit, noise, cond, uncond, steps=1, guidance=5.0 if cfg else 1.0, scheduler_scale=1.0),
+        fused_attention=False,
+    )
+    model = SimpleNamespace(variant=SimpleNamespace(arch=arch), model=dit)
+    estimate = memory_estimate(model, batch, *grid, cfg, text_len) / ALLOCATOR_MARGIN  # what ComfyUI is asked for
+    assert 0.95 * measured <= estimate <= 1.1 * measured, (measured, estimate)

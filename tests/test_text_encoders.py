@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from prerequisites import missing
 from safetensors.torch import save_file
 from tiny_text import make_tiny_text_encoders, quantize_fp8_scaled
 
@@ -96,8 +97,11 @@ def test_templates_and_instructions_are_the_official_strings():
 
 
 def test_crop_removes_exactly_the_template_prefix(folder_encoders):
-    tokenizer = folder_encoders.qwen_tokenizer
-    starts = folder_encoders.crop_starts
+    assert_crop_keeps_the_prompt(folder_encoders.qwen_tokenizer, folder_encoders.crop_starts)
+
+
+def assert_crop_keeps_the_prompt(tokenizer, starts: dict[str, int]) -> None:
+    """Cropping a templated prompt at `starts` keeps the prompt and the template's suffix, nothing of the prefix."""
     prompt = PROMPTS[0]
     for kind in PROMPT_TEMPLATES:
         template = "\n".join(PROMPT_TEMPLATES[kind])
@@ -118,12 +122,14 @@ def _real_qwen_tokenizer_dir() -> Path | None:
     return d if d is not None and (d / "vocab.json").is_file() else None
 
 
-@pytest.mark.skipif(_real_qwen_tokenizer_dir() is None, reason="needs ComfyUI's real Qwen tokenizer (COMFYUI_DIR)")
 def test_official_crop_starts_with_the_real_tokenizer():
     from kandinsky_core.text_encoders import load_qwen_tokenizer
 
+    if _real_qwen_tokenizer_dir() is None:
+        missing("ComfyUI's Qwen2.5 tokenizer (COMFYUI_DIR/comfy/text_encoders/qwen25_tokenizer; `make test` sets it)")
     tokenizer = load_qwen_tokenizer(_real_qwen_tokenizer_dir())
     assert crop_starts_for(tokenizer) == OFFICIAL_CROP_START
+    assert_crop_keeps_the_prompt(tokenizer, OFFICIAL_CROP_START)
     for kind, length in {"video": 129, "image2video": 132, "image": 41, "image_edit": 52}.items():
         prefix = "\n".join(PROMPT_TEMPLATES[kind]).split("{}")[0]
         assert len(tokenizer(prefix)["input_ids"]) == length

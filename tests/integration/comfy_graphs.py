@@ -85,3 +85,16 @@ def with_start_image(g: dict, image: str, width: int, height: int) -> dict:
     }
     g["5"]["inputs"]["start_latent"] = ["9", 0]
     return g
+
+
+def with_edit_image(g: dict, image: str, width: int, height: int) -> dict:
+    """I2I: LoadImage (node 8) -> Kandinsky 5 VAE Encode (node 9) -> the sampler's edit_latent; the same image goes to
+    Text Encode's edit_image (Qwen sees it with the image_edit template)."""
+    g["8"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    g["9"] = {
+        "class_type": "Kandinsky5VAEEncode",
+        "inputs": {"vae": ["3", 0], "images": ["8", 0], "width": width, "height": height},
+    }
+    g["5"]["inputs"]["edit_latent"] = ["9", 0]
+    g["4"]["inputs"]["edit_image"] = ["8", 0]
+    return g

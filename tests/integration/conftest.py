@@ -1,5 +1,6 @@
 """Fixtures of the integration tests: one headless ComfyUI per session (see comfy_server.py and docs/comfyui.md).
-Without COMFYUI_DIR every test here is skipped, and the run ends with a warning saying so."""
+`make test` provides COMFYUI_DIR. Without it every test here is skipped and the run ends with a warning saying so;
+with CI=true each of them fails instead (tests/prerequisites.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from comfy_server import (  # noqa: E402
     PACK,
     REPO,
@@ -26,10 +27,11 @@ from comfy_server import (  # noqa: E402
     tiny_archs,
     write_models,
 )
+from prerequisites import in_ci, missing  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not os.environ.get("COMFYUI_DIR"):
+    if not os.environ.get("COMFYUI_DIR") and not in_ci():
         terminalreporter.write_line(f"WARNING: {SKIP_REASON}", yellow=True, bold=True)
 
 
@@ -37,7 +39,7 @@ def pytest_terminal_summary(terminalreporter):
 def comfyui(tmp_path_factory):
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
-        pytest.skip(SKIP_REASON)
+        missing(SKIP_REASON)
     comfy_dir = Path(comfy_dir)
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     if not (comfy_dir / "main.py").is_file():

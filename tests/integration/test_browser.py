@@ -9,11 +9,10 @@ import json
 import os
 import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
-import pytest
 from comfy_server import CLIP, HUNYUAN_VAE, QWEN, REPO
+from prerequisites import missing
 
 BROWSER_DIR = REPO / "tests" / "browser"
 SCRIPT = BROWSER_DIR / "k5_browser_test.mjs"
@@ -21,8 +20,7 @@ TIMEOUT = 300
 
 
 def _skip(reason: str) -> None:
-    warnings.warn(UserWarning(f"browser test NOT run: {reason}"), stacklevel=2)
-    pytest.skip(reason)
+    missing(f"the browser test: {reason}")
 
 
 def _bundled_workflow() -> Path | None:

@@ -1,4 +1,4 @@
-"""The pack inside a real headless ComfyUI: /object_info, --quick-test-for-ci, T2V / I2V / T2I graphs through
+"""The pack inside a real headless ComfyUI: /object_info, --quick-test-for-ci, T2V / I2V / T2I / I2I graphs through
 POST /prompt compared frame by frame with kandinsky_core run directly, interrupt, and bad inputs."""
 
 from __future__ import annotations
@@ -134,6 +134,19 @@ def test_t2i_graph_matches_kandinsky_core(comfyui, tiny_variants):
     with Image.open(files[0]) as im:
         assert im.size == (W, H)
     assert_frames_match(read_frames(files), reference(comfyui, "t2i-lite", "flux_vae", 11, 1))
+
+
+def test_i2i_graph_matches_kandinsky_core(comfyui, tiny_variants):
+    """The Sampler node with an edit image (I2I): LoadImage -> VAE Encode (FLUX) -> edit_latent, and the image in
+    Text Encode, gives kandinsky_core's edit for the same seed (the node scales the LATENT into the DiT's space)."""
+    pixels = np.random.default_rng(4).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(comfyui.base / "input" / "edit.png")
+    g = graphs.text2x(dit_name(comfyui, "i2i-lite"), FLUX_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=13, prefix="i2i")
+    graphs.with_edit_image(g, "edit.png", W, H)
+    files = comfyui.output_files(comfyui.run(g), "7")
+    assert len(files) == 1
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    assert_frames_match(read_frames(files), reference(comfyui, "i2i-lite", "flux_vae", 13, 1, image))
 
 
 def test_interrupt_stops_sampling_and_the_next_prompt_runs(comfyui):
