@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import InputError, KandinskyError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # what shells report for Ctrl-C
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +128,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     variant = get_variant(args.variant)
     models_dir = _models_dir(args.models_dir)
     for p in plan_downloads(variant, models_dir):
-        print(f"{p.role:<5} present: {p.path}" if p.present else f"{p.role:<5} missing: {p.describe()}")
+        if p.present:
+            print(f"{p.role:<5} present: {p.path}")
+        elif p.dest.is_file():
+            print(f"{p.role:<5} broken:  {p.dest} is truncated (an interrupted download); fetching it again")
+        else:
+            print(f"{p.role:<5} missing: {p.describe()}")
     plan = ensure_files(variant, models_dir, log=print)
     print(f"All files for {variant.name} are in {models_dir}:")
     for p in plan:
@@ -208,7 +214,7 @@ def _magcache(args: argparse.Namespace, variant):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .media import check_output_path
+    from .media import check_output_path, ensure_writable_folder
     from .variants import get_variant, seconds_to_frames
 
     variant = get_variant(args.variant)
@@ -238,12 +244,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         expand_prompt=args.expand_prompt,
         nabla=False if args.no_nabla else None,
     )
+    from .pipeline import pick_device
+
+    pick_device(args.device)  # an absent device is refused before anything loads
     magcache = _magcache(args, variant)
-    if args.block_swap is not None and args.block_swap < 0:
-        raise InputError(
-            f"--block-swap {args.block_swap} is not allowed: give how many visual blocks stay on the accelerator "
-            f"(0 .. {variant.arch.num_visual_blocks}; 0 swaps them all)."
-        )
+    if args.block_swap is not None:
+        from .variants import block_swap_problem
+
+        problem = block_swap_problem(variant, "--block-swap", args.block_swap)
+        if problem:
+            raise InputError(problem)
     if args.text_block_swap is not None and args.text_block_swap < 0:
         raise InputError(
             f"--text-block-swap {args.text_block_swap} is not allowed: give how many Qwen2.5-VL decoder layers stay "
@@ -253,13 +263,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if calibration_file is not None and calibration_file.exists() and not args.overwrite:
         raise InputError(f"--calibrate-magcache {calibration_file} exists. Pick another file, or add --overwrite.")
     output = args.output or Path("kandinsky5.mp4" if variant.is_video else "kandinsky5.png")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output = check_output_path(output, video=variant.is_video, overwrite=args.overwrite)
+    if calibration_file is not None:
+        ensure_writable_folder(calibration_file.parent, "--calibrate-magcache folder", "Choose another file.")
     models = _resolve_models(args, variant)
 
     import torch
 
-    from .media import write_output
     from .pipeline import run
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
@@ -279,7 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text_block_swap=args.text_block_swap,
         compile=args.compile,
     )
-    write_output(frames_out, output, overwrite=args.overwrite)
+    _write_or_rescue(frames_out, output, args.overwrite)
     if calibration_file is not None:
         from .pipeline import mag_ratios_json
 
@@ -289,6 +299,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     f, h, w = frames_out.shape[:3]
     print(f"wrote {output} ({w}x{h}, {f} frame{'s' if f > 1 else ''}) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _write_or_rescue(frames, output: Path, overwrite: bool) -> None:
+    """Write the finished result; when that fails (disk full, folder gone, file appeared), keep it elsewhere and
+    say where: a run of minutes or hours is never thrown away at the last step."""
+    from .errors import OutputError
+    from .media import rescue_output, write_output
+
+    try:
+        write_output(frames, output, overwrite=overwrite)
+    except (OSError, InputError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        kept = rescue_output(frames, output)
+        if kept is None:
+            raise OutputError(
+                f"The result could not be written to {str(output)!r} ({reason}), nor to the temporary or home "
+                "folder. Free some disk space and run again."
+            ) from e
+        raise OutputError(
+            f"The result could not be written to {str(output)!r} ({reason}). It was kept in {kept} instead: move it "
+            "where you want it."
+        ) from e
 
 
 COMMANDS = {"variants": cmd_variants, "download": cmd_download, "generate": cmd_generate, "queue": cmd_queue}
@@ -301,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except KandinskyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"\nstopped (Ctrl-C): {args.command} was interrupted; nothing was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `... variants | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 0

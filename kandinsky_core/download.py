@@ -115,6 +115,23 @@ def _find(models_dir: Path, folders: tuple[str, ...], patterns: tuple[str, ...])
     return None
 
 
+def _intact(path: Path | None) -> Path | None:
+    """`path`, unless it is a safetensors file cut short (an interrupted download: its header announces more data
+    than the file holds), which is not "present" and is fetched again; None then. Other faults are the loaders'."""
+    if path is None or path.is_dir():
+        return path
+    from .errors import TruncatedFileError, WeightsError
+    from .loading import read_safetensors_header
+
+    try:
+        read_safetensors_header(path)
+    except TruncatedFileError:
+        return None
+    except WeightsError:
+        pass
+    return path
+
+
 def _is_complete_hf_folder(folder: Path) -> bool:
     """A transformers folder with its config and every weight shard the index names (a half-fetched one is not)."""
     if not (folder / "config.json").is_file():
@@ -153,15 +170,15 @@ def plan_downloads(variant, models_dir: str | os.PathLike) -> list[PlannedFile]:
     models_dir = Path(models_dir)
     dit_name = Path(variant.hf_filename).name
     dit_dest = models_dir / "diffusion_models" / dit_name
-    dit_found = _find(models_dir, FOLDERS["dit"], (dit_name,))
+    dit_found = _intact(_find(models_dir, FOLDERS["dit"], (dit_name,)))
 
     qwen_dest = models_dir / "text_encoders" / QWEN_DIR
-    qwen_found = _find_folder(models_dir, FOLDERS["qwen"], QWEN_DIR) or _find(
-        models_dir, FOLDERS["qwen"], COMFY_SINGLE_FILES["qwen"]
+    qwen_found = _find_folder(models_dir, FOLDERS["qwen"], QWEN_DIR) or _intact(
+        _find(models_dir, FOLDERS["qwen"], COMFY_SINGLE_FILES["qwen"])
     )
     clip_dest = models_dir / "text_encoders" / CLIP_DIR
-    clip_found = _find_folder(models_dir, FOLDERS["clip"], CLIP_DIR) or _find(
-        models_dir, FOLDERS["clip"], COMFY_SINGLE_FILES["clip"]
+    clip_found = _find_folder(models_dir, FOLDERS["clip"], CLIP_DIR) or _intact(
+        _find(models_dir, FOLDERS["clip"], COMFY_SINGLE_FILES["clip"])
     )
 
     kind = _vae_kind(variant)
@@ -170,7 +187,7 @@ def plan_downloads(variant, models_dir: str | os.PathLike) -> list[PlannedFile]:
     vae_found = (
         vae_dest / "vae"
         if all((vae_dest / f).is_file() for f in VAE_FILES)
-        else _find(models_dir, FOLDERS["vae"], COMFY_SINGLE_FILES[kind])
+        else _intact(_find(models_dir, FOLDERS["vae"], COMFY_SINGLE_FILES[kind]))
     )
 
     return [

@@ -13,5 +13,13 @@ class WeightsError(KandinskyError):
     """A weights file or folder is missing, truncated, or is not what the caller asked for."""
 
 
+class TruncatedFileError(WeightsError):
+    """A safetensors file whose header announces more data than the file holds (an interrupted download)."""
+
+
 class MissingFilesError(WeightsError, FileNotFoundError):
     """Files needed for a run are not on disk (and cannot be downloaded now)."""
+
+
+class OutputError(KandinskyError):
+    """A finished result could not be written where asked (the message says where it was kept instead)."""

@@ -10,6 +10,7 @@ Our parameter names follow the original latent-diffusion layout ComfyUI uses (`e
 """
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -593,9 +594,11 @@ def _check_latent(latent: Tensor, cfg: HunyuanVAEConfig) -> None:
         )
 
 
-def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
+def tiling_problem(tiling: VAETiling, cfg: HunyuanVAEConfig = HUNYUAN_VAE_CONFIG) -> str | None:
+    """What makes a tiling unusable (None when it works): the one rule behind the decode and the VAE Decode node's
+    validation. The FLUX VAE's tiles (tile_px / 8 latent positions) work whenever this holds."""
     r, s = cfg.temporal_compression, cfg.spatial_compression
-    ok = (
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in dataclasses.astuple(tiling)) and (
         tiling.tile_px % s == 0
         and tiling.overlap_px % s == 0
         and 0 <= 2 * tiling.overlap_px <= tiling.tile_px
@@ -605,11 +608,22 @@ def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
         and 0 <= 2 * tiling.overlap_frames <= tiling.tile_frames
         and tiling.tile_frames > 0
     )
-    if not ok:
-        raise InputError(
-            f"VAE tiling {tiling} is not usable: tile_px and overlap_px must be multiples of {s}, tile_frames and "
-            f"overlap_frames multiples of {r}, and each overlap at most half its tile. Try the defaults {VAETiling()}."
-        )
+    if ok:
+        return None
+    t, d = tiling, VAETiling()
+    return (
+        f"VAE tiling tile_px={t.tile_px!r}, overlap_px={t.overlap_px!r}, tile_frames={t.tile_frames!r}, "
+        f"overlap_frames={t.overlap_frames!r} is not usable: tile_px and overlap_px must be multiples of {s}, "
+        f"tile_frames and overlap_frames multiples of {r}, and each overlap at most half its tile. Try the "
+        f"defaults tile_px={d.tile_px}, overlap_px={d.overlap_px}, tile_frames={d.tile_frames}, "
+        f"overlap_frames={d.overlap_frames}."
+    )
+
+
+def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
+    problem = tiling_problem(tiling, cfg)
+    if problem:
+        raise InputError(problem)
 
 
 # Loading.

@@ -7,6 +7,7 @@ nothing to recognise.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -15,13 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, MissingFilesError, WeightsError
+from .errors import InputError, MissingFilesError, TruncatedFileError, WeightsError
 from .model import Kandinsky5DiT
 from .variants import VARIANTS, DiTArch, Variant, get_variant
 
 Header = dict[str, tuple[str, tuple[int, ...]]]
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format caps the JSON header at 100 MB
+# bits per element of the safetensors dtypes (the format's names)
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
 # Prefixes other tools put in front of the official names (ComfyUI checkpoints and exports, Lightning, ...).
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "dit.", "transformer.")
 FP8_DTYPE = torch.float8_e4m3fn
@@ -64,7 +70,7 @@ def read_safetensors_header(path: str | Path) -> Header:
                 f"would announce a {n}-byte header). Only .safetensors weights are supported; convert or re-download."
             )
         if 8 + n > size:
-            raise WeightsError(
+            raise TruncatedFileError(
                 f"{path.name!r} is truncated or not a safetensors file: the header length is {n} bytes but the file "
                 f"has only {size - 8} bytes after it. Re-download the file."
             )
@@ -84,15 +90,26 @@ def read_safetensors_header(path: str | Path) -> Header:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (_start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError):
             raise WeightsError(
                 f"{path.name!r} has a malformed safetensors header entry for {name!r}: {info!r}. Re-download the file."
             ) from None
+        if dtype not in _DTYPE_BITS:
+            raise WeightsError(
+                f"{path.name!r}: tensor {name!r} has the dtype {dtype!r}, which safetensors does not define (known: "
+                f"{', '.join(_DTYPE_BITS)}). The file is corrupt or not safetensors: re-download it."
+            )
+        if not 0 <= start <= end or (end - start) * 8 != math.prod(shape) * _DTYPE_BITS[dtype]:
+            raise WeightsError(
+                f"{path.name!r}: tensor {name!r} has data offsets {[start, end]} that do not fit its shape "
+                f"{list(shape)} and dtype {dtype}. The file is corrupt: re-download it."
+            )
         out[name] = (dtype, shape)
         data_end = max(data_end, int(end))
     if 8 + n + data_end > size:
-        raise WeightsError(
+        raise TruncatedFileError(
             f"{path.name!r} is truncated: its tensors need {8 + n + data_end} bytes but the file has {size}. "
             "The download was interrupted: delete it and download again."
         )
@@ -359,7 +376,7 @@ def load_dit(
                 f"{tuple(ref.shape)}. The file belongs to another variant; let auto-detection pick it."
             )
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -367,19 +384,22 @@ def load_dit(
     state: dict[str, torch.Tensor] = {}
     # One tensor at a time, converted on arrival: peak memory is the model plus one tensor.
     scales: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        for name, orig in rename.items():
-            t = f.get_tensor(orig)
-            target = _target_dtype(name, t.dtype, dtype, fp8)
-            if target == FP8_DTYPE and t.dtype != FP8_DTYPE:
-                t, scales[name] = to_scaled_fp8(t)
-            elif t.dtype != target:
-                t = t.to(target)
-            elif t.device.type == "cpu":
-                # safetensors maps CPU tensors straight from the file, at any byte offset: an owned copy is aligned
-                # as every other tensor is, so the same weights give the same numbers wherever they are copied
-                t = t.clone()
-            state[name] = t
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name, orig in rename.items():
+                t = f.get_tensor(orig)
+                target = _target_dtype(name, t.dtype, dtype, fp8)
+                if target == FP8_DTYPE and t.dtype != FP8_DTYPE:
+                    t, scales[name] = to_scaled_fp8(t)
+                elif t.dtype != target:
+                    t = t.to(target)
+                elif t.device.type == "cpu":
+                    # safetensors maps CPU tensors straight from the file, at any byte offset: an owned copy is aligned
+                    # as every other tensor is, so the same weights give the same numbers wherever they are copied
+                    t = t.clone()
+                state[name] = t
+    except SafetensorError as e:
+        raise WeightsError(f"{path.name!r} cannot be read as safetensors ({e}). It is corrupt: re-download it.") from e
     model.load_state_dict(state, strict=True, assign=True)
     for name, scale in scales.items():
         # not in the state dict: the model keeps the checkpoint's keys; layers multiply it back at use

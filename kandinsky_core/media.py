@@ -18,45 +18,139 @@ IMAGE_SUFFIXES = (".png",)
 
 
 def check_output_path(path: str | os.PathLike, *, video: bool, overwrite: bool = False) -> Path:
-    """Fail before any work if the output cannot be written: wrong suffix, existing file, missing folder."""
+    """Fail before any work if the output cannot be written: wrong suffix, existing file, a folder that cannot be
+    created or written. Missing folders are created only once every other check has passed."""
     path = Path(path)
     allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
     if path.suffix.lower() not in allowed:
-        kind = "video" if video else "image"
+        kind = "a video" if video else "an image"
         raise InputError(
-            f"Output {str(path)!r}: this variant makes a {kind}, so the output must end in {' or '.join(allowed)}. "
+            f"Output {str(path)!r}: this variant makes {kind}, so the output must end in {' or '.join(allowed)}. "
             f"Pass e.g. --output out{allowed[0]}."
+        )
+    if path.is_dir():
+        raise InputError(
+            f"Output {str(path)!r} is a folder. Pass a file name, e.g. --output {path / 'out'}{allowed[0]}."
         )
     if path.exists() and not overwrite:
         raise InputError(f"Output {str(path)!r} already exists. Choose another --output or pass --overwrite.")
-    if not path.parent.is_dir():
-        raise InputError(f"Output folder {str(path.parent)!r} does not exist. Create it or choose another --output.")
+    ensure_writable_folder(path.parent, "Output folder", "Choose another --output.")
     return path
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
-    """An image file as uint8 RGB [3, H, W] (alpha dropped, palette and greyscale converted)."""
-    from PIL import Image, UnidentifiedImageError
+def ensure_writable_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
+    """Create `folder` (and missing parents) and prove a file can be created in it, before any long work. On
+    failure nothing is left behind (folders made here are removed) and InputError says why, then `fix`."""
+    folder = Path(folder)
+    missing, existing = [], folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f", so {str(folder)!r} cannot be created"
+        raise InputError(f"{what} {str(folder)!r}: {str(existing)!r} is not a folder (it is a file){where}. {fix}")
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        probe = folder / f".kandinsky5-write-test-{secrets.token_hex(4)}"
+        open(probe, "xb").close()
+        probe.unlink()
+    except OSError as e:
+        for d in missing:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise InputError(f"{what} {str(folder)!r} cannot be written ({e.strerror or e}). {fix}") from None
+    return folder
+
+
+def rescue_output(frames: Tensor, path: str | os.PathLike) -> Path | None:
+    """Write a finished result that could not go to `path` to the temporary folder (then the home folder) under
+    a fresh name; the path written, or None when neither place can take it."""
+    import tempfile
 
     path = Path(path)
-    if not path.is_file():
+    name = f"kandinsky5-rescued-{path.stem}-{secrets.token_hex(3)}{path.suffix.lower()}"
+    for folder in (Path(tempfile.gettempdir()), Path.home()):
+        try:
+            return write_output(frames, folder / name)
+        except (OSError, InputError):
+            continue
+    return None
+
+
+def _open_image(path: Path):
+    """The image file at `path`, opened lazily (header read); InputError naming --image when it is not a readable
+    image file (missing, a folder or device, not an image, a decompression bomb)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
         raise InputError(f"Input image {str(path)!r} does not exist. Pass an existing png/jpg/webp file with --image.")
+    if not path.is_file():
+        raise InputError(
+            f"Input image {str(path)!r} is not a regular file (a folder or device). Pass a png, jpg or webp file "
+            "with --image."
+        )
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(
+            f"Input image {str(path)!r} cannot be read as an image ({e}). Pass a png, jpg or webp file."
+        ) from e
+
+
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as it is shown (EXIF orientation applied), reading the header only."""
+    with _open_image(Path(path)) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(EXIF_ORIENTATION) in SIDEWAYS else (w, h)
+
+
+def _to_rgb_array(im) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: 16-bit greyscale scaled to 8 bits (not clipped at 255), alpha dropped, palette and
+    greyscale converted."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im).astype(np.float64)
+        top = 1.0 if im.mode == "F" and a.max() <= 1.0 else 65535.0
+        a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """An image file as uint8 RGB [3, H, W] (EXIF orientation applied; alpha dropped, palette, greyscale and 16-bit
+    converted)."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    try:
+        with _open_image(path) as im:
+            rgb = _to_rgb_array(ImageOps.exif_transpose(im))  # upright, as ComfyUI's LoadImage shows it
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(
             f"Input image {str(path)!r} cannot be read as an image ({e}). Pass a png, jpg or webp file."
         ) from e
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size (h', w') an h x w image is scaled to so that it covers width x height with its aspect kept: the
+    official resize's `int(side / scale)`, which float rounding can leave one pixel short of the side that should
+    fit exactly (800x600 -> 1408x640 gives 1407 px); that side is then the target itself, so nothing collapses."""
+    scale = min(h / height, w / width)
+    return max(int(h / scale), height), max(int(w / scale), width)
+
+
 def resize_center_crop(image: Tensor, width: int, height: int) -> Tensor:
     """Scale [C, H, W] so it covers width x height, keeping its aspect, then cut the centre (as the official
     resize_video does: the short side fits, the long side is cropped symmetrically)."""
     h, w = image.shape[-2:]
-    scale = min(h / height, w / width)
-    new_h, new_w = int(h / scale), int(w / scale)
+    new_h, new_w = cover_size(h, w, height, width)
     x = image.float().unsqueeze(0)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)

@@ -18,8 +18,8 @@ from torch import Tensor
 from .download import ModelPaths
 from .errors import InputError, MissingFilesError
 from .magcache import MagCache, MagCacheParams, MagCalibration
-from .media import read_image, resize_center_crop, to_uint8_frames
-from .variants import Variant, get_variant, validate_size
+from .media import image_size, read_image, resize_center_crop, to_uint8_frames
+from .variants import GUIDANCE_MAX, SCHEDULER_SCALE_MAX, Variant, get_variant, number_problem, validate_size
 
 __all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device", "read_mag_ratios"]
 
@@ -60,15 +60,7 @@ def _nearest_aspect(resolutions: tuple[tuple[int, int], ...], width: int, height
 def _image_size(image: str | os.PathLike | Tensor) -> tuple[int, int]:
     if isinstance(image, Tensor):
         return int(image.shape[-1]), int(image.shape[-2])
-    from PIL import Image
-
-    if not Path(image).is_file():
-        raise InputError(f"Input image {str(image)!r} does not exist. Pass an existing png/jpg/webp file with --image.")
-    try:
-        with Image.open(image) as im:
-            return im.size
-    except (OSError, ValueError) as e:
-        raise InputError(f"Input image {str(image)!r} cannot be read ({e}). Pass a png, jpg or webp file.") from e
+    return image_size(image)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -127,15 +119,20 @@ def resolve_request(
         raise InputError(f"seed={seed} is not allowed: use a whole number between 0 and 2**64 - 1.")
     steps = _positive_int("steps", v.steps if steps is None else steps)
     guidance = float(v.guidance if guidance is None else guidance)
-    if not guidance >= 0:
-        raise InputError(
-            f"guidance={guidance} is not allowed: use a number >= 0 (1 disables CFG; default {v.guidance})."
-        )
+    problem = number_problem("guidance", guidance, 0, GUIDANCE_MAX, note=f" (1 disables CFG; default {v.guidance:g})")
+    if problem:
+        raise InputError(problem)
     scheduler_scale = float(v.scheduler_scale if scheduler_scale is None else scheduler_scale)
-    if not scheduler_scale > 0:
-        raise InputError(
-            f"scheduler_scale={scheduler_scale} is not allowed: it must be > 0 (default {v.scheduler_scale})."
-        )
+    problem = number_problem(
+        "scheduler_scale",
+        scheduler_scale,
+        0,
+        SCHEDULER_SCALE_MAX,
+        lo_open=True,
+        note=f" (default {v.scheduler_scale:g})",
+    )
+    if problem:
+        raise InputError(problem)
     if negative is None:
         negative = VIDEO_NEGATIVE if v.is_video else ""
 
@@ -192,6 +189,10 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         raise InputError(f"--device {device!r} is not a device name. Use auto, cpu, cuda, cuda:N or mps.") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for but this torch sees no CUDA GPU. Use --device cpu or auto.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"--device {device} was asked for but this machine has no Apple MPS. Use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device} cannot run a model. Use auto, cpu, cuda, cuda:N or mps.")
     return dev
 
 

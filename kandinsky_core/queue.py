@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, KandinskyError
+from .errors import InputError, KandinskyError, OutputError
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 FRONTEND_ONLY = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")  # never sent to the server
@@ -610,6 +610,9 @@ def run_workflow(
     """Queue a workflow file on a ComfyUI server, follow it, download its outputs; returns the files written."""
     if timeout <= 0:
         raise InputError(f"--timeout {timeout:g}: give a positive number of seconds.")
+    from .media import ensure_writable_folder
+
+    ensure_writable_folder(output_dir, "--output-dir", "Choose a folder you can write to with --output-dir.")
     workflow = load_workflow(path)
     client = Client(server, timeout=min(30.0, timeout))
     api = apply_overrides(to_api(workflow, client), prompt, negative, seed, sets)
@@ -631,7 +634,15 @@ def run_workflow(
     if not files:
         log(f"prompt {prompt_id} finished; it saved no output files.")
         return []
-    saved = download(client, files, Path(output_dir))
+    try:
+        saved = download(client, files, Path(output_dir))
+    except OSError as e:
+        names = ", ".join(f"{f.get('subfolder') + '/' if f.get('subfolder') else ''}{f['filename']}" for f in files)
+        raise OutputError(
+            f"The outputs could not be saved in {str(output_dir)!r} ({e.strerror or e}). They are kept on the server, "
+            f"in ComfyUI's output folder: {names} (also at {client.server}/view?filename=...). Free the folder and "
+            "download them from there."
+        ) from e
     for p in saved:
         log(f"saved {p}")
     return saved

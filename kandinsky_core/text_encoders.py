@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -316,6 +317,13 @@ def _safetensors_files(path: Path, what: str) -> list[Path]:
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            folder = path.resolve()
+            outside = sorted({n for n in weight_map.values() if not (folder / n).resolve().is_relative_to(folder)})
+            if outside:
+                raise WeightsError(
+                    f"{what}: {indexes[0]} names shards outside its folder ({', '.join(map(repr, outside))}); only "
+                    f"files inside {path} are read. Put the shards in that folder and list them by file name."
+                )
             files = sorted({path / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -339,6 +347,12 @@ def _safetensors_files(path: Path, what: str) -> list[Path]:
             "use the .safetensors release of this model."
         )
     return [path]
+
+
+def check_weight_files(path: str | os.PathLike, what: str) -> list[Path]:
+    """The safetensors files a text encoder's file or folder holds, checked without reading any weights: the
+    index's shards exist and lie inside the folder. MissingFilesError / WeightsError name the fault and the fix."""
+    return _safetensors_files(Path(path), what)
 
 
 def _scan(path: str | os.PathLike, what: str) -> _Source:
@@ -433,7 +447,7 @@ def _wrong_file(what: str, source: _Source, expected: str) -> WeightsError:
     keys = sorted(k for k in source.files if not _is_aux(k))
     return WeightsError(
         f"{what}: {source.path} is {_describe(keys)}, not {expected} (found keys like {', '.join(keys[:3])}). "
-        f"Select the {expected} file there."
+        f"Pick {expected} instead (Qwen2.5-VL-7B for qwen_name, CLIP ViT-L/14 for clip_name)."
     )
 
 
@@ -582,9 +596,21 @@ def load_qwen_tokenizer(tokenizer_dir: str | os.PathLike | None = None, weights:
             "the text encoder's folder (`python -m kandinsky_core download` fetches the whole folder), or pass "
             "tokenizer_dir (inside ComfyUI: its comfy/text_encoders/qwen25_tokenizer folder)."
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(found))
+    tokenizer = _build_tokenizer(AutoTokenizer, found, "Qwen2.5-VL")
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _build_tokenizer(cls: Any, folder: Path, what: str) -> Any:
+    """`cls.from_pretrained(folder)`, with a message naming the folder and the fix when its files are broken."""
+    try:
+        return cls.from_pretrained(str(folder))
+    except Exception as e:  # transformers / tokenizers raise many types for broken files
+        raise WeightsError(
+            f"The {what} tokenizer in {folder} cannot be built ({type(e).__name__}: {str(e)[:300]}). Its files "
+            "(tokenizer.json / vocab.json / merges.txt / tokenizer_config.json) are broken or incomplete: download "
+            "them again."
+        ) from e
 
 
 def load_clip_tokenizer(tokenizer_dir: str | os.PathLike | None = None, weights: str | os.PathLike = ""):
@@ -602,7 +628,7 @@ def load_clip_tokenizer(tokenizer_dir: str | os.PathLike | None = None, weights:
             "folder (`python -m kandinsky_core download` fetches the whole folder), or pass tokenizer_dir "
             "(inside ComfyUI: its comfy/sd1_tokenizer folder)."
         )
-    return CLIPTokenizer.from_pretrained(str(found))
+    return _build_tokenizer(CLIPTokenizer, found, "CLIP")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

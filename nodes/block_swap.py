@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kandinsky_core.errors import InputError
+from kandinsky_core.variants import block_swap_problem
 
 from . import comfy_glue
 from .common import CATEGORY, fail
@@ -90,10 +91,7 @@ class BlockSwap:
 
     def apply(self, model, blocks_on_device, prefetch):
         with fail("Kandinsky 5 Block Swap"):
-            total = model.variant.arch.num_visual_blocks
-            if not 0 <= blocks_on_device <= total:
-                raise InputError(
-                    f"blocks_on_device={blocks_on_device}: {model.variant.name} has {total} visual blocks. Use 0 .. "
-                    f"{total} ({total} keeps them all on the GPU, i.e. no swapping)."
-                )
+            problem = block_swap_problem(model.variant, "blocks_on_device", blocks_on_device)
+            if problem:
+                raise InputError(problem)
             return (with_setting(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))),)

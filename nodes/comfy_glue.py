@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kandinsky_core.errors import MissingFilesError
 from kandinsky_core.sampling import x0_estimate
 
 log = logging.getLogger("kandinsky5")
@@ -174,13 +175,38 @@ def check_interrupted() -> None:
     model_management().throw_exception_if_processing_interrupted()
 
 
+def cancellable(*roots: Any) -> Any:
+    """A context in which ComfyUI's Cancel stops the models `roots` between their blocks (layers, tokens, tiles)."""
+    from kandinsky_core.cancel import checks_between
+
+    return checks_between(roots, check_interrupted)
+
+
 def comfy_dir() -> str:
-    """ComfyUI's `comfy` package folder, where it bundles the Qwen2.5 and CLIP tokenizers."""
+    """ComfyUI's `comfy` package folder, where it bundles the Qwen2.5 and CLIP tokenizers.
+
+    ComfyUI's comfy/ has no __init__.py: it is a namespace package whose `__file__` is None. Its `__path__` (or,
+    failing that, the folder of comfy.model_management, which every ComfyUI has) names the folder."""
     import os
 
     import comfy
 
-    return os.path.dirname(os.path.abspath(comfy.__file__))
+    folders = [str(p) for p in (getattr(comfy, "__path__", None) or [])]
+    if getattr(comfy, "__file__", None):
+        folders.append(os.path.dirname(comfy.__file__))
+    try:
+        folders.append(os.path.dirname(model_management().__file__))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    for folder in folders:
+        if os.path.isdir(os.path.join(folder, "text_encoders")) or os.path.isdir(os.path.join(folder, "sd1_tokenizer")):
+            return os.path.abspath(folder)
+    if folders:
+        return os.path.abspath(folders[0])
+    raise MissingFilesError(
+        "ComfyUI's comfy/ folder (with its bundled Qwen2.5 and CLIP tokenizers) cannot be located. Use the Hugging "
+        "Face text_encoder/ and text_encoder2/ folders, which bring their own tokenizers."
+    )
 
 
 def latent_format(vae_kind: str) -> Any:

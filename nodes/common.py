@@ -22,3 +22,18 @@ def fail(node: str) -> Iterator[None]:
         err = type(e)(f"{node}: {e}")
         err.node = node
         raise err from e
+
+
+def widget_range_problem(node: type, **values) -> str | None:
+    """The min / max of the node's own widgets, for the inputs its VALIDATE_INPUTS takes: ComfyUI skips its range
+    check for those (and passes values it could not convert unchanged). None when every value is in range."""
+    spec = node.INPUT_TYPES()["required"]
+    for name, value in values.items():
+        opts = spec[name][1]
+        kind = spec[name][0]
+        ok_type = isinstance(value, int) if kind == "INT" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            return f"{name}={value!r} is not a number. Allowed: {opts['min']} to {opts['max']}."
+        if not opts["min"] <= value <= opts["max"]:
+            return f"{name}={value!r} is out of range. Allowed: {opts['min']} to {opts['max']}."
+    return None

@@ -62,6 +62,19 @@ def resolve(kind: str, name: str, what: str) -> Path:
         full = fp.get_full_path(kind, name)
         if full and os.path.isfile(full):
             return Path(full)
+    for base in fp.get_folder_paths(kind):
+        entry = Path(base) / name.rstrip("/")
+        if not os.path.lexists(entry):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            raise MissingFilesError(
+                f"{what} {name!r} is a broken link in ComfyUI's {kind} folder: it points to {os.readlink(entry)!r}, "
+                "which does not exist. Fix or remove the link, or put the file itself there."
+            )
+        raise MissingFilesError(
+            f"{what} {name!r} in ComfyUI's {kind} folder is not a regular file (a FIFO, device, socket or a link to "
+            "one). Put the model file itself there."
+        )
     bases = ", ".join(fp.get_folder_paths(kind)) or f"models/{kind}"
     raise MissingFilesError(
         f"{what} {name!r} is not in ComfyUI's {kind} folder ({bases}). Put the file there (or pick one from the "

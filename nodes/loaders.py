@@ -184,9 +184,15 @@ class LoadTextEncoders:
     @classmethod
     def VALIDATE_INPUTS(cls, qwen_name, clip_name):
         names = files.list_models("text_encoders", folders=True)
+        from kandinsky_core.text_encoders import check_weight_files
+
         for label, name in (("qwen_name", qwen_name), ("clip_name", clip_name)):
             if name not in names:
                 return f"{label} {name!r} is not in models/text_encoders. Pick a file or folder from the list."
+            try:
+                check_weight_files(files.resolve("text_encoders", name, label), label)
+            except KandinskyError as e:
+                return str(e)
         return True
 
     def load(self, qwen_name, clip_name, dtype):

@@ -44,12 +44,16 @@ def parse_ratios(text: str) -> tuple[float, ...] | None:
     if text[0] in "[{":
         return read_mag_ratios(text, "ratios")
     try:
-        return MagCacheParams(tuple(float(v) for v in re.split(r"[,\s]+", text) if v)).ratios
+        numbers = tuple(float(v) for v in re.split(r"[,\s]+", text) if v)
     except ValueError:
         raise InputError(
             f"ratios {text[:40]!r}... is not a list of numbers. Paste the JSON a Kandinsky 5 MagCache Calibrate run "
             'wrote (or its "ratios" list), numbers separated by commas, or leave it empty for the official ratios.'
         ) from None
+    return MagCacheParams(numbers).ratios  # its own message for numbers that cannot be ratios (negative, NaN)
+
+
+MAX_PREFIX = 160  # bytes: file names are at most 255, and _<variant>_<steps>steps.json follows
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,14 @@ class MagCacheNode:
             }
         }  # fmt: skip
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, ratios):
+        try:
+            parse_ratios(ratios)
+        except InputError as e:
+            return str(e)
+        return True
+
     def apply(self, model, threshold, K, retention, ratios):
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)
@@ -166,6 +178,11 @@ class MagCacheCalibrate:
     def VALIDATE_INPUTS(cls, filename_prefix):
         if not re.fullmatch(r"[\w.\-]+", filename_prefix or ""):
             return f"filename_prefix {filename_prefix!r}: use letters, digits, '_', '-' and '.' only."
+        if len(filename_prefix.encode("utf-8")) > MAX_PREFIX:
+            return (
+                f"filename_prefix is {len(filename_prefix)} characters long: at most {MAX_PREFIX} fit in a file name "
+                "(with the variant and step count added). Shorten it."
+            )
         return True
 
     def apply(self, model, filename_prefix):

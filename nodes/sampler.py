@@ -9,16 +9,25 @@ import torch
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.nabla import NablaParams
-from kandinsky_core.variants import FPS, Variant
+from kandinsky_core.variants import (
+    FPS,
+    GUIDANCE_MAX,
+    MAX_SIZE,
+    SCHEDULER_SCALE_MAX,
+    Variant,
+    area_problem,
+    length_problem,
+    number_problem,
+    size_problem,
+    text_width_problem,
+)
 
 from . import comfy_glue
-from .common import CATEGORY, fail
+from .common import CATEGORY, fail, widget_range_problem
 from .text import from_conditioning
 
 NABLA_MODES = ("auto", "on", "off")
 OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
-HD_AREA_SLACK = 1.5  # sizes up to 1.5x the largest trained area are allowed (e.g. 768x768 on a 768x512 model)
-MAX_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -52,21 +61,18 @@ def resolve_settings(
 
 def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | None:
     """What is wrong with a size regardless of the model (None when nothing is): multiples of 16 px (128 with
-    NABLA: 8x8-token tiles) and 4k+1 frames (the VAE packs 4 frames per latent)."""
+    NABLA: 8x8-token tiles) and 4k+1 frames; the rules of kandinsky_core.variants, shared with the CLI."""
     m = 128 if nabla_on else 16
     why = " (NABLA works on 8x8-token tiles = 128 px; or set nabla to off)" if nabla_on else ""
-    for label, value in (("width", width), ("height", height)):
-        if value < m or value > MAX_SIZE or value % m:
-            lo, hi = max(m, value // m * m), max(m, -(-value // m) * m)
-            near = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            return f"{label}={value} must be a multiple of {m} px between {m} and {MAX_SIZE}{why}. Nearest: {near}."
-    if length < 1 or (length - 1) % 4:
-        lo = max(1, (length - 1) // 4 * 4 + 1)
-        return (
-            f"length={length} frames must be 4k+1 (1, 5, 9, ..., 121 = 5 s, 241 = 10 s at {FPS} fps): the VAE packs 4 "
-            f"frames per latent. Nearest: {lo} or {lo + 4}."
-        )
-    return None
+    return size_problem(width, height, m, why) or length_problem(length)
+
+
+def check_numbers(guidance: float, scheduler_scale: float) -> str | None:
+    """guidance -1..30 (-1: the variant's) and scheduler_scale 0..50 (0: the variant's), finite (NaN / inf would
+    give black frames or switch CFG off); the widgets' ranges, checked here because VALIDATE_INPUTS takes them."""
+    return number_problem("guidance", guidance, -1, GUIDANCE_MAX, note=" (-1 = the variant's, 1 = no CFG)") or (
+        number_problem("scheduler_scale", scheduler_scale, 0, SCHEDULER_SCALE_MAX, note=" (0 = the variant's)")
+    )
 
 
 def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool, has_edit: bool) -> None:
@@ -97,13 +103,9 @@ def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool,
         )
     if not v.is_video and length != 1:
         raise InputError(f"length={length}: {v.name} is an image model and makes 1 frame. Set length to 1.")
-    largest = max(w * h for w, h in v.resolutions)
-    if v.i2v_max_area is None and width * height > HD_AREA_SLACK * largest:
-        sizes = ", ".join(f"{w}x{h}" for w, h in v.resolutions)
-        raise InputError(
-            f"width x height = {width}x{height} is too large for {v.name} ({v.quality.upper()}, trained at {sizes}). "
-            "Pick one of those sizes, or load a Pro HD model for 1024 px class video."
-        )
+    problem = area_problem(v, width, height)
+    if problem:
+        raise InputError(problem)
 
 
 def latent_frames(length: int) -> int:
@@ -154,10 +156,11 @@ class Sampler:
                          "tooltip": "Noise seed (CPU generator: the same seed gives the same result on any device)."}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
                           "Sampling steps. 0 = the variant's (50; distilled: 16)."}),
-                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1, "tooltip":
+                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": GUIDANCE_MAX, "step": 0.1, "tooltip":
                              "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
                              "1 turns CFG off (the negative prompt is not evaluated)."}),
-                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 50.0, "step": 0.5, "tooltip":
+                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": SCHEDULER_SCALE_MAX, "step": 0.5,
+                                    "tooltip":
                                     "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
                                     "official config says so)."}),
                 "nabla": (list(NABLA_MODES), {"default": "auto", "tooltip":
@@ -181,10 +184,15 @@ class Sampler:
         }  # fmt: skip
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length, nabla):
+    def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
         if nabla not in NABLA_MODES:
             return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
-        return check_size(width, height, length, nabla == "on") or True
+        return (
+            widget_range_problem(cls, length=length)
+            or check_size(width, height, length, nabla == "on")
+            or check_numbers(guidance, scheduler_scale)
+            or True
+        )
 
     def sample(
         self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
@@ -196,12 +204,19 @@ class Sampler:
         with fail("Kandinsky 5 Sampler"):
             v = model.variant
             s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
+            problem = check_numbers(guidance, scheduler_scale)
+            if problem:
+                raise InputError(problem)
             problem = check_size(width, height, length, s.nabla is not None)
             if problem:
                 raise InputError(problem + f" (NABLA is {'on' if s.nabla else 'off'} for {v.name}.)")
             check_fit(v, width, height, length, start_latent is not None, edit_latent is not None)
             cond = from_conditioning(positive, "positive")
             uncond = from_conditioning(negative, "negative") if abs(s.guidance - 1.0) > 1e-6 else None
+            for label, c in (("positive", cond), ("negative", uncond)):
+                problem = c and text_width_problem(v, label, c.text_embeds.shape[-1], c.pooled.shape[-1])
+                if problem:
+                    raise InputError(problem)
 
             shape = (batch_size, 16, latent_frames(length), height // 8, width // 8)
             comfy_glue.log.info(
@@ -229,8 +244,10 @@ class Sampler:
             block_cache = None if cache_setting is None else cache_setting.make(v)
             swap = None if swap_setting is None else swap_setting.place(model, estimate)
             compiled = compile_setting.applied(model.model) if compile_setting else contextlib.nullcontext()
+            # Cancel stops between DiT blocks too (not in compiled blocks: a check there would break the graph)
+            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(model.model)
             try:
-                with compiled:
+                with compiled, cancellable:
                     x = run_sampler(
                         model.model,
                         noise,
@@ -252,7 +269,8 @@ class Sampler:
                     swap_setting.release(model, swap)
             if cache_setting is not None:
                 cache_setting.done(block_cache, s.steps, cfg, v)
-            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu()},)
+            # the VAE it belongs to, so that VAE Decode refuses the other one
+            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae},)
 
 
 def image_latent(latent: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:

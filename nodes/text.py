@@ -127,8 +127,11 @@ class TextEncode:
                     )
                 images = [image_to_uint8(edit_image)]
             enc = text_encoders.encoders
-            with comfy_glue.loaded_or_swapped(
-                text_encoders.patcher, qwen_layers(enc), activation_memory(enc, max_length)
+            with (
+                comfy_glue.loaded_or_swapped(
+                    text_encoders.patcher, qwen_layers(enc), activation_memory(enc, max_length)
+                ),
+                comfy_glue.cancellable(enc.qwen, enc.clip),
             ):
                 cond = enc.encode([prompt], kind, max_length, images=images).to("cpu")
                 neg = enc.encode([negative_prompt], kind, max_length, images=images).to("cpu")
@@ -171,6 +174,9 @@ class PromptExpansion:
             kind, _ = pick_template(template, model)
             picture = image_to_uint8(image) if image is not None else None
             enc = text_encoders.encoders
-            with comfy_glue.loaded_or_swapped(text_encoders.patcher, qwen_layers(enc), activation_memory(enc, 512)):
+            with (
+                comfy_glue.loaded_or_swapped(text_encoders.patcher, qwen_layers(enc), activation_memory(enc, 512)),
+                comfy_glue.cancellable(enc.qwen),  # every generated token runs the layers
+            ):
                 text = enc.expand_prompt(prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens)
             return (text,)

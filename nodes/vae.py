@@ -7,7 +7,7 @@ import torch
 from kandinsky_core.errors import InputError
 
 from . import comfy_glue
-from .common import CATEGORY, fail
+from .common import CATEGORY, fail, widget_range_problem
 
 TILING = ("auto", "on", "off")
 
@@ -94,14 +94,10 @@ class VAEDecode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, tile_px, overlap_px, tile_frames, overlap_frames):
-        if not 0 <= overlap_px < tile_px:
-            return f"overlap_px={overlap_px} must be at least 0 and less than tile_px={tile_px}."
-        if tile_frames % 4 or overlap_frames % 4 or not 0 <= overlap_frames < tile_frames:
-            return (
-                f"tile_frames={tile_frames} / overlap_frames={overlap_frames}: both must be multiples of 4 and "
-                "overlap_frames less than tile_frames."
-            )
-        return True
+        from kandinsky_core.hunyuan_vae import VAETiling, tiling_problem
+
+        sizes = dict(tile_px=tile_px, overlap_px=overlap_px, tile_frames=tile_frames, overlap_frames=overlap_frames)
+        return widget_range_problem(cls, **sizes) or tiling_problem(VAETiling(**sizes)) or True
 
     def decode(self, vae, samples, tiling, tile_px, overlap_px, tile_frames, overlap_frames):
         with fail("Kandinsky 5 VAE Decode"):
@@ -110,6 +106,13 @@ class VAEDecode:
                 raise InputError(
                     f"samples has shape {tuple(z.shape)}: expected a 16-channel latent [B, 16, T, H/8, W/8] (or "
                     "[B, 16, H/8, W/8]). Connect a Kandinsky 5 / HunyuanVideo / FLUX latent."
+                )
+            made_for = samples.get("kandinsky5_vae")
+            if made_for not in (None, vae.kind):
+                names = {"hunyuan": "the HunyuanVideo VAE (video models)", "flux": "the FLUX VAE (image models)"}
+                raise InputError(
+                    f"samples were made for {names.get(made_for, made_for)} but the connected VAE is "
+                    f"{names.get(vae.kind, vae.kind)}. Load {names.get(made_for, made_for)} in Load Kandinsky 5 VAE."
                 )
             model = vae.vae
             if vae.kind == "hunyuan":
@@ -121,13 +124,15 @@ class VAEDecode:
                 tiled, tiles, memory = hunyuan_decode_plan(vae, tuple(z.shape), tiling, tiles)
                 comfy_glue.load(vae.patcher, memory)
                 z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
-                pixels = model.decode(z, tiled=tiled, tiling=tiles)
+                with comfy_glue.cancellable(model):  # Cancel stops between VAE blocks, in every tile
+                    pixels = model.decode(z, tiled=tiled, tiling=tiles)
             else:
                 comfy_glue.load(vae.patcher, decode_memory(vae.kind, tuple(z.shape)))
                 tiled = {"auto": "auto", "on": True, "off": False}[tiling]
                 z = z.to(device=comfy_glue.load_device(), dtype=param_dtype(model))
                 tile = None if tiled is False or (tiled == "auto" and max(z.shape[-2:]) * 8 <= 2048) else tile_px // 8
-                pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
+                with comfy_glue.cancellable(model):
+                    pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
             return (pixels_to_image(pixels),)
 
 
@@ -155,11 +160,11 @@ class VAEEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height):
+        from kandinsky_core.variants import size_problem
+
         if (width == 0) != (height == 0):
             return f"width={width}, height={height}: give both (multiples of 16), or 0 for both to keep the size."
-        if width % 16 or height % 16 or width < 0 or height < 0:
-            return f"width={width}, height={height} must be multiples of 16 (or both 0)."
-        return True
+        return (width == 0 or size_problem(width, height, 16)) or True
 
     def encode(self, vae, images, width, height):
         with fail("Kandinsky 5 VAE Encode"):
@@ -173,7 +178,8 @@ class VAEEncode:
             comfy_glue.load(vae.patcher, decode_memory(vae.kind, (n, 16, 1, h // 8, w // 8)))
             model = vae.vae
             x = pixels.to(device=comfy_glue.load_device(), dtype=param_dtype(model))[:, :, None]  # [N, 3, 1, H, W]
-            latent = model.encode(x).float()
+            with comfy_glue.cancellable(model):
+                latent = model.encode(x).float()
             if latent.ndim == 4:
                 latent = latent[:, :, None]
             return ({"samples": latent.cpu()},)

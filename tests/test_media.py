@@ -91,8 +91,8 @@ def test_check_output_path(tmp_path):
         media.check_output_path(tmp_path / "x.png", video=True)
     with pytest.raises(InputError, match=r"\.png"):
         media.check_output_path(tmp_path / "x.mp4", video=False)
-    with pytest.raises(InputError, match="does not exist"):
-        media.check_output_path(tmp_path / "nope" / "x.mp4", video=True)
+    assert media.check_output_path(tmp_path / "new" / "x.mp4", video=True) == tmp_path / "new" / "x.mp4"
+    assert list((tmp_path / "new").iterdir()) == []  # created (all checks passed), the write probe removed
     (tmp_path / "x.mp4").write_bytes(b"")
     with pytest.raises(InputError, match="already exists"):
         media.check_output_path(tmp_path / "x.mp4", video=True)
@@ -148,3 +148,36 @@ def test_to_uint8_frames():
 def test_write_output_rejects_unknown_suffix(tmp_path):
     with pytest.raises(InputError):
         media.write_output(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), Path(tmp_path / "x.gif"))
+
+
+def official_cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The official resize's size rule, kept here verbatim in arithmetic: int(side / min(h / height, w / width))."""
+    scale = min(h / height, w / width)
+    return int(h / scale), int(w / scale)
+
+
+def test_cover_size_sweep_never_collapses_and_equals_the_official_resize():
+    """Every width and height 64..2048 (step 4) at every trained size: the scaled image covers the target (so the
+    centre crop is exactly width x height), and equals the official size wherever that one does not fall short."""
+    from kandinsky_core.variants import VARIANTS
+
+    trained = sorted({r for v in VARIANTS.values() for r in v.resolutions})
+    short = 0
+    for width, height in trained:
+        for w in range(64, 2049, 4):
+            for h in range(64, 2049, 4):
+                got = media.cover_size(h, w, height, width)
+                assert got[0] >= height and got[1] >= width, (w, h, width, height, got)
+                want = official_cover_size(h, w, height, width)
+                if want[0] >= height and want[1] >= width:
+                    assert got == want, (w, h, width, height, got, want)
+                else:
+                    short += 1
+    assert short > 1000  # the sweep does meet the official rounding that falls one pixel short
+
+
+@pytest.mark.parametrize("size, target", [((600, 800), (1408, 640)), ((116, 116), (112, 112))])
+def test_resize_center_crop_gives_the_target_size_where_rounding_falls_short(size, target):
+    image = torch.randint(0, 256, (3, *size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    out = media.resize_center_crop(image, *target)
+    assert out.shape == (3, target[1], target[0])

@@ -54,9 +54,10 @@ class FakeComfy:
         )
 
         comfy = types.ModuleType("comfy")
-        comfy.__file__ = str(fake.root / "comfy" / "__init__.py")
-        comfy.__path__ = []
+        comfy.__file__ = None  # as in ComfyUI: comfy/ has no __init__.py (a namespace package)
+        comfy.__path__ = [str(fake.root / "comfy")]
         mm = types.ModuleType("comfy.model_management")
+        mm.__file__ = str(fake.root / "comfy" / "model_management.py")
         cpu = torch.device("cpu")
         mm.get_torch_device = lambda: cpu
         mm.unet_offload_device = mm.text_encoder_offload_device = mm.vae_offload_device = lambda: cpu
@@ -348,7 +349,7 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     comfy.interrupt_at = 1
     with pytest.raises(Interrupted):
         run_sampler_node(model, steps=10)
-    assert [p[0] for p in comfy.progress] == [1]  # stopped after the first step
+    assert comfy.progress == []  # stopped inside the first step, between two DiT blocks (kandinsky_core.cancel)
     comfy.interrupt_at = None
     with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: length=6 frames must be 4k\+1"):
         run_sampler_node(model, length=6)
@@ -357,8 +358,8 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
     with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
-    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto") is True
-    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto")
+    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto", -1.0, 0.0) is True
+    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto", -1.0, 0.0)
 
 
 def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):

@@ -390,8 +390,9 @@ def test_wrong_files_are_named(tmp_path, comfy):
         _load(replace(comfy, qwen=dit))
     with pytest.raises(WeightsError, match="vae.safetensors is a VAE, not a CLIP"):
         _load(replace(comfy, clip=vae))
-    with pytest.raises(WeightsError, match="clip_l.safetensors is a CLIP text encoder, not a Qwen2.5-VL"):
+    with pytest.raises(WeightsError, match="clip_l.safetensors is a CLIP text encoder, not a Qwen2.5-VL") as e:
         _load(replace(comfy, qwen=comfy.clip))
+    assert "Pick a Qwen2.5-VL-7B text encoder instead" in str(e.value) and "the a " not in str(e.value)
     with pytest.raises(WeightsError, match="is not a .safetensors file. Only safetensors"):
         ckpt = tmp_path / "qwen.ckpt"
         ckpt.write_bytes(b"not safetensors")

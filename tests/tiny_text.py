@@ -234,9 +234,11 @@ def make_tiny_text_encoders(
     qwen_hidden: int = 32,
     clip_hidden: int = 32,
     seed: int = 0,
+    vocab: tuple[int, int] | None = None,
 ) -> TinyTextEncoders:
     """Writes tiny encoders under `root`. fp8 (comfy layout only): None, "scaled_fp8" or "comfy_quant".
-    Embeddings are `[B, L, qwen_hidden]` (a multiple of 32) and pooled `[B, clip_hidden]`."""
+    Embeddings are `[B, L, qwen_hidden]` (a multiple of 32) and pooled `[B, clip_hidden]`. `vocab` (Qwen, CLIP)
+    sizes the embeddings for other tokenizers, e.g. ComfyUI's bundled ones (152064, 49408) in a real server."""
     if layout not in ("folder", "comfy") or qwen_hidden % 32:
         raise ValueError(f"layout={layout!r}, qwen_hidden={qwen_hidden}: use folder/comfy and a multiple of 32")
     from transformers import CLIPConfig, CLIPModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -253,6 +255,8 @@ def make_tiny_text_encoders(
         )
     qwen_length = write_qwen_tokenizer(qwen_tok_dir)
     clip_length = write_clip_tokenizer(clip_tok_dir)
+    if vocab is not None:
+        qwen_length, clip_length = vocab[0] - 8, vocab[1]
     qwen_config = tiny_qwen_config(qwen_length, qwen_hidden)
     clip_config = tiny_clip_config(clip_length, clip_hidden)
 

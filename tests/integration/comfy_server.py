@@ -38,6 +38,12 @@ START_TIMEOUT = 120  # s until /system_stats answers
 TEXT_DIM = 32  # tiny Qwen and CLIP hidden sizes
 W, H, FRAMES = 96, 64, 5
 QWEN, CLIP = "Qwen2.5-VL-7B-Instruct/", "clip-vit-large-patch14/"
+# ComfyUI's single files, tiny but sized for the tokenizers ComfyUI bundles (Qwen2.5 152064, CLIP 49408 ids)
+QWEN_FILE, QWEN_FP8_FILE = "qwen_2.5_vl_7b.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+CLIP_FILE = "clip_l.safetensors"
+COMFY_VOCAB = (152064, 49408)
+QWEN_WIDE = "Qwen2.5-VL-wide/"  # a Qwen folder twice as wide as the DiTs take (a wrong model for them)
+TINY_TEXT_CONFIGS = "tiny_text_configs.json"  # next to the --base-directory's models/, read by tiny_variants_pack
 HUNYUAN_VAE, FLUX_VAE = "HunyuanVideo/vae/", "FLUX.1-dev/vae/"
 PACK = "comfyui-kandinsky5"
 
@@ -84,6 +90,37 @@ def write_models(models: Path) -> dict:
     (models / "text_encoders").mkdir(parents=True)
     shutil.move(t.qwen, models / "text_encoders" / QWEN.rstrip("/"))
     shutil.move(t.clip, models / "text_encoders" / CLIP.rstrip("/"))
+    single = tiny_text.make_tiny_text_encoders(
+        models.parent / "text_single", "comfy", qwen_hidden=TEXT_DIM, clip_hidden=TEXT_DIM, vocab=COMFY_VOCAB
+    )
+    shutil.move(single.qwen, models / "text_encoders" / QWEN_FILE)
+    shutil.move(single.clip, models / "text_encoders" / CLIP_FILE)
+    fp8 = tiny_text.make_tiny_text_encoders(
+        models.parent / "text_single_fp8",
+        "comfy",
+        fp8="scaled_fp8",
+        qwen_hidden=TEXT_DIM,
+        clip_hidden=TEXT_DIM,
+        vocab=COMFY_VOCAB,
+    )
+    shutil.move(fp8.qwen, models / "text_encoders" / QWEN_FP8_FILE)
+    wide = tiny_text.make_tiny_text_encoders(models.parent / "text_wide", "folder", qwen_hidden=2 * TEXT_DIM)
+    shutil.move(wide.qwen, models / "text_encoders" / QWEN_WIDE.rstrip("/"))
+    # for the path-escape tests: Qwen folders whose index names a shard outside the model folders
+    for name, outside in (("qwen_escape_relative", "../../../outside"), ("qwen_escape_absolute", None)):
+        folder = models / "text_encoders" / name
+        shutil.copytree(models / "text_encoders" / QWEN.rstrip("/"), folder)
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[0]
+        target = models.parent / "outside" / name / shard
+        target.parent.mkdir(parents=True)
+        shutil.move(folder / shard, target)
+        named = f"{outside}/{name}/{shard}" if outside else str(target)
+        index["weight_map"] = {k: (named if v == shard else v) for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        assert (folder / named).resolve() == target.resolve()
+    configs = {"qwen": single.qwen_config, "clip": single.clip_config}
+    (models.parent / TINY_TEXT_CONFIGS).write_text(json.dumps(configs))
     tiny_vae.write_diffusers_folder(models / "vae" / HUNYUAN_VAE.rstrip("/"), seed=0)
     tiny_flux_vae.write_tiny_flux_vae(models / "vae" / "FLUX.1-dev", "diffusers_folder", seed=0)
     dits = {}

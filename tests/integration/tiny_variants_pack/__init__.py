@@ -6,6 +6,14 @@ K5_TINY_VARIANTS names a JSON file {variant name: DiTArch fields}, this pack swa
 in kandinsky_core's variants table, in the server process, before any node runs - exactly what
 tests/test_pipeline.py does with monkeypatch. Every other number of a variant (steps, guidance, scheduler scale,
 rope scale, template, VAE, latent scale) stays the released one, and every loader stays the real one.
+
+ComfyUI's single-file text encoders carry no config: kandinsky_core builds them with Qwen2.5-VL-7B's and CLIP-L's.
+When tiny_text_configs.json sits next to that JSON file, the tiny configs replace those two (the tests' tiny
+qwen_2.5_vl_7b*.safetensors / clip_l.safetensors), tokenizers staying ComfyUI's bundled ones.
+
+Cancel tests: while a file `slow_blocks` next to that JSON file holds "SECONDS CLASS [CLASS ...]", every block of
+those classes (Qwen / CLIP layers, DiT blocks, VAE resnet blocks) sleeps SECONDS after it ran, so that a stage of
+the tiny models lasts long enough to be cancelled in its middle.
 """
 
 import dataclasses
@@ -30,3 +38,35 @@ if _spec:
         arch = variants.DiTArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         variants.VARIANTS[name] = dataclasses.replace(variants.VARIANTS[name], arch=arch)
     logging.warning("K5 TEST PACK: tiny architectures swapped into variants %s", ", ".join(tiny))
+    _text = os.path.join(os.path.dirname(_spec), "tiny_text_configs.json")
+    if os.path.isfile(_text):
+        from kandinsky_core import text_encoders
+
+        with open(_text) as f:
+            configs = json.load(f)
+        text_encoders.QWEN25_VL_7B_CONFIG = configs["qwen"]
+        text_encoders.CLIP_L_TEXT_CONFIG = configs["clip"]
+        logging.warning("K5 TEST PACK: tiny configs for single-file text encoders")
+
+    import time
+
+    import torch
+
+    _SLOW_FILE = os.path.join(os.path.dirname(_spec), "slow_blocks")
+    _BLOCKS = {"Qwen2_5_VLDecoderLayer", "CLIPEncoderLayer", "TextBlock", "VisualBlock", "ResnetBlock"}
+
+    def _slow_blocks(module, args, output):
+        name = type(module).__name__
+        if name not in _BLOCKS or not type(module).__module__.startswith(("kandinsky_core", "transformers")):
+            return
+        if getattr(output, "is_meta", False):  # memory planning on meta tensors: no real work to slow down
+            return
+        try:
+            with open(_SLOW_FILE) as f:
+                seconds, *classes = f.read().split()
+        except OSError:
+            return
+        if name in classes:
+            time.sleep(float(seconds))
+
+    torch.nn.modules.module.register_module_forward_hook(_slow_blocks)
