@@ -40,3 +40,10 @@ def test_tests_run_in_a_checkout_whose_folder_name_is_not_an_identifier(tmp_path
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_one.py"]
     result = subprocess.run(cmd, cwd=clone, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_test_files_have_unique_basenames():
+    """tests/ and tests/integration/ are plain folders (no __init__.py), so pytest imports every test file by its
+    basename: two files of one name stop the whole run at collection ("import file mismatch")."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py") if "node_modules" not in p.parts]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
