@@ -108,20 +108,28 @@ def browser() -> bool:
 
 
 def pytest(name: str, paths: list[str], env: dict, extra: list[str]) -> dict:
-    """One pytest run; returns its counts (read from its JUnit XML)."""
+    """One pytest run; prints its results per suite (the unit tests, each integration file) and returns its counts,
+    both read from its JUnit XML."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     xml = RESULTS / f"{name}.xml"
     xml.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *paths, *extra]
     code = subprocess.run(cmd, cwd=REPO, env=env).returncode
     counts = {"passed": 0, "failed": 0, "skipped": 0, "code": code}
+    suites: dict[str, dict[str, int]] = {}
     if xml.is_file():
-        for suite in ET.parse(xml).getroot().iter("testsuite"):
-            tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
-            failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-            counts["passed"] += tests - skipped - failed
-            counts["failed"] += failed
-            counts["skipped"] += skipped
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            module = case.get("classname", "")
+            suite = module.rsplit(".", 1)[-1] if ".integration." in f".{module}" else "unit tests"
+            outcome = "passed"
+            if case.find("failure") is not None or case.find("error") is not None:
+                outcome = "failed"
+            elif case.find("skipped") is not None:
+                outcome = "skipped"
+            suites.setdefault(suite, {"passed": 0, "failed": 0, "skipped": 0})[outcome] += 1
+            counts[outcome] += 1
+    for suite, n in sorted(suites.items(), key=lambda item: (item[0] != "unit tests", item[0])):
+        print(f"  {suite:<28} {n['passed']:4} passed, {n['failed']} failed, {n['skipped']} skipped")
     if code not in (0, 5) and counts["failed"] == 0:
         counts["failed"] = 1  # pytest itself failed (collection, usage): count it as a failure
     return counts
