@@ -65,8 +65,8 @@ class Stages:
 
     def table(self) -> str:
         lines = ["", "stage times:"]
-        lines += [f"  {name:<52} {seconds:7.0f} s  {status}" for name, seconds, status in self.rows]
-        lines.append(f"  {'total':<52} {sum(s for _, s, _ in self.rows):7.0f} s")
+        lines += [f"  {name:<60} {seconds:7.0f} s  {status}" for name, seconds, status in self.rows]
+        lines.append(f"  {'total':<60} {sum(s for _, s, _ in self.rows):7.0f} s")
         return "\n".join(lines)
 
 
