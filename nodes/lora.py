@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from kandinsky_core.errors import KandinskyError
 
 from . import comfy_glue, files
 from .common import CATEGORY, fail
 from .loaders import DiTModel
+from .magcache import with_setting
 
 
 class LoadLoRA:
@@ -67,5 +66,5 @@ class LoadLoRA:
                 "Kandinsky 5 LoRA %s (%s, %d modules) at strength %s", lora_name, lora.format, len(lora.targets),
                 strength,
             )  # fmt: skip
-            out = dataclasses.replace(model, patcher=patcher)
+            out = with_setting(model, patcher=patcher)  # keeps the settings of MagCache, Block Swap, Compile
             return {"ui": {"text": [lora.trigger]}, "result": (out, lora.trigger)}

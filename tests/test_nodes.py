@@ -724,3 +724,21 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
     with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
         LoadLoRA().apply(model, "flux.safetensors", 1.0)
     assert model.patcher.patches == {}
+
+
+def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(comfy, monkeypatch):
+    from nodes.block_swap import BlockSwap
+    from nodes.lora import LoadLoRA
+    from nodes.magcache import MagCacheNode
+
+    mm = sys.modules["comfy.model_management"]  # what Block Swap asks of ComfyUI (it would run without the check)
+    monkeypatch.setattr(mm, "free_memory", lambda need, device: None, False)
+    monkeypatch.setattr(mm, "current_loaded_models", [], False)
+    model = tiny_model(comfy)
+    write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
+    (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
+    out = LoadLoRA().apply(cached, "model.safetensors", 1.0)["result"][0]
+    assert out.block_cache == cached.block_cache and out.patcher.patches
+    swapped = BlockSwap().apply(out, 0, False)[0]
+    with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
+        run_sampler_node(swapped, steps=2)
