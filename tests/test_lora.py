@@ -348,3 +348,19 @@ def test_apply_to_load_dit_result_bf16_and_fp8(official, tmp_path):
     got = layer.weight.float() * layer.weight_scale
     want = expected[f"{m}.weight"]
     assert (got - want).abs().max() < 0.07 * want.abs().max()  # float8's 3 mantissa bits
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_musubi_loha_lokr_keys_read_as_lycoris(algo, tmp_path):
+    """musubi-tuner's LoHa / LoKr for Kandinsky 5 use LyCORIS's factor names under its lora_unet_ prefix."""
+    from safetensors.torch import load_file
+
+    _, net = lycoris_model(algo, 1.0, **({"factor": 4} if algo == "lokr" else {}))
+    net.save_weights(str(tmp_path / "ly.safetensors"), torch.float32, {})
+    sd = load_file(str(tmp_path / "ly.safetensors"))
+    save_file({"lora_unet_" + k[len("lycoris_") :]: v for k, v in sd.items()}, str(tmp_path / "musubi.safetensors"))
+    ly, mu = read_lora(tmp_path / "ly.safetensors"), read_lora(tmp_path / "musubi.safetensors")
+    assert mu.format == "musubi-tuner" and set(mu.targets) == set(ly.targets)
+    for m, t in ly.targets.items():
+        assert mu.targets[m].kind == t.kind and mu.targets[m].scale == t.scale
+        torch.testing.assert_close(mu.targets[m].delta(), t.delta(), rtol=0, atol=0)
