@@ -116,3 +116,33 @@ def test_official_and_lycoris_loras_change_the_output_as_a_hand_merged_dit(comfy
     # strength 0 leaves the output unchanged (and ComfyUI restored the weights the patched runs changed)
     zero, _ = frames(comfyui, graph(dit.name, [("k5_official/model.safetensors", 0.0)], 4, "lora_zero"))
     assert np.array_equal(zero, plain)
+
+
+def test_lora_patches_through_comfyuis_full_lowvram_and_prefetch_paths(tmp_path):
+    """ComfyUI's own code applies the node's patches: a full load (patch_model), the per-layer low-VRAM patch that
+    partial loading uses, and the adapter as its GPU prefetch rebuilds it all give kandinsky_core's merge; unpatching
+    restores the weights exactly."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import TINY_ARCHS, make_tiny_dit
+
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set")
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    base = make_tiny_dit(TINY_ARCHS["lite"]).state_dict()
+    official, _ = write_official(tmp_path / "official", base, seed=2)
+    lokr = tmp_path / "lokr.safetensors"
+    write_lokr(lokr, TINY_ARCHS["lite"], base)
+    for path in (official, lokr):
+        cmd = [python, str(Path(__file__).parent / "lora_patch_check.py"), str(path), "0.7"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+        assert lines, run.stderr[-3000:]
+        r = json.loads(lines[-1][len("RESULT ") :])
+        assert r["keys"] == r["targets"] > 0, r
+        assert r["full"] < 1e-5 and r["lowvram"] < 1e-5 and r.get("prefetch", 0.0) < 1e-5, r
+        assert r["restored"] == 0.0, r
+        print(path.name, r)
