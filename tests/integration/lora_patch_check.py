@@ -39,7 +39,7 @@ def main(lora_path: str, strength: float) -> dict:
     out = {"keys": len(keys), "targets": len(lora.targets)}
 
     def max_diff(sd, ref, names):
-        return max(float((sd[k].float() - ref[k].float()).abs().max()) for k in names)
+        return max((float((sd[k].float() - ref[k].float()).abs().max()) for k in names), default=0.0)
 
     # low-VRAM path: each layer's weight patched on its way to the device
     sd = patcher.model.state_dict()
