@@ -3,6 +3,7 @@
 from .block_swap import BlockSwap
 from .compile import Compile
 from .loaders import LoadDiT, LoadTextEncoders, LoadVAE
+from .lora import LoadLoRA
 from .magcache import MagCacheCalibrate, MagCacheNode
 from .sampler import Sampler
 from .text import PromptExpansion, TextEncode
@@ -12,6 +13,7 @@ NODES = {
     "Kandinsky5LoadDiT": (LoadDiT, "Load Kandinsky 5 DiT"),
     "Kandinsky5LoadTextEncoders": (LoadTextEncoders, "Load Kandinsky 5 Text Encoders"),
     "Kandinsky5LoadVAE": (LoadVAE, "Load Kandinsky 5 VAE"),
+    "Kandinsky5LoadLoRA": (LoadLoRA, "Load Kandinsky 5 LoRA"),
     "Kandinsky5TextEncode": (TextEncode, "Kandinsky 5 Text Encode"),
     "Kandinsky5PromptExpansion": (PromptExpansion, "Kandinsky 5 Prompt Expansion"),
     "Kandinsky5Sampler": (Sampler, "Kandinsky 5 Sampler"),

@@ -251,3 +251,50 @@ def step_callback(
         bar.update_absolute(i + 1, n, preview)
 
     return callback
+
+
+def lora_patches(patcher: Any, lora: Any) -> dict[str, Any]:
+    """ComfyUI weight patches for a kandinsky_core.lora.LoraFile, keyed by the patcher's state-dict keys. Each is a
+    comfy.weight_adapter adapter that computes the LoRA's delta with kandinsky_core's math when ComfyUI patches the
+    weight (on load, or per layer under partial loading); float8 weights stored divided by their `weight_scale`
+    get the delta divided by it too."""
+    cls = _lora_adapter_class()
+    inner = patcher.model.inner
+    patches = {}
+    for module, target in lora.targets.items():
+        scale = inner.get_submodule(module)._buffers.get("weight_scale")
+        names = tuple(target.factors)
+        weights = (target.kind, target.scale, 1.0 / float(scale) if scale is not None else 1.0, names,
+                   tuple(target.factors[n] for n in names))  # fmt: skip
+        patches[f"inner.{module}.weight"] = cls({f"{module}"}, weights)
+    return patches
+
+
+def _lora_adapter_class() -> type:
+    from comfy.weight_adapter.base import WeightAdapterBase
+
+    from kandinsky_core.lora import LoraTarget
+
+    class Kandinsky5LoraAdapter(WeightAdapterBase):
+        """weights: (kind, alpha/rank scale, 1 / float8 weight scale, factor names, factors). ComfyUI rebuilds
+        adapters as type(a)(a.loaded_keys, moved weights) when it prefetches them to the GPU."""
+
+        name = "kandinsky5_lora"
+
+        def __init__(self, loaded_keys: set[str], weights: tuple) -> None:
+            self.loaded_keys = loaded_keys
+            self.weights = weights
+
+        def calculate_weight(
+            self, weight, key, strength, strength_model, offset, function, intermediate_dtype=torch.float32,
+            original_weight=None,
+        ):  # fmt: skip
+            kind, scale, inverse, names, factors = self.weights
+            target = LoraTarget(key, kind, dict(zip(names, factors, strict=True)), scale)
+            delta = target.delta(device=weight.device, dtype=intermediate_dtype) * (strength * inverse)
+            if function is not None:
+                delta = function(delta)
+            weight += delta.to(weight.dtype)
+            return weight
+
+    return Kandinsky5LoraAdapter

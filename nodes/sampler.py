@@ -231,6 +231,12 @@ class Sampler:
             compile_setting = getattr(model, "compile", None)  # from Kandinsky 5 Compile
             if swap_setting is None:
                 comfy_glue.load(model.patcher, estimate)
+            elif getattr(model.patcher, "patches", None):
+                raise InputError(
+                    "model: Kandinsky 5 Block Swap cannot run a DiT with a LoRA (Load Kandinsky 5 LoRA): it moves the "
+                    "weights itself, outside ComfyUI's weight patching, so the LoRA would be ignored. Remove the "
+                    "Block Swap node; ComfyUI's own partial loading keeps the LoRA and fits small GPUs."
+                )
             device = comfy_glue.load_device()
             dtype = model.model.compute_dtype
             noise = make_noise(shape, seed, dtype=torch.float32, device=device)

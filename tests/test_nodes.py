@@ -77,6 +77,20 @@ class FakeComfy:
         class ModelPatcher:
             def __init__(self, model, load_device, offload_device):
                 self.model, self.load_device, self.offload_device = model, load_device, offload_device
+                self.patches: dict[str, list] = {}
+
+            def clone(self):
+                n = ModelPatcher(self.model, self.load_device, self.offload_device)
+                n.patches = {k: list(v) for k, v in self.patches.items()}
+                return n
+
+            def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+                # as ComfyUI: keys of the model's state dict only, (strength, patch, strength_model, offset, function)
+                sd = self.model.state_dict()
+                for k, v in patches.items():
+                    if k in sd:
+                        self.patches.setdefault(k, []).append((strength_patch, v, strength_model, None, None))
+                return [k for k in patches if k in sd]
 
         patcher.ModelPatcher = ModelPatcher
         utils = types.ModuleType("comfy.utils")
@@ -108,7 +122,12 @@ class FakeComfy:
                 return ("JPEG", "image", 512)
 
         preview.get_previewer = lambda device, latent_format: Previewer()
+        adapter = types.ModuleType("comfy.weight_adapter")
+        adapter_base = types.ModuleType("comfy.weight_adapter.base")
+        adapter_base.WeightAdapterBase = type("WeightAdapterBase", (), {})
+        adapter.base = adapter_base
         comfy.model_management, comfy.model_patcher, comfy.utils = mm, patcher, utils
+        comfy.weight_adapter = adapter
         comfy.latent_formats = formats
         return {
             "folder_paths": fp,
@@ -117,6 +136,8 @@ class FakeComfy:
             "comfy.model_patcher": patcher,
             "comfy.utils": utils,
             "comfy.latent_formats": formats,
+            "comfy.weight_adapter": adapter,
+            "comfy.weight_adapter.base": adapter_base,
             "latent_preview": preview,
         }
 
@@ -129,7 +150,7 @@ TINY_NAME = "kandinsky5lite_t2v_sft_5s.safetensors"
 @pytest.fixture
 def comfy(tmp_path, monkeypatch):
     fake = FakeComfy(tmp_path / "models")
-    for kind in ("diffusion_models", "text_encoders", "vae"):
+    for kind in ("diffusion_models", "text_encoders", "vae", "loras"):
         (fake.root / kind).mkdir(parents=True)
     for name, module in fake.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -154,7 +175,7 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 
 
 def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 12
+    assert len(NODE_CLASS_MAPPINGS) == 13
     for key, cls in NODE_CLASS_MAPPINGS.items():
         assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
         assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
@@ -182,7 +203,7 @@ def test_pack_imports_without_comfyui_and_without_transformers():
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 12, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 13, m.NODE_CLASS_MAPPINGS\n"
         "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -593,3 +614,132 @@ def test_comfy_linear_applies_the_fp8_weight_scale_once():
         with torch.no_grad():
             out = lin(x)
         assert float((out - expected).norm() / expected.norm()) < 0.05, base  # float8's own rounding only
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load LoRA: ComfyUI weight patches on a clone; the math is kandinsky_core.lora's
+
+
+def write_lora(path: Path, arch, modules: list[str], seed: int, trigger: str = "k5style", rank: int = 2) -> Path:
+    """An official-trainer-format LoRA (PEFT keys, trigger in the metadata, config_lora.json beside it)."""
+    from safetensors.torch import save_file
+
+    from kandinsky_core.lora import _linear_shapes
+
+    shapes = _linear_shapes(arch)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in modules:
+        out_f, in_f = shapes[m]
+        sd[f"base_model.model.{m}.lora_A.default.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
+        sd[f"base_model.model.{m}.lora_B.default.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), {"trigger": trigger})
+    (path.parent / "config_lora.json").write_text(f'{{"r": {rank}, "lora_alpha": {2 * rank}}}')
+    return path
+
+
+LORA_MODULES = [
+    "visual_transformer_blocks.0.self_attention.to_query",
+    "visual_transformer_blocks.1.feed_forward.in_layer",
+    "text_transformer_blocks.0.self_attention.out_layer",
+]
+
+
+def patched_weights(patcher) -> dict[str, torch.Tensor]:
+    """What ComfyUI's patch_weight_to_device computes: each key's patches applied in order on a float32 copy."""
+    sd = patcher.model.state_dict()
+    out = {}
+    for key, patches in patcher.patches.items():
+        w = sd[key].float().clone()
+        for strength, adapter, strength_model, offset, function in patches:
+            w = adapter.calculate_weight(w, key, strength, strength_model, offset, function)
+        out[key] = w
+    return out
+
+
+def test_lora_node_patches_a_clone_as_kandinsky_core_merges_stacks_and_shows_the_trigger(comfy):
+    from kandinsky_core.lora import apply_lora, read_lora
+    from nodes.lora import LoadLoRA
+
+    model = tiny_model(comfy)
+    a = write_lora(comfy.root / "loras" / "a" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
+    b = write_lora(comfy.root / "loras" / "b" / "model.safetensors", TINY_T2V, LORA_MODULES[:2], 2, trigger="")
+    assert LoadLoRA.VALIDATE_INPUTS("a/model.safetensors") is True
+    assert "not in models/loras" in LoadLoRA.VALIDATE_INPUTS("nope.safetensors")
+    res = LoadLoRA().apply(model, "a/model.safetensors", 0.7)
+    one, trigger = res["result"]
+    assert trigger == "k5style" and res["ui"] == {"text": ["k5style"]}
+    assert model.patcher.patches == {} and one.patcher is not model.patcher and one.variant is model.variant
+    two = LoadLoRA().apply(one, "b/model.safetensors", -1.5)["result"][0]
+    assert [len(p) for p in one.patcher.patches.values()] == [1, 1, 1]
+    assert sorted(len(p) for p in two.patcher.patches.values()) == [1, 2, 2]
+
+    merged = make_tiny_dit_like(model)
+    apply_lora(merged, read_lora(a), 0.7)
+    apply_lora(merged, read_lora(b), -1.5)
+    got = patched_weights(two.patcher)
+    assert set(got) == {f"inner.{m}.weight" for m in LORA_MODULES}
+    for m in LORA_MODULES:
+        torch.testing.assert_close(got[f"inner.{m}.weight"], merged.get_submodule(m).weight, rtol=1e-5, atol=1e-6)
+
+
+def make_tiny_dit_like(model):
+    from tiny import make_tiny_dit
+
+    return make_tiny_dit(model.model.arch)
+
+
+def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
+    from kandinsky_core.lora import apply_lora, read_lora
+    from nodes.lora import LoadLoRA
+
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    model = loaders.LoadDiT().load(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    path = write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
+    out = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
+    m = LORA_MODULES[0]
+    layer = model.model.get_submodule(m)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    got = patched_weights(out.patcher)[f"inner.{m}.weight"] * layer.weight_scale
+    want = make_tiny_dit_like(model)
+    apply_lora(want, read_lora(path), 1.0)
+    w = want.get_submodule(m).weight
+    assert (got - w).abs().max() < 0.07 * w.abs().max()  # the stored float8 weight's rounding only
+
+
+def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
+    from safetensors.torch import save_file
+
+    from nodes.lora import LoadLoRA
+
+    model = tiny_model(comfy)
+    m = "visual_transformer_blocks.0.self_attention.to_query"
+    save_file({f"base_model.model.{m}.lora_A.default.weight": torch.zeros(2, 4096),
+               f"base_model.model.{m}.lora_B.default.weight": torch.zeros(4096, 2)},
+              str(comfy.root / "loras" / "pro.safetensors"))  # fmt: skip
+    with pytest.raises(WeightsError, match=r"^Load Kandinsky 5 LoRA: lora_name: .*model_dim 4096 \(Kandinsky 5 Pro\)"):
+        LoadLoRA().apply(model, "pro.safetensors", 1.0)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)},
+              str(comfy.root / "loras" / "flux.safetensors"))  # fmt: skip
+    with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
+        LoadLoRA().apply(model, "flux.safetensors", 1.0)
+    assert model.patcher.patches == {}
+
+
+def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(comfy, monkeypatch):
+    from nodes.block_swap import BlockSwap
+    from nodes.lora import LoadLoRA
+    from nodes.magcache import MagCacheNode
+
+    mm = sys.modules["comfy.model_management"]  # what Block Swap asks of ComfyUI (it would run without the check)
+    monkeypatch.setattr(mm, "free_memory", lambda need, device: None, False)
+    monkeypatch.setattr(mm, "current_loaded_models", [], False)
+    model = tiny_model(comfy)
+    write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
+    (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
+    out = LoadLoRA().apply(cached, "model.safetensors", 1.0)["result"][0]
+    assert out.block_cache == cached.block_cache and out.patcher.patches
+    swapped = BlockSwap().apply(out, 0, False)[0]
+    with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
+        run_sampler_node(swapped, steps=2)

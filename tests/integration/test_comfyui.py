@@ -25,6 +25,7 @@ NODES = (
     "Kandinsky5LoadDiT",
     "Kandinsky5LoadTextEncoders",
     "Kandinsky5LoadVAE",
+    "Kandinsky5LoadLoRA",
     "Kandinsky5TextEncode",
     "Kandinsky5PromptExpansion",
     "Kandinsky5Sampler",
