@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -338,19 +339,25 @@ def section_nabla_dit(args) -> dict:
     return out
 
 
-def section_block_swap(args) -> dict:
-    from kandinsky_core.offload import enable_block_swap
-
-    device, dtype = args.device, args.dtype
+def lite_forward(args) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """A random Lite DiT on the check's device and a call of it at the check's shape (the 5 s one unless --small)."""
     arch, rope_scale = lite(args)
     grid = (3, 16, 16) if args.small else (31, 64, 96)
-    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
-    dit = make_dit(arch, device, dtype)
+    inp = dit_inputs(arch, grid, 16 if args.small else 128, args.device, args.dtype)
+    dit = make_dit(arch, args.device, args.dtype)
 
-    def run():
+    def run() -> torch.Tensor:
         with torch.no_grad():
             return dit(**inp, rope_scale=rope_scale)
 
+    return dit, run
+
+
+def section_block_swap(args) -> dict:
+    from kandinsky_core.offload import enable_block_swap
+
+    device = args.device
+    dit, run = lite_forward(args)
     out = {}
     out["resident_s"], ref = timed(run, device, max(1, args.repeats // 2))
     out["resident_peak_mib"] = peak_mib(run, device)
@@ -465,16 +472,8 @@ def section_lite_12gb(args) -> dict:
 
 
 def section_compile(args) -> dict:
-    device, dtype = args.device, args.dtype
-    arch, rope_scale = lite(args)
-    grid = (3, 16, 16) if args.small else (31, 64, 96)
-    inp = dit_inputs(arch, grid, 16 if args.small else 128, device, dtype)
-    dit = make_dit(arch, device, dtype)
-
-    def run():
-        with torch.no_grad():
-            return dit(**inp, rope_scale=rope_scale)
-
+    device = args.device
+    dit, run = lite_forward(args)
     out = {}
     out["eager_s"], eager = timed(run, device, max(1, args.repeats // 2))
     # CPU --small: Inductor's C++ codegen takes minutes on 2 cores; aot_eager checks the tracing only

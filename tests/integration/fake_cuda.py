@@ -118,6 +118,19 @@ def write_full_size_vae(path: Path) -> None:
     save_file({k: torch.zeros(s, dtype=torch.bfloat16) for k, s in shapes.items()}, str(path))
 
 
+def record_memory_requests(nodes) -> list[int]:
+    """The memory_required of every load the pack asks ComfyUI for from now on (appended as they come)."""
+    requested: list[int] = []
+    real_load = nodes.comfy_glue.load
+
+    def load(patcher, memory_required):
+        requested.append(int(memory_required))
+        return real_load(patcher, memory_required)
+
+    nodes.comfy_glue.load = load
+    return requested
+
+
 def vae_decode(frames: int, width: int, height: int, models: str) -> dict:
     """Kandinsky 5 VAE Decode (the real node, the real loader) of a [1, 16, T, H/8, W/8] latent, tiling auto."""
     import folder_paths
@@ -129,14 +142,7 @@ def vae_decode(frames: int, width: int, height: int, models: str) -> dict:
     if not path.exists():
         write_full_size_vae(path)
     (vae,) = nodes.loaders.LoadVAE().load(path.name, "bf16")
-    requested = []
-    real_load = nodes.comfy_glue.load
-
-    def load(patcher, memory_required):
-        requested.append(int(memory_required))
-        return real_load(patcher, memory_required)
-
-    nodes.comfy_glue.load = load
+    requested = record_memory_requests(nodes)
     z = torch.zeros(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
     names = [n for n, _ in vae.patcher.model.named_parameters()]
     try:
@@ -181,14 +187,7 @@ def text_encode(record_only: bool) -> dict:
         return real_swap(model, layers, device, resident, offload_device, prefetch)
 
     offload.swap_layers = swap_layers
-    requested = []
-    real_load = nodes.comfy_glue.load
-
-    def load(patcher, memory_required):
-        requested.append(int(memory_required))
-        return real_load(patcher, memory_required)
-
-    nodes.comfy_glue.load = load
+    requested = record_memory_requests(nodes)
     names = [n for n, _ in model.patcher.model.named_parameters()]
     try:
         nodes.text.TextEncode().encode(model, "a red fox", "", "video")
