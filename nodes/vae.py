@@ -140,9 +140,13 @@ class VAEDecode:
 class VAEEncode:
     DESCRIPTION = "Encodes images into a Kandinsky 5 latent: the I2V start image or the I2I image to edit."
     CATEGORY = f"{CATEGORY}/latent"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",)
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "image")
+    OUTPUT_TOOLTIPS = (
+        "One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",
+        "The images as encoded (resized / cropped). I2I: connect to Text Encode's edit_image, so that Qwen sees the "
+        "image the official pipeline shows it.",
+    )
     FUNCTION = "encode"
 
     @classmethod
@@ -194,4 +198,4 @@ class VAEEncode:
                 latent = model.encode(x).float()
             if latent.ndim == 4:
                 latent = latent[:, :, None]
-            return ({"samples": latent.cpu()},)
+            return {"samples": latent.cpu()}, pixels_to_image(pixels)

@@ -206,8 +206,11 @@ def encode_node(monkeypatch):
 
     def encode(image: torch.Tensor, variant: str | None, width: int = 0, height: int = 0):
         model = None if variant is None else types.SimpleNamespace(variant=pipeline.get_variant(variant))
-        (latent,) = vae_node.VAEEncode().encode(vae, image, width, height, model=model)
-        return latent["samples"], spy.seen[-1][:, :, 0]
+        latent, encoded = vae_node.VAEEncode().encode(vae, image, width, height, model=model)
+        pixels = spy.seen[-1][:, :, 0]
+        # the second output is the image as encoded (for Text Encode's edit_image)
+        torch.testing.assert_close(encoded, ((pixels + 1) / 2).permute(0, 2, 3, 1))
+        return latent["samples"], pixels
 
     return encode
 
