@@ -124,9 +124,10 @@ export function samplerWarnings(sampler, v, d = state.data) {
     const bad = width % tile ? ["width", width] : ["height", height];
     out.push(`${bad[0]} ${bad[1]}: NABLA needs multiples of ${tile} px (nearest ${nearestMultiples(bad[1], tile)}), or nabla off`);
   }
+  const fromLatent = width === 0 && height === 0; // the sampler takes the input latent's size
   if (v) {
     const trained = v.resolutions.some(([w, h]) => w === width && h === height);
-    if (!trained && !v.i2v_max_area) out.push(`${width}x${height} is not a ${v.name} size: ${sizeList(v)}`);
+    if (!trained && !fromLatent && !v.i2v_max_area) out.push(`${width}x${height} is not a ${v.name} size: ${sizeList(v)}`);
     if (v.is_video && length > v.max_frames) out.push(`length ${length} > ${v.max_frames} frames (${v.name})`);
     if (!v.is_video && length !== 1) out.push(`${v.name} makes images: length must be 1`);
   }

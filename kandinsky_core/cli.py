@@ -35,8 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     length = g.add_mutually_exclusive_group()
     length.add_argument("--seconds", type=int, help="video length in seconds (24 fps)")
     length.add_argument("--frames", type=int, help="number of frames, 4k+1 (e.g. 121 = 5 s)")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
+    size_help = (
+        "(with the other). Default: the variant's; I2V: the start image's aspect at the variant's area, whole image "
+        "kept; I2I: the nearest trained aspect, cover-cropped (as the official pipelines)"
+    )
+    g.add_argument("--width", type=int, help=f"output width in px {size_help}")
+    g.add_argument("--height", type=int, help="output height in px (see --width)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float)

@@ -146,6 +146,15 @@ def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
     return max(int(h / scale), height), max(int(w / scale), width)
 
 
+def resize(image: Tensor, width: int, height: int) -> Tensor:
+    """Scale [C, H, W] to exactly width x height, nothing cut (the official I2V start image: its size keeps the
+    image's aspect up to the rounding of the sides)."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    x = F.interpolate(image.float()[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else x[0]
+
+
 def resize_center_crop(image: Tensor, width: int, height: int) -> Tensor:
     """Scale [C, H, W] so it covers width x height, keeping its aspect, then cut the centre (as the official
     resize_video does: the short side fits, the long side is cropped symmetrically)."""

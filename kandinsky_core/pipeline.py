@@ -18,8 +18,18 @@ from torch import Tensor
 from .download import ModelPaths
 from .errors import InputError, MissingFilesError
 from .magcache import MagCache, MagCacheParams, MagCalibration
-from .media import image_size, read_image, resize_center_crop, to_uint8_frames
-from .variants import GUIDANCE_MAX, SCHEDULER_SCALE_MAX, Variant, get_variant, number_problem, validate_size
+from .media import image_size, read_image, resize, resize_center_crop, to_uint8_frames
+from .variants import (
+    GUIDANCE_MAX,
+    SCHEDULER_SCALE_MAX,
+    Variant,
+    crops_input_image,
+    encode_template,
+    get_variant,
+    number_problem,
+    size_for_image,
+    validate_size,
+)
 
 __all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device", "read_mag_ratios"]
 
@@ -44,17 +54,13 @@ class Request:
     steps: int
     guidance: float
     scheduler_scale: float
-    image: Tensor | None  # uint8 [3, height, width], already resized and centre-cropped (I2V / I2I)
+    image: Tensor | None  # uint8 [3, height, width], already resized (I2I, or a size set by the user: and cropped)
     expand_prompt: bool
     nabla: Any  # NablaParams or None (dense attention)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         return (1, 16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
-
-
-def _nearest_aspect(resolutions: tuple[tuple[int, int], ...], width: int, height: int) -> tuple[int, int]:
-    return min(resolutions, key=lambda wh: abs(wh[0] / wh[1] - width / height))
 
 
 def _image_size(image: str | os.PathLike | Tensor) -> tuple[int, int]:
@@ -89,7 +95,8 @@ def resolve_request(
 
     `nabla`: None keeps the variant's setting, False forces dense attention, a NablaParams overrides it.
     `image`: a path, or uint8 [3, H, W]; required for I2V and I2I, refused otherwise. Without width/height,
-    I2V / I2I take the trained size nearest to the image's aspect ratio.
+    I2V / I2I take their size from the image as the official pipelines do (variants.size_for_image): I2V keeps the
+    whole image at about the variant's `i2v_max_area`, I2I takes the nearest trained aspect and cover-crops.
     """
     v = get_variant(variant)
     if not isinstance(prompt, str) or not prompt.strip():
@@ -105,14 +112,24 @@ def resolve_request(
         )
     if (width is None) != (height is None):
         raise InputError("Give both --width and --height, or neither (then the variant's default size is used).")
+    size_from_image = width is None and image is not None
     if width is None:
         if image is not None:
-            width, height = _nearest_aspect(v.resolutions, *_image_size(image))
+            image_w, image_h = _image_size(image)
+            width, height = size_for_image(v, image_w, image_h)
         else:
             width, height = v.default_size
     if frames is None:
         frames = v.default_frames if v.is_video else 1
-    validate_size(v, width, height, frames)
+    try:
+        validate_size(v, width, height, frames)
+    except InputError as e:
+        if not size_from_image:
+            raise
+        raise InputError(
+            f"The input image ({image_w}x{image_h}) gives {width}x{height} for {v.name}, which cannot be generated: "
+            f"{e} Crop the image closer to a common aspect ratio, or set --width and --height."
+        ) from e
 
     seed = int(seed)
     if not 0 <= seed < 2**64:
@@ -157,7 +174,8 @@ def resolve_request(
         pixels = image if isinstance(image, Tensor) else read_image(image)
         if pixels.ndim != 3 or pixels.shape[0] != 3:
             raise InputError(f"Input image tensor has shape {tuple(pixels.shape)}; expected uint8 [3, H, W].")
-        pixels = resize_center_crop(pixels, width, height)
+        crop = crops_input_image(v, size_from_image)
+        pixels = resize_center_crop(pixels, width, height) if crop else resize(pixels, width, height)
     return Request(
         variant=v,
         prompt=prompt,
@@ -304,10 +322,11 @@ def run(
     if request.expand_prompt:
         prompt = encoders.expand_prompt(prompt, v.text_template, image=request.image, seed=request.seed)
         log(f"expanded prompt: {prompt}")
-    cond = encoders.encode([prompt], v.text_template, v.text_max_length, images=images)
+    template = encode_template(v, request.frames)
+    cond = encoders.encode([prompt], template, v.text_max_length, images=images)
     uncond = None
     if abs(request.guidance - 1.0) > 1e-6:
-        uncond = encoders.encode([request.negative], v.text_template, v.text_max_length, images=images)
+        uncond = encoders.encode([request.negative], template, v.text_max_length, images=images)
     cond, uncond = cond.to("cpu"), (uncond.to("cpu") if uncond is not None else None)
     del encoders  # used once: dropping them frees the accelerator without copying 16 GB back to the CPU
     _free(dev)

@@ -473,3 +473,51 @@ def validate_size(variant: Variant | str, width: int, height: int, frames: int =
     problem = area_problem(v, width, height)
     if problem:
         raise InputError(problem)
+
+
+def i2v_size(variant: Variant | str, image_width: int, image_height: int) -> tuple[int, int]:
+    """(width, height) the official I2V pipeline generates for a start image of image_width x image_height: the
+    image's aspect at about `i2v_max_area` pixels, each side rounded to the nearest multiple of `size_multiple`
+    (i2v_pipeline.py resize_image: k = sqrt(max_area / area) / d, side -> round(side * k) * d with Python's round,
+    d = 16 at 512 px, 128 at 1024 px, which are exactly the I2V variants without / with NABLA). The whole image is
+    kept: it is resized to this size, never cropped."""
+    v = get_variant(variant)
+    if v.task != "i2v" or v.i2v_max_area is None:
+        raise ValueError(f"{v.name} is not an I2V variant")
+    d = v.size_multiple
+    k = (v.i2v_max_area / (image_width * image_height)) ** 0.5 / d
+    return max(1, round(image_width * k)) * d, max(1, round(image_height * k)) * d
+
+
+def i2i_size(variant: Variant | str, image_width: int, image_height: int) -> tuple[int, int]:
+    """(width, height) the official I2I pipeline edits at: the trained size whose height / width ratio is nearest
+    the image's (i2i_pipeline.py find_nearest compares height / width; the first in table order wins a tie). The
+    image is then resized to cover it and centre-cropped (media.resize_center_crop)."""
+    v = get_variant(variant)
+    aspect = image_height / image_width
+    return min(v.resolutions, key=lambda wh: abs(wh[1] / wh[0] - aspect))
+
+
+def size_for_image(variant: Variant | str, image_width: int, image_height: int) -> tuple[int, int]:
+    """The size an I2V / I2I run takes from its input image when the user sets none, as the official pipelines
+    choose it (I2V: `i2v_size`, whole image; I2I: `i2i_size`, cover-crop)."""
+    v = get_variant(variant)
+    if v.task == "i2v":
+        return i2v_size(v, image_width, image_height)
+    if v.task == "i2i":
+        return i2i_size(v, image_width, image_height)
+    raise ValueError(f"{v.name} takes no input image")
+
+
+def crops_input_image(variant: Variant | str, size_from_image: bool) -> bool:
+    """Whether the input image is cropped to the generated size: I2V keeps the whole image when the size came from
+    the image (a plain resize to `i2v_size`); I2I, and any size the user set, cover-crop as the official resize
+    does."""
+    return not (get_variant(variant).task == "i2v" and size_from_image)
+
+
+def encode_template(variant: Variant | str, frames: int) -> str:
+    """The Qwen template the prompts are encoded under: a one-frame run of a video model uses "image", as the
+    official generate_sample / generate_sample_i2v choose it by the number of frames (duration 1 -> "image")."""
+    v = get_variant(variant)
+    return "image" if v.is_video and frames == 1 else v.text_template

@@ -144,11 +144,13 @@ class Sampler:
                 "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from Kandinsky 5 Text Encode."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt (ignored when guidance is 1)."}),
-                "width": ("INT", {"default": 768, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip":
+                "width": ("INT", {"default": 768, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
                           "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, 512x768; "
-                          "Pro HD and Image: 1024 px class."}),
-                "height": ("INT", {"default": 512, "min": 16, "max": MAX_SIZE, "step": 16, "tooltip":
-                           "Height in pixels: a multiple of 16 (128 with NABLA)."}),
+                          "Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent / "
+                          "edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."}),
+                "height": ("INT", {"default": 512, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
+                           "Height in pixels: a multiple of 16 (128 with NABLA). 0 = from the input latent (see "
+                           "width)."}),
                 "length": ("INT", {"default": 121, "min": 1, "max": 481, "step": 4, "tooltip":
                            f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos/images per run."}),
@@ -187,9 +189,11 @@ class Sampler:
     def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
         if nabla not in NABLA_MODES:
             return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
+        if (width == 0) != (height == 0):
+            return f"width={width}, height={height}: set both, or 0 for both to take the size from the input latent."
         return (
             widget_range_problem(cls, length=length)
-            or check_size(width, height, length, nabla == "on")
+            or (check_size(width, height, length, nabla == "on") if width else length_problem(length))
             or check_numbers(guidance, scheduler_scale)
             or True
         )
@@ -203,6 +207,7 @@ class Sampler:
 
         with fail("Kandinsky 5 Sampler"):
             v = model.variant
+            width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
             s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
             problem = check_numbers(guidance, scheduler_scale)
             if problem:
@@ -212,6 +217,7 @@ class Sampler:
                 raise InputError(problem + f" (NABLA is {'on' if s.nabla else 'off'} for {v.name}.)")
             check_fit(v, width, height, length, start_latent is not None, edit_latent is not None)
             cond = from_conditioning(positive, "positive")
+            warn_template(v, length, positive)
             uncond = from_conditioning(negative, "negative") if abs(s.guidance - 1.0) > 1e-6 else None
             for label, c in (("positive", cond), ("negative", uncond)):
                 problem = c and text_width_problem(v, label, c.text_embeds.shape[-1], c.pooled.shape[-1])
@@ -277,6 +283,36 @@ class Sampler:
                 cache_setting.done(block_cache, s.steps, cfg, v)
             # the VAE it belongs to, so that VAE Decode refuses the other one
             return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae},)
+
+
+def warn_template(v: Variant, length: int, positive: list) -> str | None:
+    """A one-frame run of a video model encoded under "video": the official pipelines use "image" there. Logged
+    (the run goes on: Text Encode cannot see the length); the message is returned, None when all is well."""
+    from kandinsky_core.variants import encode_template
+
+    used = positive[0][1].get("kandinsky5_template") if isinstance(positive[0][1], dict) else None
+    wanted = encode_template(v, length)
+    if used is None or used == wanted or not v.is_video:
+        return None
+    message = (
+        f"Kandinsky 5 Sampler: length={length} with {v.name}, but the prompt was encoded under the {used!r} template; "
+        f"the official pipelines use {wanted!r} for this. Set template to {wanted} in Kandinsky 5 Text Encode."
+    )
+    comfy_glue.log.warning(message)
+    return message
+
+
+def follow_size(v: Variant, width: int, height: int, latent: dict | None) -> tuple[int, int]:
+    """width = height = 0: the size of the input latent (Kandinsky 5 VAE Encode sized it from the image), else the
+    variant's default; any other size is the user's, kept."""
+    if width or height:
+        return width, height
+    if latent is None:
+        return v.default_size
+    x = latent["samples"] if isinstance(latent, dict) and "samples" in latent else None
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        raise InputError("width and height are 0 but the input latent has no [B, 16, (T,) h, w] samples to size from.")
+    return int(x.shape[-1]) * 8, int(x.shape[-2]) * 8
 
 
 def image_latent(latent: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -18,8 +18,9 @@ NEGATIVE_DEFAULT = (
     "walking backwards"
 )  # the official video pipelines' default; the image pipelines use ""
 TEMPLATE_TOOLTIP = (
-    "Qwen prompt template. auto: the one of the connected model's variant (video for T2V, image2video for I2V, "
-    "image for T2I, image_edit for I2I)."
+    "Qwen prompt template. auto: the one of the connected model's variant (video for T2V and I2V, as the official "
+    "I2V pipeline encodes; image for T2I, image_edit for I2I). A one-frame run of a video model: pick image, as "
+    "the official pipelines do."
 )
 
 

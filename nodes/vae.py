@@ -20,18 +20,19 @@ def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 2, 3, 4, 1).reshape(-1, *frames.shape[3:], 3).contiguous().cpu()
 
 
-def image_to_pixels(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """ComfyUI IMAGE [N, H, W, C] in 0..1 -> [N, 3, H', W'] in -1..1, resized to cover width x height and
-    centre-cropped (as the official pipelines prepare a start image) when width and height are given (non-zero).
+def image_to_pixels(image: torch.Tensor, width: int, height: int, crop: bool = True) -> torch.Tensor:
+    """ComfyUI IMAGE [N, H, W, C] in 0..1 -> [N, 3, H', W'] in -1..1, resized to width x height when they are given
+    (non-zero): to cover it and centre-cropped (crop), else the whole image scaled to it (the official I2V start).
 
     Pixels go through 8-bit values first, as an image file read by the official pipeline does."""
-    from kandinsky_core.media import resize_center_crop
+    from kandinsky_core.media import resize, resize_center_crop
 
     if image.ndim != 4 or image.shape[-1] < 3:
         raise InputError(f"image has shape {tuple(image.shape)}: expected a ComfyUI IMAGE [N, H, W, 3].")
     u8 = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2)
     if width and height:
-        u8 = torch.stack([resize_center_crop(x, width, height) for x in u8])
+        fit = resize_center_crop if crop else resize
+        u8 = torch.stack([fit(x, width, height) for x in u8])
     return u8.float() / 127.5 - 1.0
 
 
@@ -139,9 +140,13 @@ class VAEDecode:
 class VAEEncode:
     DESCRIPTION = "Encodes images into a Kandinsky 5 latent: the I2V start image or the I2I image to edit."
     CATEGORY = f"{CATEGORY}/latent"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",)
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "image")
+    OUTPUT_TOOLTIPS = (
+        "One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",
+        "The images as encoded (resized / cropped). I2I: connect to Text Encode's edit_image, so that Qwen sees the "
+        "image the official pipeline shows it.",
+    )
     FUNCTION = "encode"
 
     @classmethod
@@ -151,11 +156,16 @@ class VAEEncode:
                 "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE (the same VAE as for decoding)."}),
                 "images": ("IMAGE", {"tooltip": "The start image (I2V) or the image to edit (I2I)."}),
                 "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
-                          "Resize to cover this width and centre-crop, as the official pipelines do. 0 = keep the "
-                          "image's size (then it must already be the sampler's size)."}),
+                          "Resize to cover this width and centre-crop. 0 = the size the official pipelines take from "
+                          "the image for the connected model (I2V: the whole image at the model's area, no crop; "
+                          "I2I: the nearest trained aspect, cover-cropped); with no model, the image's own size."}),
                 "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
-                           "Resize height (with width). 0 = keep the image's size."}),
-            }
+                           "Resize height (with width). 0 = from the image (see width)."}),
+            },
+            "optional": {
+                "model": ("K5_DIT", {"tooltip": "The DiT, so that width = height = 0 sizes the image as the official "
+                          "pipeline of its variant does. Leave the sampler's width and height at 0 to follow."}),
+            },
         }  # fmt: skip
 
     @classmethod
@@ -166,9 +176,15 @@ class VAEEncode:
             return f"width={width}, height={height}: give both (multiples of 16), or 0 for both to keep the size."
         return (width == 0 or size_problem(width, height, 16)) or True
 
-    def encode(self, vae, images, width, height):
+    def encode(self, vae, images, width, height, model=None):
         with fail("Kandinsky 5 VAE Encode"):
-            pixels = image_to_pixels(images, width, height)
+            crop = True
+            if width == height == 0 and model is not None and model.variant.task in ("i2v", "i2i"):
+                from kandinsky_core.variants import crops_input_image, size_for_image
+
+                width, height = size_for_image(model.variant, int(images.shape[2]), int(images.shape[1]))
+                crop = crops_input_image(model.variant, size_from_image=True)
+            pixels = image_to_pixels(images, width, height, crop)
             n, _, h, w = pixels.shape
             if h % 16 or w % 16:
                 raise InputError(
@@ -182,4 +198,4 @@ class VAEEncode:
                 latent = model.encode(x).float()
             if latent.ndim == 4:
                 latent = latent[:, :, None]
-            return ({"samples": latent.cpu()},)
+            return {"samples": latent.cpu()}, pixels_to_image(pixels)

@@ -20,11 +20,13 @@ _detected: dict[tuple[str, int, int], dict[str, Any]] = {}  # (path, mtime_ns, s
 
 
 def sampler_defaults(v: Variant) -> dict[str, Any]:
-    """The Kandinsky 5 Sampler widget values that reproduce the variant's official settings."""
+    """The Kandinsky 5 Sampler widget values that reproduce the variant's official settings. I2V / I2I: width and
+    height 0, so that the sampler follows its input latent, which VAE Encode sized from the image."""
     p = v.nabla
+    from_image = v.task in ("i2v", "i2i")
     return {
-        "width": v.default_width,
-        "height": v.default_height,
+        "width": 0 if from_image else v.default_width,
+        "height": 0 if from_image else v.default_height,
         "length": v.default_frames,
         "steps": v.steps,
         "guidance": v.guidance,

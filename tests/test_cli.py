@@ -116,8 +116,8 @@ def test_offline_generate_names_missing_files_and_command(tmp_path, capsys, monk
 
 
 def test_resolved_request_reaches_run(tmp_path, capsys, monkeypatch, png):
-    """Defaults come from the table; the i2v size is the trained size closest to the image's aspect:
-    500x300 -> 768x512."""
+    """Defaults come from the table; the i2v size is the official resize_image rule (i2v_pipeline.py):
+    500x300, k = sqrt(393216 / 150000) / 16 = 0.101193 -> 50.60 -> 51*16 = 816, 30.36 -> 30*16 = 480."""
     seen = {}
 
     def fake_run(request, models, **kw):
@@ -139,8 +139,8 @@ def test_resolved_request_reaches_run(tmp_path, capsys, monkeypatch, png):
     )
     assert rc == 0, err
     r = seen["request"]
-    assert (r.width, r.height, r.frames, r.steps, r.guidance, r.scheduler_scale) == (768, 512, 9, 50, 5.0, 10.0)
-    assert r.image.shape == (3, 512, 768)
+    assert (r.width, r.height, r.frames, r.steps, r.guidance, r.scheduler_scale) == (816, 480, 9, 50, 5.0, 10.0)
+    assert r.image.shape == (3, 480, 816)
     assert r.negative == pipeline.VIDEO_NEGATIVE
     assert seen["models"].dit == tmp_path / "dit.safetensors"
     assert out.is_file() and "wrote" in stdout

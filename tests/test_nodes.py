@@ -398,8 +398,8 @@ def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
     torch.testing.assert_close(image, ((want + 1) / 2)[0].permute(1, 2, 3, 0))
 
     pictures = torch.rand(1, 40, 60, 3, generator=g)  # resized to cover 48x32 and centre-cropped
-    (encoded,) = vae_node.VAEEncode().encode(vae, pictures, 48, 32)
-    assert encoded["samples"].shape == (1, 16, 1, 4, 6)
+    encoded, image = vae_node.VAEEncode().encode(vae, pictures, 48, 32)
+    assert encoded["samples"].shape == (1, 16, 1, 4, 6) and image.shape == (1, 32, 48, 3)
     assert vae_node.VAEEncode.VALIDATE_INPUTS(48, 0) != True  # noqa: E712
 
 

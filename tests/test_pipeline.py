@@ -217,6 +217,23 @@ def test_expand_prompt_feeds_the_expansion_to_the_encoder(models_dir, monkeypatc
     assert encoded == [[expanded[0][3]], [""]]  # expansion, then the (empty) image negative prompt
 
 
+@pytest.mark.parametrize("frames, template", [(1, "image"), (5, "video")])
+def test_one_frame_of_a_video_model_is_encoded_under_the_image_template(models_dir, monkeypatch, frames, template):
+    """generation_utils.generate_sample: duration 1 -> type_of_content "image", else "video" (both prompts)."""
+    kinds = []
+    real_encode = text_encoders.TextEncoders.encode
+
+    def encode_spy(self, prompts, kind, *a, **kw):
+        kinds.append(kind)
+        return real_encode(self, prompts, kind, *a, **kw)
+
+    monkeypatch.setattr(text_encoders.TextEncoders, "encode", encode_spy)
+    pipeline.generate(
+        "t2v-lite-sft-5s", "a cat", models=models_dir, width=W, height=H, frames=frames, steps=1, progress=False
+    )
+    assert kinds == [template, template]
+
+
 def test_nabla_variant_runs_sparse_and_no_nabla_runs_dense(models_dir, monkeypatch):
     """A NABLA variant (Lite 10 s) passes its NablaParams to every DiT call; --no-nabla (nabla=False) passes None."""
     seen = []

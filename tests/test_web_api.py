@@ -14,7 +14,7 @@ from tiny import TINY_ARCHS, make_tiny_dit_file
 from kandinsky_core import variants
 from kandinsky_core.variants import VARIANTS, validate_size
 from nodes import web_api
-from nodes.sampler import check_fit, check_size, resolve_settings
+from nodes.sampler import Sampler, check_fit, check_size, resolve_settings
 
 
 def _payload() -> dict:
@@ -58,7 +58,8 @@ def test_every_variant_is_served_with_its_table_numbers(models):
         ("t2v-lite-nocfg-5s", (50, 1.0, 10.0, "off", 0.0, 768, 512, 121)),
         ("t2v-pro-sft-10s-hd", (50, 5.0, 10.0, "on", 0.7, 1280, 768, 241)),
         ("t2v-pro-sft-5s-hd", (50, 5.0, 10.0, "on", 0.8, 1280, 768, 121)),
-        ("i2v-pro-5s-hd", (50, 5.0, 5.0, "on", 0.8, 1280, 768, 121)),
+        ("i2v-pro-5s-hd", (50, 5.0, 5.0, "on", 0.8, 0, 0, 121)),  # 0x0: the size of the start latent
+        ("i2i-lite", (50, 3.5, 3.0, "off", 0.0, 0, 0, 1)),
         ("t2i-lite", (50, 3.5, 3.0, "off", 0.0, 1024, 1024, 1)),
     ],
 )
@@ -79,6 +80,10 @@ def test_filled_values_run_as_the_variants_own_settings(models, name):
     filled = resolve_settings(v, d["steps"], d["guidance"], d["scheduler_scale"], d["nabla"], d["nabla_P"],
                               d["nabla_wT"], d["nabla_wH"], d["nabla_wW"])  # fmt: skip
     assert filled == resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
+    if v.task in ("i2v", "i2i"):  # 0x0: the sampler takes the input latent's size (sized from the image)
+        assert (d["width"], d["height"]) == (0, 0)
+        assert Sampler.VALIDATE_INPUTS(0, 0, d["length"], d["nabla"], d["guidance"], d["scheduler_scale"]) is True
+        return
     assert check_size(d["width"], d["height"], d["length"], d["nabla"] == "on") is None
     check_fit(v, d["width"], d["height"], d["length"], v.task == "i2v", v.task == "i2i")
     validate_size(v, d["width"], d["height"], d["length"])

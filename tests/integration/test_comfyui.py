@@ -150,6 +150,48 @@ def test_i2i_graph_matches_kandinsky_core(comfyui, tiny_variants):
     assert_frames_match(read_frames(files), reference(comfyui, "i2i-lite", "flux_vae", 13, 1, image))
 
 
+@pytest.mark.parametrize(
+    "variant, vae, image_size, size",
+    [
+        # i2v_pipeline.py resize_image: 300x500, k = sqrt(393216 / 150000) / 16 = 0.101193 -> 30.36 -> 480,
+        # 50.60 -> 816; the whole image, no crop
+        ("i2v-lite-5s", "hunyuan_vae", (300, 500), (480, 816)),
+        # i2i_pipeline.py find_nearest: h/w 0.52 -> 640x1408 (h, w), then cover-crop
+        ("i2i-lite", "flux_vae", (1250, 650), (1408, 640)),
+    ],
+)
+def test_image_sets_the_size_in_vae_encode_and_the_sampler_follows(comfyui, tiny_variants, variant, vae, image_size,
+                                                                   size):  # fmt: skip
+    """VAE Encode at 0x0 with the DiT connected sizes the image by the official rule, the Sampler at 0x0 follows its
+    latent, and the one-frame result is kandinsky_core's for the same image with no size given (I2V one frame: the
+    "image" template, as the official pipelines use for one frame)."""
+    w, h = image_size
+    pixels = np.random.default_rng(5).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(comfyui.base / "input" / "sized.png")
+    vae_name = HUNYUAN_VAE if vae == "hunyuan_vae" else FLUX_VAE
+    g = graphs.text2x(
+        dit_name(comfyui, variant), vae_name, QWEN, CLIP, PROMPT, 0, 0, 1, seed=21, steps=1, prefix=f"sized-{variant}"
+    )
+    attach = graphs.with_start_image if variant.startswith("i2v") else graphs.with_edit_image
+    attach(g, "sized.png", 0, 0)
+    g["9"]["inputs"]["model"] = ["1", 0]
+    if variant.startswith("i2i"):  # Qwen sees the image as encoded, as the official generate_sample_ti2i shows it
+        g["4"]["inputs"]["edit_image"] = ["9", 1]
+    g["4"]["inputs"]["template"] = "image" if variant.startswith("i2v") else "auto"
+    files = comfyui.output_files(comfyui.run(g), "7")
+    with Image.open(files[0]) as im:
+        assert im.size == size
+    m = comfyui.models
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    request = pipeline.resolve_request(
+        variant, PROMPT, negative=graphs.NEGATIVE, frames=1, seed=21, steps=1, image=image
+    )
+    assert (request.width, request.height) == size
+    paths = ModelPaths(dit=m["dit"][variant], qwen=m["qwen"], clip=m["clip"], vae=m[vae])
+    want = pipeline.run(request, paths, device="cpu", dtype=torch.float32, progress=False)
+    assert_frames_match(read_frames(files), want)
+
+
 def test_interrupt_stops_sampling_and_the_next_prompt_runs(comfyui):
     t2v = dit_name(comfyui, "t2v-lite-sft-5s")
     long = graphs.text2x(t2v, HUNYUAN_VAE, QWEN, CLIP, PROMPT, 512, 512, 41, seed=1, steps=200, prefix="long")
