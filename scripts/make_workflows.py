@@ -160,7 +160,7 @@ def note_text(v: Variant) -> str:
     lines += ["```", ""]
     lines += [
         "Missing files: the Download buttons of ComfyUI's missing-models dialog fetch them into these folders. "
-        "Or from a terminal, in custom_nodes/comfyui-kandinsky5 with ComfyUI's Python:",
+        "Or from a terminal, in this pack's folder under ComfyUI/custom_nodes, with ComfyUI's Python:",
         "",
         f"`python -m kandinsky_core download --variant {v.name}`",
         "",

@@ -28,12 +28,9 @@ def _bundled_workflow() -> Path | None:
     chosen = os.environ.get("K5_BROWSER_WORKFLOW")  # a path, or "none" for the small graph in the test script
     if chosen:
         return None if chosen == "none" else Path(chosen)
-    preferred = REPO / "workflows" / "t2v-lite-sft-5s.json"
-    if preferred.is_file():
-        return preferred
-    for path in sorted((REPO / "workflows").glob("*.json")):
+    for path in sorted((REPO / "workflows").glob("*.json")):  # "Kandinsky 5 - 01 T2V Lite distilled ..." first
         text = path.read_text()
-        if "t2v" in path.name and "lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
+        if "T2V Lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
             return path
     return None
 
