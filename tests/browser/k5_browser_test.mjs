@@ -82,6 +82,48 @@ try {
   await page.evaluate(async (wf) => {
     await window.app.loadGraphData(wf);
   }, workflow);
+  // Fit every node in view, but no smaller than 70 %: below about 60 % LiteGraph draws nodes without text.
+  const fitView = () =>
+    page.evaluate(() => {
+      const c = window.app.canvas;
+      const nodes = window.app.graph.nodes;
+      const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+      const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 40;
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 80; // room for the warning text
+      const { width, height } = c.canvas.getBoundingClientRect();
+      const scale = Math.min(1.2, Math.max(0.7, Math.min((width - 160) / (x1 - x0), (height - 160) / (y1 - y0))));
+      c.ds.scale = scale;
+      c.ds.offset = [width / 2 / scale - (x0 + x1) / 2, height / 2 / scale - (y0 + y1) / 2];
+      c.setDirty(true, true);
+      c.draw(true, true);
+    });
+  if (process.env.K5_WORKFLOW) {
+    // The bundled workflow names files this server lacks (ComfyUI's hunyuan_video_vae_bf16.safetensors): the frontend
+    // reads the loaders' properties.models and lists each missing file with a Download entry. Keep a screenshot.
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    // ComfyUI 0.33's frontend: a toast ("N errors found", View details) opens the errors panel with the missing files.
+    const details = page.getByText("View details", { exact: true });
+    await details.first().waitFor({ timeout: 15000 }).catch(() => {});
+    if (await details.count()) await details.first().click();
+    let text = "";
+    for (let i = 0; i < 20 && !/hunyuan_video_vae_bf16/.test(text); i++) {
+      await page.waitForTimeout(500);
+      text = await page.evaluate(() => document.body.innerText);
+    }
+    results.missing_models = text.split("\n").filter((l) => /safetensors|download|missing/i.test(l)).slice(0, 40);
+    results.missing_models_buttons = await page.evaluate(() =>
+      [...document.querySelectorAll("button, a")].map((b) => (b.innerText || b.getAttribute("aria-label") || b.title || "").trim())
+        .filter((t) => /download/i.test(t)));
+    await fitView();
+    await page.waitForTimeout(500);
+    results.missing_models_screenshot = path.join(ARTIFACTS, "kandinsky5_missing_models.png");
+    await page.screenshot({ path: results.missing_models_screenshot });
+    for (let i = 0; i < 5 && (await page.$("[role=dialog]")); i++) {
+      await page.keyboard.press("Escape");
+      await page.waitForTimeout(300);
+    }
+  }
 
   // Helpers inside the page: find nodes, set a widget as a user does (value + callback), read widgets back.
   await page.evaluate(() => {
@@ -192,21 +234,7 @@ try {
   results.flag_at_queue = w;
 
   // Fit the graph in view and keep a screenshot of the canvas (the flag is drawn under the sampler).
-  await page.evaluate(() => {
-    // Fit every node in view, but no smaller than 70 %: below about 60 % LiteGraph draws nodes without text.
-    const c = window.app.canvas;
-    const nodes = window.app.graph.nodes;
-    const x0 = Math.min(...nodes.map((n) => n.pos[0]));
-    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 40;
-    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 80; // room for the warning text
-    const { width, height } = c.canvas.getBoundingClientRect();
-    const scale = Math.min(1.2, Math.max(0.7, Math.min((width - 160) / (x1 - x0), (height - 160) / (y1 - y0))));
-    c.ds.scale = scale;
-    c.ds.offset = [width / 2 / scale - (x0 + x1) / 2, height / 2 / scale - (y0 + y1) / 2];
-    c.setDirty(true, true);
-    c.draw(true, true);
-  });
+  await fitView();
   await page.waitForTimeout(500);
   fs.mkdirSync(ARTIFACTS, { recursive: true });
   results.screenshot = path.join(ARTIFACTS, "kandinsky5_canvas.png");

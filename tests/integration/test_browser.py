@@ -1,7 +1,8 @@
 """js/kandinsky5.js in headless Chromium on the real ComfyUI frontend (tests/browser/k5_browser_test.mjs), and the
 GET /kandinsky5/variants route it reads. Needs COMFYUI_DIR (see docs/comfyui.md), Debian `chromium` and
 `npm ci` in tests/browser; without them the browser test is skipped with a warning saying what is missing.
-The canvas screenshot is kept in $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
+The canvas screenshot, and the missing-models panel of the bundled workflow (its Download entries), are kept in
+$KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,15 @@ def test_extension_in_headless_chromium(request, tmp_path):
     out = f"{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
     assert run.returncode == 0, f"browser test failed:\n{out}\n{comfyui.log_tail()}"
     results = json.loads(run.stdout.strip().splitlines()[-1])
+    if workflow is not None:
+        # The loaders' properties.models: the frontend's missing-models panel lists each file this server lacks (the
+        # released DiT, ComfyUI's VAE file) with a Download button; the tiny single-file text encoders are present.
+        lines = results["missing_models"]
+        dit = next(n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "Kandinsky5LoadDiT")
+        for name in (dit["widgets_values"][0], "hunyuan_video_vae_bf16.safetensors"):
+            assert name in lines and lines[lines.index(name) + 1] == "Download", (name, lines)
+        assert not any("qwen_2.5_vl_7b_fp8_scaled" in x or "clip_l.safetensors" in x for x in lines), lines
+        assert results["missing_models_buttons"].count("Download") == 2, results["missing_models_buttons"]
 
     # The prompt the page queued runs to the end on the tiny model.
     entry = comfyui.wait(results["prompt_id"])
