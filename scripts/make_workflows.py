@@ -9,8 +9,9 @@ file. Never edit any of them by hand.
 Template browser: ComfyUI lists a pack's workflows/*.json by file name, and its frontend shows that name as both the
 title and the description of the template (spaces for - and _ in the description), with `<name>.jpg` beside the
 workflow as its thumbnail. So the UI file names carry the description: "Kandinsky 5 - NN <model> <task> <length>
-<size>", numbered in TEMPLATE_ORDER (Lite T2V distilled, the fast start, is 01). The server lists the files in
-directory order and the browser keeps it by default; its "alphabetical" sort follows the numbers.
+<size>", numbered in template_order() (Lite T2V distilled, the fast start, is 01). The server lists the files in
+directory order (unsorted; a pack cannot order them) and the browser keeps it by default; its "A -> Z" sort follows
+the numbers (tests/integration/test_browser.py checks both).
     python scripts/make_workflows.py --object-info http://127.0.0.1:8188   # refresh tests/data/object_info.json
 
 The UI->API conversion (kandinsky_core.queue.ui_to_api) needs each node's input list. It reads

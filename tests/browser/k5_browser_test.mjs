@@ -66,6 +66,10 @@ try {
   const page = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(String(e)));
+  const thumbnailResponses = [];
+  page.on("response", (r) => {
+    if (/\/workflow_templates\/.+\.(jpg|webp)$/.test(r.url())) thumbnailResponses.push({ url: decodeURIComponent(r.url()), status: r.status() });
+  });
   page.on("console", (m) => m.type() === "error" && /kandinsky/i.test(m.text()) && pageErrors.push(m.text()));
   await page.goto(URL, { waitUntil: "domcontentloaded", timeout: 60000 });
   await page.waitForFunction(() => window.app?.graph && window.kandinsky5?.state?.data, null, { timeout: 90000 });
@@ -76,6 +80,47 @@ try {
     await page.waitForTimeout(300);
   }
   results.dialog_left_open = !!(await page.$("[role=dialog]"));
+
+  // The template browser: searching "kandinsky" finds the pack's workflows, titled by their file names, each with its
+  // own thumbnail (<name>.jpg beside the workflow) loaded.
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  const dialog = page.locator("[role=dialog]").first();
+  await dialog.waitFor({ timeout: 20000 });
+  await page.waitForTimeout(1500);
+  await dialog.getByText("comfyui-kandinsky5", { exact: true }).first().click();
+  await page.waitForTimeout(1000);
+  const search = dialog.locator("input[type=text], input[type=search], input:not([type])").first();
+  await search.fill("kandinsky");
+  await page.waitForTimeout(2000);
+  const readTemplates = () =>
+    page.evaluate(() => {
+      const d = document.querySelector("[role=dialog]");
+      const imgs = [...d.querySelectorAll("img")];
+      return {
+        titles: d.innerText.split("\n").filter((l) => /^Kandinsky 5 - \d\d /.test(l)),
+        thumbnails: imgs.map((i) => ({ src: decodeURIComponent(i.src), loaded: i.complete && i.naturalWidth > 0 })),
+      };
+    });
+  results.templates = await readTemplates();
+  results.templates.responses = thumbnailResponses.slice();
+  results.templates_screenshot = path.join(ARTIFACTS, "kandinsky5_template_browser.png");
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: results.templates_screenshot });
+  // The listing keeps the server's directory order; the sort menu's alphabetical order follows the numbers.
+  await dialog.getByText("Relevance", { exact: true }).first().click();
+  await page.waitForTimeout(500);
+  results.sort_options = await page.evaluate(() =>
+    [...document.querySelectorAll("[role=option], [role=menuitem], li")].map((x) => x.innerText.trim()).filter(Boolean));
+  const alpha = page.locator("[role=option], [role=menuitem], li").filter({ hasText: /^\s*A\s*\S?\s*Z\s*$|alphabetic/i }).first();
+  if (await alpha.count()) {
+    await alpha.click();
+    await page.waitForTimeout(1000);
+    results.templates_sorted = await readTemplates();
+  }
+  for (let i = 0; i < 5 && (await page.$("[role=dialog]")); i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+  }
 
   const workflow = process.env.K5_WORKFLOW ? JSON.parse(fs.readFileSync(process.env.K5_WORKFLOW, "utf8")) : smallWorkflow();
   results.workflow = process.env.K5_WORKFLOW ? path.basename(process.env.K5_WORKFLOW) : "small graph in the test";
