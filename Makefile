@@ -34,7 +34,7 @@ lint: venv
 docs: venv
 	$(BIN)/python scripts/update_docs.py
 
-# workflows/*.json from the variants table, and their API twins in workflows/api/
+# workflows/*.json and their .jpg thumbnails from the variants table, and their API twins in workflows/api/
 workflows: venv
 	$(BIN)/python scripts/make_workflows.py
 

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (compiled during the first "
                    "step; runs uncompiled if the compiler fails)")  # fmt: skip
     q = sub.add_parser("queue", help="run a ComfyUI workflow (UI or API .json) on a ComfyUI server, headless")
-    q.add_argument("workflow", type=Path, help="workflow .json (e.g. workflows/t2v-lite-sft-5s.json)")
+    q.add_argument("workflow", type=Path, help="workflow .json (e.g. workflows/api/t2v-lite-sft-5s.json)")
     q.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
     q.add_argument("--prompt", help="prompt of the Kandinsky 5 Text Encode node")
     q.add_argument("--negative", help="negative prompt of the Kandinsky 5 Text Encode node")

@@ -1,9 +1,17 @@
 """Generate the bundled workflows from the variants table: one UI-format workflow per variant in workflows/ (what
-ComfyUI's Load, drag-and-drop and template browser use) and its API-format twin in workflows/api/ (what POST /prompt
-and `python -m kandinsky_core queue` take), converted from the UI file. Never edit either by hand.
+ComfyUI's Load, drag-and-drop and template browser use) with its thumbnail card beside it, and its API-format twin in
+workflows/api/<variant>.json (what POST /prompt and `python -m kandinsky_core queue` take), converted from the UI
+file. Never edit any of them by hand.
 
-    python scripts/make_workflows.py            # write workflows/*.json and workflows/api/*.json
+    python scripts/make_workflows.py            # write workflows/*.json, *.jpg and workflows/api/*.json
     python scripts/make_workflows.py --check    # exit 1 when a file is missing, stale or extra
+
+Template browser: ComfyUI lists a pack's workflows/*.json by file name, and its frontend shows that name as both the
+title and the description of the template (spaces for - and _ in the description), with `<name>.jpg` beside the
+workflow as its thumbnail. So the UI file names carry the description: "Kandinsky 5 - NN <model> <task> <length>
+<size>", numbered in template_order() (Lite T2V distilled, the fast start, is 01). The server lists the files in
+directory order (unsorted; a pack cannot order them) and the browser keeps it by default; its "A -> Z" sort follows
+the numbers (tests/integration/test_browser.py checks both).
     python scripts/make_workflows.py --object-info http://127.0.0.1:8188   # refresh tests/data/object_info.json
 
 The UI->API conversion (kandinsky_core.queue.ui_to_api) needs each node's input list. It reads
@@ -14,6 +22,7 @@ live server so that it cannot go stale unnoticed.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import urllib.request
@@ -54,45 +63,127 @@ def video_negative() -> str:
     return VIDEO_NEGATIVE
 
 
+# ComfyUI's repackaged single files, the ones its own Kandinsky 5 templates load (URLs as those templates give them);
+# our loaders read these layouts (tests/test_text_encoders.py, test_hunyuan_vae.py, test_flux_vae.py).
+SINGLE_FILES = {
+    "qwen": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
+             "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/text_encoders/"
+             "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "clip": ("clip_l.safetensors", "text_encoders",
+             "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true"),
+    "hunyuan": ("hunyuan_video_vae_bf16.safetensors", "vae",
+                "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
+                "hunyuan_video_vae_bf16.safetensors"),
+    "flux": ("ae.safetensors", "vae",
+             "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
+}  # fmt: skip
+TASK_WORDS = {"t2v": "text to video", "i2v": "image to video", "t2i": "text to image", "i2i": "image editing"}
+
+
+def template_order() -> list[Variant]:
+    """The template browser's order: the fast start (Lite T2V distilled) first, then the other Lite video models,
+    the image models, and Pro last; 5 s before 10 s, SD before HD, as the table lists them within a group."""
+    family = {"lite": 0, "image": 2, "pro": 3}
+    stage = {"distilled": 0, "sft": 1, "nocfg": 2, "pretrain": 3}
+    task = {"t2v": 0, "i2v": 1, "t2i": 0, "i2i": 1}
+    table = list(VARIANTS.values())
+
+    def key(v: Variant) -> tuple:
+        group = family[v.family] + (1 if v.family == "lite" and v.task == "i2v" else 0)
+        return (group, task[v.task], stage[v.stage], v.max_frames, v.quality != "sd", table.index(v))
+
+    return sorted(table, key=key)
+
+
+def template_name(v: Variant) -> str:
+    """The UI workflow's file name without .json, which the template browser shows as title and description."""
+    number = template_order().index(v) + 1
+    width, height = v.default_size
+    fast = " (fast start)" if number == 1 else ""
+    return f"Kandinsky 5 - {number:02d} {v.title} {width}x{height}{fast}"
+
+
+def ui_path(name: str) -> Path:
+    """The bundled UI workflow of a variant (by variant name)."""
+    return WORKFLOWS / f"{template_name(VARIANTS[name])}.json"
+
+
 def model_names(v: Variant) -> dict[str, str]:
-    """The loader choices for the files `download --variant` places (names relative to ComfyUI's model folders)."""
-    models = Path("models")
-    plan = {p.role: p for p in download.plan_downloads(v, models)}
-    vae_dir = Path(download.VAE_FILES[0]).parent.name  # diffusers repos keep the VAE in vae/
+    """The loader choices: the DiT file `download --variant` places, and ComfyUI's single files for the rest."""
+    plan = {p.role: p for p in download.plan_downloads(v, Path("models"))}
     return {
         "dit": plan["dit"].dest.name,
-        "qwen": plan["qwen"].dest.name + "/",
-        "clip": plan["clip"].dest.name + "/",
-        "vae": f"{plan['vae'].dest.relative_to(models / 'vae').as_posix()}/{vae_dir}/",
+        "qwen": SINGLE_FILES["qwen"][0],
+        "clip": SINGLE_FILES["clip"][0],
+        "vae": SINGLE_FILES[v.vae][0],
     }
 
 
+def model_entries(v: Variant) -> dict[str, list[dict]]:
+    """properties.models of each loader, as ComfyUI's templates carry them: the missing-models panel offers a
+    Download of each entry (url) into its models folder (directory)."""
+    dit = {"name": model_names(v)["dit"], "url": f"https://huggingface.co/{v.hf_repo}/resolve/main/{v.hf_filename}",
+           "directory": "diffusion_models"}  # fmt: skip
+    entry = {role: {"name": n, "url": u, "directory": d} for role, (n, d, u) in SINGLE_FILES.items()}
+    return {
+        "Kandinsky5LoadDiT": [dit],
+        "Kandinsky5LoadTextEncoders": [entry["qwen"], entry["clip"]],
+        "Kandinsky5LoadVAE": [entry[v.vae]],
+    }
+
+
+def describe(v: Variant) -> str:
+    """One line: model, task, length, size."""
+    width, height = v.default_size
+    length = f"{v.max_frames // FPS} s ({v.max_frames} frames at {FPS} fps), " if v.is_video else ""
+    return f"Kandinsky 5.0 {v.title}: {TASK_WORDS[v.task]}, {length}{width}x{height}"
+
+
 def note_text(v: Variant) -> str:
-    models = Path("models")
-    lines = [f"Kandinsky 5.0 {v.title} ({v.name})", "", "Files this workflow needs (in ComfyUI's models folder):"]
-    for p in download.plan_downloads(v, models):
-        folders = {Path(x).parent.as_posix() for x in p.allow_patterns}
-        what = p.filename if p.filename != "*" else f"its {folders.pop()}/ folder" if folders - {"."} else ""
-        src = f"https://huggingface.co/{p.repo}" + (f" ({what})" if what else "")
-        gated = " - gated: accept the licence on Hugging Face and log in first" if p.gated else ""
-        lines.append(
-            f"- {p.dest.as_posix()}/  <-  {src}{gated}" if p.filename == "*" else f"- {p.dest.as_posix()}  <-  {src}"
-        )
+    """The Markdown note: what the workflow does, the files with clickable links, where they go, the settings."""
+    files = [e for entries in model_entries(v).values() for e in entries]
+    lines = [f"## {describe(v)}", "", f"Variant `{v.name}`, weights from [{v.hf_repo}](https://huggingface.co/{v.hf_repo}).",
+             "", "## Model links", ""]  # fmt: skip
+    for directory in ("text_encoders", "diffusion_models", "vae"):
+        lines.append(f"**{directory}**")
+        lines.append("")
+        lines += [f"- [{e['name']}]({e['url']})" for e in files if e["directory"] == directory]
+        lines.append("")
+    lines += ["Model Storage Location", "", "```", "📂 ComfyUI/", "├── 📂 models/"]
+    dirs = ("text_encoders", "diffusion_models", "vae")
+    for i, directory in enumerate(dirs):
+        last_dir = i == len(dirs) - 1
+        lines.append(("│   └── " if last_dir else "│   ├── ") + f"📂 {directory}/")
+        names = [e["name"] for e in files if e["directory"] == directory]
+        for j, name in enumerate(names):
+            lines.append(("│          " if last_dir else "│   │      ") + ("└── " if j == len(names) - 1 else "├── ")
+                         + name)  # fmt: skip
+    lines += ["```", ""]
     lines += [
+        "Missing files: the Download buttons of ComfyUI's missing-models dialog fetch them into these folders. "
+        "Or from a terminal, in this pack's folder under ComfyUI/custom_nodes, with ComfyUI's Python:",
         "",
-        "Download them all (from custom_nodes/comfyui-kandinsky5, with ComfyUI's Python):",
-        f"  python -m kandinsky_core download --variant {v.name}",
+        f"`python -m kandinsky_core download --variant {v.name}`",
         "",
-        f"Official settings: {v.steps} steps, guidance {v.guidance:g}, scheduler scale {v.scheduler_scale:g}, "
+        "(it fetches the DiT, and uses the single files above when they are there; without them it downloads the "
+        f"Hugging Face folders instead: [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}), "
+        f"[{download.CLIP_REPO}](https://huggingface.co/{download.CLIP_REPO}) and "
+        + (f"[{download.FLUX_VAE_REPO}](https://huggingface.co/{download.FLUX_VAE_REPO}) vae/ (gated: accept the "
+           "licence and log in first)" if v.vae == "flux" else
+           f"[{download.HUNYUAN_VAE_REPO}](https://huggingface.co/{download.HUNYUAN_VAE_REPO}) vae/")
+        + "; the loaders take those folders too).",
+        "",
+        "## Official settings",
+        "",
+        f"{v.steps} steps, guidance {v.guidance:g}, scheduler scale {v.scheduler_scale:g}, "
         + (f"NABLA P={v.nabla.P:g}" if v.nabla else "dense attention")
         + (f", {v.max_frames} frames ({v.max_frames // FPS} s at {FPS} fps)" if v.is_video else "")
         + f"; sizes (WxH): {', '.join(f'{w}x{h}' for w, h in v.resolutions)}.",
-    ]
+    ]  # fmt: skip
     if v.task in ("i2v", "i2i"):
-        lines.append(
-            "Load your " + ("start image" if v.task == "i2v" else "image to edit") + " in the Load Image node."
-        )
-    return "\n".join(lines)
+        what = "start image" if v.task == "i2v" else "image to edit"
+        lines += ["", f"Load your {what} in the Load Image node."]
+    return "\n".join(lines) + "\n"
 
 
 class Graph:
@@ -158,12 +249,13 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     """The UI workflow of one variant, with its official settings."""
     g = Graph(object_info)
     names = model_names(v)
-    note = g.add("Note", (-420, 0), (380, 420), [note_text(v)], title="Files and download")
-    note.update({"color": "#432", "bgcolor": "#653"})
-    note["properties"] = {"text": ""}
+    note = g.add("MarkdownNote", (-520, 0), (480, 640), [note_text(v)], title="Model links")
+    note.update({"color": "#222", "bgcolor": "#000", "properties": {}})
     dit = g.add("Kandinsky5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
     te = g.add("Kandinsky5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
     vae = g.add("Kandinsky5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
+    for loader in (dit, te, vae):
+        loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
     enc = g.add("Kandinsky5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
     sampler = g.add("Kandinsky5Sampler", (840, 0), (320, 470), sampler_widgets(v))
@@ -198,14 +290,87 @@ def dump(data: dict) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
+THUMB_SIZE = 400  # px, square, as ComfyUI's own template thumbnails
+THUMB_VERSION = 1  # bump when the drawing changes: --check compares the card's spec stored in the JPEG comment
+FAMILY_COLOURS = {"lite": ((38, 70, 140), (92, 160, 230)), "pro": ((90, 30, 110), (210, 90, 150)),
+                  "image": ((20, 100, 90), (90, 200, 150))}  # fmt: skip
+
+
+def thumbnail_lines(v: Variant) -> list[str]:
+    """What the card says, all from the variants table: model, task, length, size, steps."""
+    width, height = v.default_size
+    family = {"lite": "Video Lite 2B", "pro": "Video Pro 19B", "image": "Image Lite 6B"}[v.family]
+    stage = {"distilled": "distilled 16 steps", "nocfg": "no-CFG", "sft": "SFT", "pretrain": "pretrain"}[v.stage]
+    length = f"{v.max_frames // FPS} s video" if v.is_video else "image"
+    lines = [f"Kandinsky 5 - {template_order().index(v) + 1:02d}", family, f"{v.task.upper()}  {stage}",
+             TASK_WORDS[v.task], f"{length}  {width}x{height}",
+             f"{v.steps} steps  guidance {v.guidance:g}"]  # fmt: skip
+    if template_order().index(v) == 0:
+        lines.append("fast start")
+    return lines
+
+
+def thumbnail_spec(v: Variant) -> str:
+    return json.dumps({"version": THUMB_VERSION, "size": THUMB_SIZE, "lines": thumbnail_lines(v)}, ensure_ascii=True)
+
+
+def thumbnail(v: Variant) -> bytes:
+    """A designed card (not a generated picture): a gradient in the family's colours, the frame's aspect as an
+    outline, and the card's lines. JPEG, its spec in the comment so that --check sees a stale card on any Pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = THUMB_SIZE
+    top, bottom = FAMILY_COLOURS[v.family]
+    img = Image.new("RGB", (n, n))
+    draw = ImageDraw.Draw(img)
+    for y in range(n):
+        t = y / (n - 1)
+        draw.line([(0, y), (n, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
+    width, height = v.default_size
+    scale = 0.42 * n / max(width, height)
+    fw, fh = round(width * scale), round(height * scale)
+    x0, y0 = n - 24 - fw, 24
+    draw.rectangle([x0, y0, x0 + fw, y0 + fh], outline=(255, 255, 255), width=3)
+    if v.is_video:  # a play mark inside the frame
+        cx, cy, r = x0 + fw // 2, y0 + fh // 2, max(8, fh // 6)
+        draw.polygon([(cx - r // 2, cy - r), (cx - r // 2, cy + r), (cx + r, cy)], fill=(255, 255, 255))
+    lines = thumbnail_lines(v)
+    big, small = ImageFont.load_default(size=34), ImageFont.load_default(size=24)
+    y = y0 + fh + 28
+    draw.text((24, 24), lines[0], font=ImageFont.load_default(size=22), fill=(255, 255, 255))
+    for i, line in enumerate(lines[1:]):
+        font = big if i == 0 else small
+        draw.text((24, y), line, font=font, fill=(255, 255, 255) if i < 2 else (235, 240, 250))
+        y += 44 if i == 0 else 34
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85, optimize=True, comment=thumbnail_spec(v).encode())
+    return out.getvalue()
+
+
+def thumbnail_is_current(path: Path, v: Variant) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            comment = img.info.get("comment", b"")
+            square = img.size == (THUMB_SIZE, THUMB_SIZE)
+            return img.format == "JPEG" and square and comment == thumbnail_spec(v).encode()
+    except OSError:
+        return False
+
+
 def expected_files(object_info: dict) -> dict[Path, str]:
-    """Every generated file and its exact content: UI workflows from the table, API twins from the UI files."""
+    """Every generated JSON file and its exact content: UI workflows from the table, API twins from the UI files."""
     files = {}
     for v in VARIANTS.values():
         ui = build_ui(v, object_info)
-        files[WORKFLOWS / f"{v.name}.json"] = dump(ui)
+        files[WORKFLOWS / f"{template_name(v)}.json"] = dump(ui)
         files[API / f"{v.name}.json"] = dump(ui_to_api(ui, object_info))
     return files
+
+
+def expected_thumbnails() -> dict[Path, Variant]:
+    return {WORKFLOWS / f"{template_name(v)}.jpg": v for v in VARIANTS.values()}
 
 
 def load_object_info(source: str | None = None) -> dict:
@@ -229,9 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         OBJECT_INFO.parent.mkdir(parents=True, exist_ok=True)
         OBJECT_INFO.write_text(json.dumps(object_info, indent=1, sort_keys=True) + "\n")
     files = expected_files(object_info)
-    present = set(WORKFLOWS.glob("*.json")) | set(API.glob("*.json"))
+    thumbs = expected_thumbnails()
+    present = set(WORKFLOWS.glob("*.json")) | set(API.glob("*.json")) | set(WORKFLOWS.glob("*.jpg"))
+    present |= set(WORKFLOWS.glob("*.webp")) | set(WORKFLOWS.glob("*.png"))
     stale = sorted(str(f.relative_to(REPO)) for f, text in files.items() if not f.is_file() or f.read_text() != text)
-    extra = sorted(str(f.relative_to(REPO)) for f in present - set(files))
+    stale_thumbs = sorted(str(f.relative_to(REPO)) for f, v in thumbs.items() if not thumbnail_is_current(f, v))
+    stale = sorted(stale + stale_thumbs)
+    extra = sorted(str(f.relative_to(REPO)) for f in present - set(files) - set(thumbs))
     if args.check:
         for f in stale:
             print(f"stale or missing: {f}")
@@ -240,14 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         if stale or extra:
             print("Run `python scripts/make_workflows.py` to regenerate the workflows.")
             return 1
-        print(f"{len(files)} workflow files are up to date.")
+        print(f"{len(files) + len(thumbs)} workflow files are up to date.")
         return 0
     API.mkdir(parents=True, exist_ok=True)
     for f, text in files.items():
         f.write_text(text)
+    for f, v in thumbs.items():
+        if not thumbnail_is_current(f, v):
+            f.write_bytes(thumbnail(v))
     for f in extra:
         (REPO / f).unlink()
-    print(f"wrote {len(files)} files ({len(stale)} changed, {len(extra)} removed)")
+    print(f"wrote {len(files) + len(thumbs)} files ({len(stale)} changed, {len(extra)} removed)")
     return 0
 
 

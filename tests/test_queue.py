@@ -22,7 +22,19 @@ from kandinsky_core import queue
 from kandinsky_core.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-UI = REPO / "workflows" / "t2v-lite-sft-5s.json"
+
+
+def _ui_path(variant: str) -> Path:
+    """The bundled UI workflow of a variant (its file is named for the template browser: "Kandinsky 5 - NN ...")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ui_path(variant)
+
+
+UI = _ui_path("t2v-lite-sft-5s")
 API = REPO / "workflows" / "api" / "t2v-lite-sft-5s.json"
 OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
 PROMPT_ID = "p-123"

@@ -1,5 +1,6 @@
-"""The bundled workflows (no ComfyUI needed): one per variant, fresh (regenerating changes nothing), their settings
-equal the variants table, the Note names the files and the download command, and the UI->API conversion follows
+"""The bundled workflows (no ComfyUI needed): one per variant with its thumbnail, fresh (regenerating changes
+nothing), their settings equal the variants table, every loader carries properties.models (the missing-models
+panel's Download), the Markdown note links the files and shows where they go, and the UI->API conversion follows
 the frontend's widget serialisation (control_after_generate values, links, Reroute, muted and bypassed nodes)."""
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ def load_script():
     return module
 
 
+SCRIPT = load_script()
+
+
 def ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return json.loads(SCRIPT.ui_path(name).read_text())
 
 
 def api(name: str) -> dict:
@@ -44,9 +48,44 @@ def one(graph: dict, kind: str) -> tuple[str, dict]:
     return found[0]
 
 
-def test_every_variant_has_a_workflow_and_a_twin_and_nothing_else():
-    assert {p.stem for p in WORKFLOWS.glob("*.json")} == set(VARIANTS)
+def test_every_variant_has_a_workflow_a_thumbnail_and_a_twin_and_nothing_else():
+    names = {SCRIPT.template_name(v) for v in VARIANTS.values()}
+    assert len(names) == len(VARIANTS)
+    assert {p.stem for p in WORKFLOWS.glob("*.json")} == names
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == names  # the template browser's <name>.jpg
     assert {p.stem for p in (WORKFLOWS / "api").glob("*.json")} == set(VARIANTS)
+
+
+def test_template_names_are_titles_with_the_fast_start_first():
+    """ComfyUI's frontend shows a pack template's file name as its title and description: "Kandinsky 5 - NN ...",
+    searchable by "kandinsky", numbered so that the alphabetical sort puts Lite T2V distilled 5 s first."""
+    names = sorted(SCRIPT.template_name(v) for v in VARIANTS.values())
+    assert all(n.startswith("Kandinsky 5 - ") and "kandinsky" in n.lower() for n in names)
+    assert names[0] == SCRIPT.template_name(VARIANTS["t2v-lite-distilled16steps-5s"])
+    assert names[1] == SCRIPT.template_name(VARIANTS["t2v-lite-distilled16steps-10s"])
+    assert [int(n.split(" - ")[1][:2]) for n in names] == list(range(1, len(VARIANTS) + 1))
+    for v in VARIANTS.values():  # the name says model, task, length and size
+        name = SCRIPT.template_name(v)
+        width, height = v.default_size
+        assert v.title in name and f"{width}x{height}" in name
+        assert "/" not in name and "\\" not in name and ":" not in name  # a file name on every OS
+    pro = [i for i, n in enumerate(names) if " Pro " in n]
+    assert min(pro) > max(i for i, n in enumerate(names) if " Lite " in n)
+
+
+def test_thumbnails_are_cards_of_the_variant():
+    from PIL import Image
+
+    for v in VARIANTS.values():
+        path = WORKFLOWS / f"{SCRIPT.template_name(v)}.jpg"
+        assert path.stat().st_size < 60_000, path
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.size == (400, 400)
+            card = json.loads(img.info["comment"])
+        width, height = v.default_size
+        text = " ".join(card["lines"])
+        assert f"{width}x{height}" in text and v.task.upper() in text and f"{v.steps} steps" in text
+        assert (f"{v.max_frames // 24} s video" in text) if v.is_video else ("image" in text)
 
 
 def test_generated_files_are_fresh(capsys):
@@ -57,12 +96,47 @@ def test_generated_files_are_fresh(capsys):
         assert path.read_text() == text, f"{path} is stale: run python scripts/make_workflows.py"
 
 
-def test_check_fails_on_a_stale_twin(monkeypatch, tmp_path, capsys):
-    script = load_script()
+def copy_workflows(tmp_path):
     for sub in ("", "api"):
         (tmp_path / sub).mkdir(exist_ok=True)
         for f in (WORKFLOWS / sub).glob("*.json"):
             (tmp_path / sub / f.name).write_text(f.read_text())
+        for f in (WORKFLOWS / sub).glob("*.jpg"):
+            (tmp_path / sub / f.name).write_bytes(f.read_bytes())
+
+
+def check_in(monkeypatch, tmp_path, capsys) -> tuple[int, str]:
+    script = load_script()
+    monkeypatch.setattr(script, "WORKFLOWS", tmp_path)
+    monkeypatch.setattr(script, "API", tmp_path / "api")
+    monkeypatch.setattr(script, "REPO", tmp_path)
+    code = script.main(["--check"])
+    return code, capsys.readouterr().out
+
+
+def test_check_fails_on_a_stale_ui_file_and_thumbnail(monkeypatch, tmp_path, capsys):
+    copy_workflows(tmp_path)
+    name = SCRIPT.template_name(VARIANTS["t2v-lite-sft-5s"])
+    ui_file = tmp_path / f"{name}.json"
+    graph = json.loads(ui_file.read_text())
+    for n in graph["nodes"]:
+        n["properties"].pop("models", None)  # the Download entries lost in a hand edit
+    ui_file.write_text(json.dumps(graph, indent=2, ensure_ascii=False) + "\n")
+    other = SCRIPT.template_name(VARIANTS["t2i-lite"])
+    (tmp_path / f"{other}.jpg").write_bytes((tmp_path / f"{name}.jpg").read_bytes())  # another variant's card
+    (tmp_path / "old-variant.jpg").write_bytes(b"")
+    code, out = check_in(monkeypatch, tmp_path, capsys)
+    assert code == 1
+    assert f"stale or missing: {name}.json" in out and f"stale or missing: {other}.jpg" in out
+    assert "not generated" in out and "old-variant.jpg" in out and out.count("stale or missing") == 2
+    (tmp_path / f"{name}.jpg").unlink()
+    code, out = check_in(monkeypatch, tmp_path, capsys)
+    assert code == 1 and f"stale or missing: {name}.jpg" in out
+
+
+def test_check_fails_on_a_stale_twin(monkeypatch, tmp_path, capsys):
+    script = load_script()
+    copy_workflows(tmp_path)
     twin = tmp_path / "api" / "t2i-lite.json"
     graph = json.loads(twin.read_text())
     graph[one(graph, "Kandinsky5Sampler")[0]]["inputs"]["steps"] = 49  # edited by hand
@@ -89,11 +163,12 @@ def test_defaults_equal_the_variants_table(name):
     _, dit = one(g, "Kandinsky5LoadDiT")
     assert dit["inputs"]["variant"] == name
     assert dit["inputs"]["dit_name"] == v.hf_filename.split("/")[-1]  # download.py puts it in diffusion_models/
-    _, te = one(g, "Kandinsky5LoadTextEncoders")
-    assert te["inputs"]["qwen_name"] == "Qwen2.5-VL-7B-Instruct/"
-    assert te["inputs"]["clip_name"] == "clip-vit-large-patch14/"
+    _, te = one(g, "Kandinsky5LoadTextEncoders")  # ComfyUI's single files, what its users already hold
+    assert te["inputs"]["qwen_name"] == "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    assert te["inputs"]["clip_name"] == "clip_l.safetensors"
     _, vae = one(g, "Kandinsky5LoadVAE")
-    assert vae["inputs"]["vae_name"] == {"hunyuan": "HunyuanVideo/vae/", "flux": "FLUX.1-dev/vae/"}[v.vae]
+    expected_vae = {"hunyuan": "hunyuan_video_vae_bf16.safetensors", "flux": "ae.safetensors"}[v.vae]
+    assert vae["inputs"]["vae_name"] == expected_vae
     _, enc = one(g, "Kandinsky5TextEncode")
     assert enc["inputs"]["template"] == v.text_template
     assert enc["inputs"]["prompt"].strip()
@@ -173,21 +248,71 @@ def test_known_official_numbers():
     assert one(api("t2v-lite-nocfg-10s"), "Kandinsky5Sampler")[1]["inputs"]["guidance"] == 1.0
 
 
+HF = "https://huggingface.co/"
+SINGLE_URLS = {  # as ComfyUI's own Kandinsky 5 templates (comfyui_workflow_templates) and Comfy-Org give them
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": HF + "Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/"
+    "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    "clip_l.safetensors": HF + "comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true",
+    "hunyuan_video_vae_bf16.safetensors": HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
+    "hunyuan_video_vae_bf16.safetensors",
+    "ae.safetensors": HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors",
+}
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_note_lists_files_places_and_download_command(name):
+def test_every_loader_carries_its_models_for_the_download_button(name):
+    """The frontend's missing-models check reads properties.models (name, url, directory) of each node whose widget
+    holds that name; every file a loader loads has its entry, with a Hugging Face URL ending in the file name."""
     v = VARIANTS[name]
-    notes = [n for n in ui(name)["nodes"] if n["type"] == "Note"]
-    assert len(notes) == 1
+    w = ui(name)
+    loaders = {n["type"]: n for n in w["nodes"] if n["type"].startswith("Kandinsky5Load")}
+    assert set(loaders) == {"Kandinsky5LoadDiT", "Kandinsky5LoadTextEncoders", "Kandinsky5LoadVAE"}
+    for node in w["nodes"]:
+        models = node["properties"].get("models")
+        if node["type"] not in loaders:
+            assert models is None, node["type"]
+            continue
+        assert models, f"{node['type']} has no properties.models"
+        names = [x for x in node["widgets_values"] if isinstance(x, str) and x.endswith(".safetensors")]
+        assert [m["name"] for m in models] == names, node["type"]
+        for m in models:
+            assert set(m) == {"name", "url", "directory"}
+            assert m["url"].startswith(HF) and m["url"].split("?")[0].endswith("/" + m["name"])
+    dit = loaders["Kandinsky5LoadDiT"]["properties"]["models"]
+    assert dit == [{"name": v.hf_filename.split("/")[-1], "url": f"{HF}{v.hf_repo}/resolve/main/{v.hf_filename}",
+                    "directory": "diffusion_models"}]  # fmt: skip
+    te = loaders["Kandinsky5LoadTextEncoders"]["properties"]["models"]
+    assert [(m["name"], m["directory"], m["url"]) for m in te] == [
+        (n, "text_encoders", SINGLE_URLS[n]) for n in ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "clip_l.safetensors")
+    ]
+    (vae,) = loaders["Kandinsky5LoadVAE"]["properties"]["models"]
+    vae_file = "ae.safetensors" if v.vae == "flux" else "hunyuan_video_vae_bf16.safetensors"
+    assert (vae["name"], vae["directory"], vae["url"]) == (vae_file, "vae", SINGLE_URLS[vae_file])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_markdown_note_links_files_shows_the_tree_and_download_command(name):
+    v = VARIANTS[name]
+    notes = [n for n in ui(name)["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert [n["type"] for n in notes] == ["MarkdownNote"]
     text = notes[0]["widgets_values"][0]
     assert f"python -m kandinsky_core download --variant {name}" in text
-    assert f"models/diffusion_models/{v.hf_filename.split('/')[-1]}" in text
-    assert f"https://huggingface.co/{v.hf_repo}" in text
-    assert "models/text_encoders/Qwen2.5-VL-7B-Instruct/" in text and "Qwen/Qwen2.5-VL-7B-Instruct" in text
-    assert "models/text_encoders/clip-vit-large-patch14/" in text and "openai/clip-vit-large-patch14" in text
+    dit = v.hf_filename.split("/")[-1]
+    files = [dit, "qwen_2.5_vl_7b_fp8_scaled.safetensors", "clip_l.safetensors"]
+    files.append("ae.safetensors" if v.vae == "flux" else "hunyuan_video_vae_bf16.safetensors")
+    for f in files:  # a clickable Markdown link each, and the file in the folder tree
+        url = f"{HF}{v.hf_repo}/resolve/main/{v.hf_filename}" if f == dit else SINGLE_URLS[f]
+        assert f"- [{f}]({url})" in text, f
+        assert f"── {f}\n" in text, f
+    tree = text[text.index("📂 ComfyUI/"):]
+    assert tree.index("📂 text_encoders/") < tree.index("clip_l.safetensors") < tree.index("📂 diffusion_models/")
+    assert tree.index("📂 diffusion_models/") < tree.index(dit) < tree.index("📂 vae/")
+    # the Hugging Face folders stay an alternative
+    assert "https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct" in text
     if v.vae == "flux":
-        assert "models/vae/FLUX.1-dev/" in text and "black-forest-labs/FLUX.1-dev" in text and "gated" in text
+        assert "black-forest-labs/FLUX.1-dev" in text and "gated" in text
     else:
-        assert "models/vae/HunyuanVideo/" in text and "hunyuanvideo-community/HunyuanVideo" in text
+        assert "hunyuanvideo-community/HunyuanVideo" in text
 
 
 def test_ui_files_are_in_the_frontend_format():

@@ -259,6 +259,12 @@ def make_tiny_text_encoders(
         qwen_length, clip_length = vocab[0] - 8, vocab[1]
     qwen_config = tiny_qwen_config(qwen_length, qwen_hidden)
     clip_config = tiny_clip_config(clip_length, clip_hidden)
+    if vocab is not None:  # read with ComfyUI's bundled tokenizer: its special-token ids (<|image_pad|> 151655 ...)
+        from kandinsky_core.text_encoders import QWEN25_VL_7B_CONFIG
+
+        for key in ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id",
+                    "vision_token_id", "image_token_id", "video_token_id"):  # fmt: skip
+            qwen_config[key] = QWEN25_VL_7B_CONFIG[key]
 
     torch.manual_seed(seed)
     qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**qwen_config)).eval()

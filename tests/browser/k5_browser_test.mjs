@@ -66,6 +66,10 @@ try {
   const page = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
   const pageErrors = [];
   page.on("pageerror", (e) => pageErrors.push(String(e)));
+  const thumbnailResponses = [];
+  page.on("response", (r) => {
+    if (/\/workflow_templates\/.+\.(jpg|webp)$/.test(r.url())) thumbnailResponses.push({ url: decodeURIComponent(r.url()), status: r.status() });
+  });
   page.on("console", (m) => m.type() === "error" && /kandinsky/i.test(m.text()) && pageErrors.push(m.text()));
   await page.goto(URL, { waitUntil: "domcontentloaded", timeout: 60000 });
   await page.waitForFunction(() => window.app?.graph && window.kandinsky5?.state?.data, null, { timeout: 90000 });
@@ -77,11 +81,94 @@ try {
   }
   results.dialog_left_open = !!(await page.$("[role=dialog]"));
 
+  // The template browser: searching "kandinsky" finds the pack's workflows, titled by their file names, each with its
+  // own thumbnail (<name>.jpg beside the workflow) loaded.
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+  const dialog = page.locator("[role=dialog]").first();
+  await dialog.waitFor({ timeout: 20000 });
+  await page.waitForTimeout(1500);
+  await dialog.getByText("comfyui-kandinsky5", { exact: true }).first().click();
+  await page.waitForTimeout(1000);
+  const search = dialog.locator("input[type=text], input[type=search], input:not([type])").first();
+  await search.fill("kandinsky");
+  await page.waitForTimeout(2000);
+  const readTemplates = () =>
+    page.evaluate(() => {
+      const d = document.querySelector("[role=dialog]");
+      const imgs = [...d.querySelectorAll("img")];
+      return {
+        titles: d.innerText.split("\n").filter((l) => /^Kandinsky 5 - \d\d /.test(l)),
+        thumbnails: imgs.map((i) => ({ src: decodeURIComponent(i.src), loaded: i.complete && i.naturalWidth > 0 })),
+      };
+    });
+  results.templates = await readTemplates();
+  results.templates.responses = thumbnailResponses.slice();
+  results.templates_screenshot = path.join(ARTIFACTS, "kandinsky5_template_browser.png");
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: results.templates_screenshot });
+  // The listing keeps the server's directory order; the sort menu's alphabetical order follows the numbers.
+  await dialog.getByText("Relevance", { exact: true }).first().click();
+  await page.waitForTimeout(500);
+  results.sort_options = await page.evaluate(() =>
+    [...document.querySelectorAll("[role=option], [role=menuitem], li")].map((x) => x.innerText.trim()).filter(Boolean));
+  const alpha = page.locator("[role=option], [role=menuitem], li").filter({ hasText: /^\s*A\s*\S?\s*Z\s*$|alphabetic/i }).first();
+  if (await alpha.count()) {
+    await alpha.click();
+    await page.waitForTimeout(1000);
+    results.templates_sorted = await readTemplates();
+  }
+  for (let i = 0; i < 5 && (await page.$("[role=dialog]")); i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(300);
+  }
+
   const workflow = process.env.K5_WORKFLOW ? JSON.parse(fs.readFileSync(process.env.K5_WORKFLOW, "utf8")) : smallWorkflow();
   results.workflow = process.env.K5_WORKFLOW ? path.basename(process.env.K5_WORKFLOW) : "small graph in the test";
   await page.evaluate(async (wf) => {
     await window.app.loadGraphData(wf);
   }, workflow);
+  // Fit every node in view, but no smaller than 70 %: below about 60 % LiteGraph draws nodes without text.
+  const fitView = () =>
+    page.evaluate(() => {
+      const c = window.app.canvas;
+      const nodes = window.app.graph.nodes;
+      const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+      const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 40;
+      const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+      const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 80; // room for the warning text
+      const { width, height } = c.canvas.getBoundingClientRect();
+      const scale = Math.min(1.2, Math.max(0.7, Math.min((width - 160) / (x1 - x0), (height - 160) / (y1 - y0))));
+      c.ds.scale = scale;
+      c.ds.offset = [width / 2 / scale - (x0 + x1) / 2, height / 2 / scale - (y0 + y1) / 2];
+      c.setDirty(true, true);
+      c.draw(true, true);
+    });
+  if (process.env.K5_WORKFLOW) {
+    // The bundled workflow names files this server lacks (ComfyUI's hunyuan_video_vae_bf16.safetensors): the frontend
+    // reads the loaders' properties.models and lists each missing file with a Download entry. Keep a screenshot.
+    fs.mkdirSync(ARTIFACTS, { recursive: true });
+    // ComfyUI 0.33's frontend: a toast ("N errors found", View details) opens the errors panel with the missing files.
+    const details = page.getByText("View details", { exact: true });
+    await details.first().waitFor({ timeout: 15000 }).catch(() => {});
+    if (await details.count()) await details.first().click();
+    let text = "";
+    for (let i = 0; i < 20 && !/hunyuan_video_vae_bf16/.test(text); i++) {
+      await page.waitForTimeout(500);
+      text = await page.evaluate(() => document.body.innerText);
+    }
+    results.missing_models = text.split("\n").filter((l) => /safetensors|download|missing/i.test(l)).slice(0, 40);
+    results.missing_models_buttons = await page.evaluate(() =>
+      [...document.querySelectorAll("button, a")].map((b) => (b.innerText || b.getAttribute("aria-label") || b.title || "").trim())
+        .filter((t) => /download/i.test(t)));
+    await fitView();
+    await page.waitForTimeout(500);
+    results.missing_models_screenshot = path.join(ARTIFACTS, "kandinsky5_missing_models.png");
+    await page.screenshot({ path: results.missing_models_screenshot });
+    for (let i = 0; i < 5 && (await page.$("[role=dialog]")); i++) {
+      await page.keyboard.press("Escape");
+      await page.waitForTimeout(300);
+    }
+  }
 
   // Helpers inside the page: find nodes, set a widget as a user does (value + callback), read widgets back.
   await page.evaluate(() => {
@@ -192,21 +279,7 @@ try {
   results.flag_at_queue = w;
 
   // Fit the graph in view and keep a screenshot of the canvas (the flag is drawn under the sampler).
-  await page.evaluate(() => {
-    // Fit every node in view, but no smaller than 70 %: below about 60 % LiteGraph draws nodes without text.
-    const c = window.app.canvas;
-    const nodes = window.app.graph.nodes;
-    const x0 = Math.min(...nodes.map((n) => n.pos[0]));
-    const y0 = Math.min(...nodes.map((n) => n.pos[1])) - 40;
-    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 80; // room for the warning text
-    const { width, height } = c.canvas.getBoundingClientRect();
-    const scale = Math.min(1.2, Math.max(0.7, Math.min((width - 160) / (x1 - x0), (height - 160) / (y1 - y0))));
-    c.ds.scale = scale;
-    c.ds.offset = [width / 2 / scale - (x0 + x1) / 2, height / 2 / scale - (y0 + y1) / 2];
-    c.setDirty(true, true);
-    c.draw(true, true);
-  });
+  await fitView();
   await page.waitForTimeout(500);
   fs.mkdirSync(ARTIFACTS, { recursive: true });
   results.screenshot = path.join(ARTIFACTS, "kandinsky5_canvas.png");

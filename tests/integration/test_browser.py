@@ -1,7 +1,9 @@
 """js/kandinsky5.js in headless Chromium on the real ComfyUI frontend (tests/browser/k5_browser_test.mjs), and the
 GET /kandinsky5/variants route it reads. Needs COMFYUI_DIR (see docs/comfyui.md), Debian `chromium` and
 `npm ci` in tests/browser; without them the browser test is skipped with a warning saying what is missing.
-The canvas screenshot is kept in $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
+The template browser (the pack's templates found by "kandinsky", titled, with their thumbnails, A -> Z from 01), the
+missing-models panel of a bundled workflow (a Download entry per missing file) and the canvas are screenshotted
+into $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
 
 from __future__ import annotations
 
@@ -28,12 +30,9 @@ def _bundled_workflow() -> Path | None:
     chosen = os.environ.get("K5_BROWSER_WORKFLOW")  # a path, or "none" for the small graph in the test script
     if chosen:
         return None if chosen == "none" else Path(chosen)
-    preferred = REPO / "workflows" / "t2v-lite-sft-5s.json"
-    if preferred.is_file():
-        return preferred
-    for path in sorted((REPO / "workflows").glob("*.json")):
+    for path in sorted((REPO / "workflows").glob("*.json")):  # "Kandinsky 5 - 01 T2V Lite distilled ..." first
         text = path.read_text()
-        if "t2v" in path.name and "lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
+        if "T2V Lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
             return path
     return None
 
@@ -84,6 +83,28 @@ def test_extension_in_headless_chromium(request, tmp_path):
     out = f"{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
     assert run.returncode == 0, f"browser test failed:\n{out}\n{comfyui.log_tail()}"
     results = json.loads(run.stdout.strip().splitlines()[-1])
+    # The template browser (pack folder, search "kandinsky"): every bundled workflow, titled by its file name, with
+    # thumbnails loaded (the cards in view at least); the A-Z sort starts with 01, the fast start.
+    names = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
+    shown = results["templates"]["titles"]
+    assert sorted(shown) == names, shown
+    responses = results["templates"]["responses"]  # the frontend fetches <pack>/<name>.jpg for each card in view
+    served = {r["url"].rsplit("/", 1)[-1][: -len(".jpg")] for r in responses if r["status"] == 200}
+    assert len(served) >= 8 and served <= set(names), responses
+    assert all(r["status"] == 200 for r in responses), responses
+    assert sum(t["loaded"] for t in results["templates"]["thumbnails"]) >= 8, results["templates"]["thumbnails"]
+    assert results.get("templates_sorted"), f"no A-Z sort among {results.get('sort_options')}"
+    assert results["templates_sorted"]["titles"] == names, results["templates_sorted"]["titles"]
+    assert names[0].startswith("Kandinsky 5 - 01 T2V Lite distilled 16 steps 5s")
+    if workflow is not None:
+        # The loaders' properties.models: the frontend's missing-models panel lists each file this server lacks (the
+        # released DiT, ComfyUI's VAE file) with a Download button; the tiny single-file text encoders are present.
+        lines = results["missing_models"]
+        dit = next(n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "Kandinsky5LoadDiT")
+        for name in (dit["widgets_values"][0], "hunyuan_video_vae_bf16.safetensors"):
+            assert name in lines and lines[lines.index(name) + 1] == "Download", (name, lines)
+        assert not any("qwen_2.5_vl_7b_fp8_scaled" in x or "clip_l.safetensors" in x for x in lines), lines
+        assert results["missing_models_buttons"].count("Download") == 2, results["missing_models_buttons"]
 
     # The prompt the page queued runs to the end on the tiny model.
     entry = comfyui.wait(results["prompt_id"])

@@ -1,7 +1,9 @@
 """The bundled workflows and `python -m kandinsky_core queue` on a real headless ComfyUI (see conftest.py):
 the saved object_info still describes the server's nodes, every workflow validates against /object_info and runs
-end to end through POST /prompt on tiny weights, the template browser lists the pack's workflows, and `queue`
-runs UI and API workflows and reports broken ones with the server's message."""
+end to end through POST /prompt on tiny weights (the workflows' own text encoder choices, ComfyUI's
+qwen_2.5_vl_7b_fp8_scaled.safetensors and clip_l.safetensors, are tiny files of those layouts on the test server;
+the DiT and VAE choices are swapped for tiny files), the template browser lists the pack's workflows with their
+thumbnails, and `queue` runs UI and API workflows and reports broken ones with the server's message."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_server import PACK, REPO, tiny_archs
+from comfy_server import FLUX_VAE, HUNYUAN_VAE, PACK, REPO, tiny_archs
 from PIL import Image
 
 from kandinsky_core.queue import apply_overrides, set_input, ui_to_api, widget_names
@@ -28,8 +32,30 @@ FRAMES = 5
 STEPS = 2
 
 
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = load_script()
+
+
+def ui_path(name: str) -> Path:
+    return SCRIPT.ui_path(name)
+
+
 def ui(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+    return json.loads(ui_path(name).read_text())
+
+
+def tiny_vae(variant: str) -> str:
+    """The workflows load ComfyUI's hunyuan_video_vae_bf16.safetensors / ae.safetensors; single files are read with
+    the released configuration, so the test server's tiny VAEs are diffusers folders (with their tiny config)."""
+    return FLUX_VAE if VARIANTS[variant].vae == "flux" else HUNYUAN_VAE
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +92,7 @@ def tiny_graph(comfyui, object_info: dict, variant: str, prefix: str) -> dict:
         "Kandinsky5LoadDiT.weight_dtype=fp32",
         "Kandinsky5LoadTextEncoders.dtype=fp32",
         "Kandinsky5LoadVAE.dtype=fp32",
+        f"Kandinsky5LoadVAE.vae_name={tiny_vae(variant)}",
         f"Kandinsky5Sampler.width={width}",
         f"Kandinsky5Sampler.height={height}",
         f"Kandinsky5Sampler.length={FRAMES if v.is_video else 1}",
@@ -132,6 +159,7 @@ def test_workflow_validates_against_object_info(comfyui, object_info, example_im
     # the released files are not on the test server: the DiT choice is swapped for a tiny file of the same task
     stand_in = tiny_name(comfyui, name) or comfyui.models["dit"]["t2i-lite"].name
     set_input(graph, "Kandinsky5LoadDiT", "dit_name", stand_in)
+    set_input(graph, "Kandinsky5LoadVAE", "vae_name", tiny_vae(name), parse=False)
     assert check_against_object_info(graph, object_info) == []
 
 
@@ -170,10 +198,14 @@ def test_i2i_has_a_tiny_stand_in():
 def test_template_browser_lists_the_workflows(comfyui):
     status, listing = comfyui.request("/api/workflow_templates")
     assert status == 200
-    assert sorted(listing.get(PACK, [])) == sorted(VARIANTS), listing.get(PACK)
-    for name in ("t2v-lite-sft-5s", "i2v-pro-5s-hd", "i2i-lite"):
-        status, served = comfyui.request(f"/api/workflow_templates/{PACK}/{name}.json")
+    names = {SCRIPT.template_name(v): name for name, v in VARIANTS.items()}
+    assert sorted(listing.get(PACK, [])) == sorted(names), listing.get(PACK)
+    for name in ("t2v-lite-distilled16steps-5s", "i2v-pro-5s-hd", "i2i-lite"):
+        stem = urllib.parse.quote(ui_path(name).stem)  # the frontend fetches <pack>/<name>.json and <name>.jpg
+        status, served = comfyui.request(f"/api/workflow_templates/{PACK}/{stem}.json")
         assert status == 200 and served == ui(name)
+        with urllib.request.urlopen(f"{comfyui.url}/api/workflow_templates/{PACK}/{stem}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.read() == ui_path(name).with_suffix(".jpg").read_bytes()
 
 
 def queue_cli(comfyui, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -186,12 +218,13 @@ def cli_sets(comfyui, variant: str) -> list[str]:
     sets = [f"Kandinsky5LoadDiT.dit_name={tiny_name(comfyui, variant)}", f"Kandinsky5LoadDiT.variant={variant}"]
     sets += ["Kandinsky5Sampler.width=96", "Kandinsky5Sampler.height=64", f"Kandinsky5Sampler.steps={STEPS}"]
     sets += [f"Kandinsky5Sampler.length={FRAMES if VARIANTS[variant].is_video else 1}"]
+    sets += [f"Kandinsky5LoadVAE.vae_name={tiny_vae(variant)}"]
     return [x for s in sets for x in ("--set", s)]
 
 
 def test_queue_runs_a_ui_workflow(comfyui, tmp_path):
     out = tmp_path / "ui"
-    r = queue_cli(comfyui, str(WORKFLOWS / "t2v-lite-sft-5s.json"), "--prompt", "a fox in the snow", "--seed", "3",
+    r = queue_cli(comfyui, str(ui_path("t2v-lite-sft-5s")), "--prompt", "a fox in the snow", "--seed", "3",
                   "--output-dir", str(out), *cli_sets(comfyui, "t2v-lite-sft-5s"))  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr + comfyui.log_tail()
     files = list(out.iterdir())
@@ -227,7 +260,7 @@ def test_queue_reports_an_execution_error(comfyui, tmp_path):
     sets = cli_sets(comfyui, "t2v-lite-sft-5s")
     sets[1] = f"Kandinsky5LoadDiT.dit_name={tiny_name(comfyui, 'i2v-lite-5s')}"
     sets[3] = "Kandinsky5LoadDiT.variant=i2v-lite-5s"  # an I2V model in a text-to-video workflow: no start image
-    r = queue_cli(comfyui, str(WORKFLOWS / "t2v-lite-sft-5s.json"), "--output-dir", str(tmp_path), *sets)
+    r = queue_cli(comfyui, str(ui_path("t2v-lite-sft-5s")), "--output-dir", str(tmp_path), *sets)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "ComfyUI failed while running node" in r.stderr and "Kandinsky5Sampler" in r.stderr
     assert "start" in r.stderr.lower() and "Traceback" not in r.stderr
@@ -239,7 +272,7 @@ def test_queue_reports_connection_refused(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kandinsky_core", "queue", str(WORKFLOWS / "t2i-lite.json")]
+    cmd = [sys.executable, "-m", "kandinsky_core", "queue", str(ui_path("t2i-lite"))]
     r = subprocess.run([*cmd, "--server", f"127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "connection refused" in r.stderr and "Traceback" not in r.stderr
 
