@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from fake_model_files import fake_model_args
 from PIL import Image
 
 from kandinsky_core import cli, download, pipeline
@@ -127,14 +128,11 @@ def test_resolved_request_reaches_run(tmp_path, capsys, monkeypatch, png):
         return torch.zeros(request.frames, request.height, request.width, 3, dtype=torch.uint8)
 
     monkeypatch.setattr(pipeline, "run", fake_run)
-    for p in ("dit.safetensors", "qwen", "clip", "vae"):
-        (tmp_path / p).mkdir() if "." not in p else (tmp_path / p).write_bytes(b"")
     out = tmp_path / "o.mp4"
-    args = ["--dit", "dit.safetensors", "--text-encoder", "qwen", "--clip", "clip", "--vae", "vae"]
     rc, stdout, err = run_cli(
         GEN
         + ["--variant", "i2v-lite-5s", "--image", str(png), "--frames", "9", "--output", str(out), "--quiet"]
-        + [a if a.startswith("--") else str(tmp_path / a) for a in args],
+        + fake_model_args(tmp_path),
         capsys,
     )
     assert rc == 0, err

@@ -20,6 +20,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from fake_model_files import fake_model_args
 from PIL import Image
 
 from kandinsky_core import cli, media, pipeline
@@ -96,10 +97,7 @@ def fake_run(monkeypatch, tmp_path):
         return torch.zeros((request.frames, request.height, request.width, 3), dtype=torch.uint8)
 
     monkeypatch.setattr(pipeline, "run", run)
-    for p in ("dit.safetensors", "qwen", "clip", "vae"):
-        (tmp_path / p).mkdir() if "." not in p else (tmp_path / p).write_bytes(b"")
-    seen["args"] = ["--dit", str(tmp_path / "dit.safetensors"), "--text-encoder", str(tmp_path / "qwen"),
-                    "--clip", str(tmp_path / "clip"), "--vae", str(tmp_path / "vae")]  # fmt: skip
+    seen["args"] = fake_model_args(tmp_path)
     return seen
 
 

@@ -5,11 +5,11 @@ the frontend's widget serialisation (control_after_generate values, links, Rerou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from workflow_script import load_make_workflows
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.queue import ui_to_api, widget_names
@@ -20,14 +20,7 @@ WORKFLOWS = REPO / "workflows"
 OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = load_script()
+SCRIPT = load_make_workflows()
 
 
 def ui(name: str) -> dict:
@@ -90,7 +83,7 @@ def test_thumbnails_are_cards_of_the_variant():
 
 def test_generated_files_are_fresh(capsys):
     """Regenerating from the variants table and the UI files gives exactly the committed files (--check)."""
-    script = load_script()
+    script = load_make_workflows()
     assert script.main(["--check"]) == 0, capsys.readouterr().out
     for path, text in script.expected_files(OBJECT_INFO).items():
         assert path.read_text() == text, f"{path} is stale: run python scripts/make_workflows.py"
@@ -106,7 +99,7 @@ def copy_workflows(tmp_path):
 
 
 def check_in(monkeypatch, tmp_path, capsys) -> tuple[int, str]:
-    script = load_script()
+    script = load_make_workflows()
     monkeypatch.setattr(script, "WORKFLOWS", tmp_path)
     monkeypatch.setattr(script, "API", tmp_path / "api")
     monkeypatch.setattr(script, "REPO", tmp_path)
@@ -135,7 +128,7 @@ def test_check_fails_on_a_stale_ui_file_and_thumbnail(monkeypatch, tmp_path, cap
 
 
 def test_check_fails_on_a_stale_twin(monkeypatch, tmp_path, capsys):
-    script = load_script()
+    script = load_make_workflows()
     copy_workflows(tmp_path)
     twin = tmp_path / "api" / "t2i-lite.json"
     graph = json.loads(twin.read_text())
@@ -304,7 +297,7 @@ def test_markdown_note_links_files_shows_the_tree_and_download_command(name):
         url = f"{HF}{v.hf_repo}/resolve/main/{v.hf_filename}" if f == dit else SINGLE_URLS[f]
         assert f"- [{f}]({url})" in text, f
         assert f"── {f}\n" in text, f
-    tree = text[text.index("📂 ComfyUI/"):]
+    tree = text[text.index("📂 ComfyUI/") :]
     assert tree.index("📂 text_encoders/") < tree.index("clip_l.safetensors") < tree.index("📂 diffusion_models/")
     assert tree.index("📂 diffusion_models/") < tree.index(dit) < tree.index("📂 vae/")
     # the Hugging Face folders stay an alternative

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from comfy_server import FLUX_VAE, HUNYUAN_VAE, PACK, REPO, tiny_archs
 from PIL import Image
+from workflow_script import load_make_workflows
 
 from kandinsky_core.queue import apply_overrides, set_input, ui_to_api, widget_names
 from kandinsky_core.variants import VARIANTS
@@ -32,16 +33,7 @@ FRAMES = 5
 STEPS = 2
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = load_script()
+SCRIPT = load_make_workflows()
 
 
 def ui_path(name: str) -> Path:
