@@ -1,0 +1,54 @@
+"""The Kandinsky 5 options a model carries, as a ComfyUI model patch.
+
+Option nodes (NABLA, MagCache, MagCache Calibrate, Compile, Block Swap) do what ComfyUI's own model-patch nodes do:
+clone the ModelPatcher and write into its model options. Ours live in one declared place,
+`model_options["transformer_options"]["kandinsky5"]`, as a frozen `Kandinsky5Options`; nothing else is attached to
+the model. Clones share the weights, so options compose with each other and with LoRA patches in any order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+KEY = "kandinsky5"
+
+
+@dataclass(frozen=True)
+class Kandinsky5Options:
+    """Every option of a Kandinsky 5 model; None means "not set" (the variant's official behaviour).
+
+    nabla: a NABLA setting (mode auto / on / off with P and windows, 0 = the variant's).
+    block_cache: a MagCache or MagCache Calibrate setting (`make(variant)` gives a fresh cache per run).
+    compile: a torch.compile setting (`applied(dit)` compiles for one run).
+    block_swap: a block-swap setting (`place(...)` / `release(...)`).
+    """
+
+    nabla: Any = None
+    block_cache: Any = None
+    compile: Any = None
+    block_swap: Any = None
+
+
+def patcher_of(model: Any) -> Any:
+    """The ModelPatcher behind what flows on a model link."""
+    return getattr(model, "patcher", model)
+
+
+def options_of(model: Any) -> Kandinsky5Options:
+    """The options `model` carries (all unset when no option node touched it)."""
+    transformer_options = patcher_of(model).model_options.get("transformer_options", {})
+    return transformer_options.get(KEY) or Kandinsky5Options()
+
+
+def with_options(model: Any, **changes: Any) -> Any:
+    """A clone of `model` (weights shared) whose options have `changes` applied; `model` itself is unchanged."""
+    patcher = patcher_of(model).clone()
+    options = dataclasses.replace(options_of(patcher), **changes)
+    transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+    transformer_options[KEY] = options
+    patcher.model_options = {**patcher.model_options, "transformer_options": transformer_options}
+    if patcher is model:
+        return patcher
+    return dataclasses.replace(model, patcher=patcher)
