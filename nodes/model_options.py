@@ -12,20 +12,43 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from kandinsky_core.nabla import NablaParams
+
 KEY = "kandinsky5"
+NABLA_MODES = ("auto", "on", "off")
+OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
+
+
+@dataclass(frozen=True)
+class NablaSetting:
+    """NABLA as chosen on a node: auto follows the variant (on for the 10 s and HD variants trained with it); on uses
+    the variant's P and windows (or the official 0.9 / 11, 3, 3) where P / windows are 0; off is dense attention."""
+
+    mode: str = "auto"
+    P: float = 0.0
+    wT: int = 0
+    wH: int = 0
+    wW: int = 0
+
+    def params(self, variant: Any) -> NablaParams | None:
+        """The NABLA parameters for `variant`, or None for dense attention."""
+        if self.mode == "off" or (self.mode == "auto" and variant.nabla is None):
+            return None
+        base = variant.nabla or OFFICIAL_NABLA
+        return NablaParams(P=self.P or base.P, wT=self.wT or base.wT, wH=self.wH or base.wH, wW=self.wW or base.wW)
 
 
 @dataclass(frozen=True)
 class Kandinsky5Options:
     """Every option of a Kandinsky 5 model; None means "not set" (the variant's official behaviour).
 
-    nabla: a NABLA setting (mode auto / on / off with P and windows, 0 = the variant's).
+    nabla: NABLA (auto / on / off with P and windows, 0 = the variant's).
     block_cache: a MagCache or MagCache Calibrate setting (`make(variant)` gives a fresh cache per run).
     compile: a torch.compile setting (`applied(dit)` compiles for one run).
     block_swap: a block-swap setting (`place(...)` / `release(...)`).
     """
 
-    nabla: Any = None
+    nabla: NablaSetting = NablaSetting()
     block_cache: Any = None
     compile: Any = None
     block_swap: Any = None
