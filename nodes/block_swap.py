@@ -1,4 +1,4 @@
-"""Kandinsky 5 Block Swap: K5_DIT in, K5_DIT out carrying a block-swap setting the Kandinsky 5 Sampler honours.
+"""Kandinsky 5 Block Swap: MODEL in, MODEL out carrying a block-swap setting the Kandinsky 5 Sampler honours.
 
 ComfyUI already offloads on its own: when a DiT does not fit, its ModelPatcher loads what fits and comfy.ops casts
 the rest to the GPU layer by layer at use (partial loading; the loader builds the DiT from comfy.ops for this). That
@@ -18,9 +18,9 @@ from typing import Any
 from kandinsky_core.errors import InputError
 from kandinsky_core.variants import block_swap_problem
 
-from . import comfy_glue
+from . import comfy_glue, comfy_model
 from .common import CATEGORY, fail
-from .magcache import with_setting
+from .model_options import with_options
 
 
 def release_from_comfy(patcher: Any) -> None:
@@ -47,21 +47,21 @@ class BlockSwapSetting:
         swapped = [block_bytes(b) for b in blocks[self.blocks_on_device :]]
         return total - sum(swapped) + sum(sorted(swapped)[-2:])
 
-    def place(self, model: Any, activations: int) -> Any:
-        """Make room in ComfyUI for the resident part and the activations, then start swapping; returns the swap."""
+    def place(self, patcher: Any, activations: int) -> Any:
+        """Make room in ComfyUI for the resident part and the activations, then start swapping the DiT of
+        `patcher` (a Kandinsky 5 MODEL); returns the swap."""
         from kandinsky_core.offload import enable_block_swap
 
-        release_from_comfy(model.patcher)
+        release_from_comfy(patcher)
+        dit = patcher.model.diffusion_model
         device = comfy_glue.load_device()
-        comfy_glue.model_management().free_memory(self.resident_bytes(model.model) + activations, device)
-        offload = getattr(model.patcher, "offload_device", "cpu")
-        return enable_block_swap(
-            model.model, device, self.blocks_on_device, offload_device=offload, prefetch=self.prefetch
-        )
+        comfy_glue.model_management().free_memory(self.resident_bytes(dit) + activations, device)
+        offload = getattr(patcher, "offload_device", "cpu")
+        return enable_block_swap(dit, device, self.blocks_on_device, offload_device=offload, prefetch=self.prefetch)
 
-    def release(self, model: Any, swap: Any) -> None:
+    def release(self, patcher: Any, swap: Any) -> None:
         swap.remove()
-        model.model.to(getattr(model.patcher, "offload_device", "cpu"))
+        patcher.model.diffusion_model.to(getattr(patcher, "offload_device", "cpu"))
 
 
 class BlockSwap:
@@ -71,7 +71,7 @@ class BlockSwap:
         "ComfyUI's own partial loading needs no node and is usually enough."
     )
     CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler swaps its blocks.",)
     FUNCTION = "apply"
@@ -80,7 +80,7 @@ class BlockSwap:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache)."}),
+                "model": ("MODEL", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache)."}),
                 "blocks_on_device": ("INT", {"default": 0, "min": 0, "max": 128, "tooltip":
                                      "Visual blocks kept on the GPU (Lite has 32, Pro 60); the others are swapped "
                                      "in one at a time. More: faster, more memory. 0 swaps all of them."}),
@@ -91,7 +91,7 @@ class BlockSwap:
 
     def apply(self, model, blocks_on_device, prefetch):
         with fail("Kandinsky 5 Block Swap"):
-            problem = block_swap_problem(model.variant, "blocks_on_device", blocks_on_device)
+            problem = block_swap_problem(comfy_model.k5_model(model).variant, "blocks_on_device", blocks_on_device)
             if problem:
                 raise InputError(problem)
-            return (with_setting(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))),)
+            return (with_options(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))),)

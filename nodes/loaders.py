@@ -12,27 +12,13 @@ import torch
 from kandinsky_core.errors import KandinskyError, WeightsError
 from kandinsky_core.variants import VARIANTS, Variant
 
-from . import comfy_glue, files
+from . import comfy_glue, comfy_model, files
 from .common import CATEGORY, fail
 
 AUTO = "auto"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIT_DTYPES = (*DTYPES, "fp8_e4m3fn")
 ATTENTION = ("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattention")
-
-
-@dataclass
-class DiTModel:
-    """What flows on a K5_DIT link: the patcher, the variant whose settings apply, and the attention backend."""
-
-    patcher: Any
-    variant: Variant
-    attention: str
-    name: str
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.patcher.model.inner
 
 
 @dataclass
@@ -79,11 +65,18 @@ def inspect_dit(path: Path, variant: str) -> Variant:
 
 
 class LoadDiT:
-    DESCRIPTION = "Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models."
+    DESCRIPTION = (
+        "Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models as a ComfyUI MODEL: it works "
+        "with the Kandinsky 5 Sampler and with ComfyUI's KSampler / SamplerCustomAdvanced (text-to-video and "
+        "text-to-image) and LoRA loaders."
+    )
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_DIT",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Kandinsky 5 DiT with its variant's settings (steps, guidance, sizes, NABLA).",)
+    OUTPUT_TOOLTIPS = (
+        "The Kandinsky 5 DiT as a ComfyUI MODEL with its variant's settings (steps, guidance, flow shift = scheduler "
+        "scale, sizes, NABLA).",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -144,7 +137,7 @@ class LoadDiT:
                 fp8=fp8,
             )
             comfy_glue.log.info("Kandinsky 5 DiT %s loaded as %s (%s)", dit_name, v.name, dtype)
-            return (DiTModel(comfy_glue.wrap(model, "dit"), v, attention, dit_name),)
+            return (comfy_model.make_patcher(model, v, attention, dit_name),)
 
 
 class LoadTextEncoders:

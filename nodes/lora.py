@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from kandinsky_core.errors import KandinskyError
 
-from . import comfy_glue, files
+from . import comfy_glue, comfy_model, files
 from .common import CATEGORY, fail
-from .loaders import DiTModel
-from .magcache import with_setting
 
 
 class LoadLoRA:
@@ -17,7 +15,7 @@ class LoadLoRA:
         "ComfyUI's trainer, bare PEFT and LyCORIS LoKr / LoHa. ComfyUI patches the weights when it loads the model."
     )
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_DIT", "STRING")
+    RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "trigger_word")
     OUTPUT_TOOLTIPS = (
         "The DiT with the LoRA patched in (the input model is left unchanged).",
@@ -29,7 +27,8 @@ class LoadLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "A Kandinsky 5 DiT (from Load DiT or another Load LoRA)."}),
+                "model": ("MODEL", {"tooltip": "A Kandinsky 5 DiT (from Load Kandinsky 5 DiT, another LoRA loader or "
+                          "a Kandinsky 5 option node)."}),
                 "lora_name": (
                     files.list_models("loras"),
                     {"tooltip": "A LoRA .safetensors in models/loras, made for this Kandinsky 5 model size. Keep the "
@@ -49,22 +48,22 @@ class LoadLoRA:
             return f"lora_name {lora_name!r} is not in models/loras. Pick a file from the list."
         return True
 
-    def apply(self, model: DiTModel, lora_name: str, strength: float):
+    def apply(self, model, lora_name: str, strength: float):
         from kandinsky_core.lora import read_lora
 
         with fail("Load Kandinsky 5 LoRA"):
+            k5 = comfy_model.k5_model(model)
             try:
                 lora = read_lora(files.resolve("loras", lora_name, "lora_name"))
-                lora.check(model.model.arch, f"the loaded DiT {model.name!r} ({model.variant.title})")
+                lora.check(k5.diffusion_model.arch, f"the loaded DiT {k5.name!r} ({k5.variant.title})")
             except KandinskyError as e:
                 raise type(e)(f"lora_name: {e}") from None
             for note in lora.notes:
                 comfy_glue.log.warning("Kandinsky 5 LoRA %s: %s", lora_name, note)
-            patcher = model.patcher.clone()
+            patcher = model.clone()  # keeps the Kandinsky 5 options (model_options) and earlier LoRAs
             patcher.add_patches(comfy_glue.lora_patches(patcher, lora), float(strength))
             comfy_glue.log.info(
                 "Kandinsky 5 LoRA %s (%s, %d modules) at strength %s", lora_name, lora.format, len(lora.targets),
                 strength,
             )  # fmt: skip
-            out = with_setting(model, patcher=patcher)  # keeps the settings of MagCache, Block Swap, Compile
-            return {"ui": {"text": [lora.trigger]}, "result": (out, lora.trigger)}
+            return {"ui": {"text": [lora.trigger]}, "result": (patcher, lora.trigger)}

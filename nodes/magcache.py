@@ -1,9 +1,8 @@
-"""Kandinsky 5 MagCache and MagCache Calibrate: K5_DIT in, K5_DIT out carrying a block-cache setting that the
+"""Kandinsky 5 MagCache and MagCache Calibrate: MODEL in, MODEL out carrying a block-cache setting that the
 Kandinsky 5 Sampler hands to kandinsky_core.sampling.sample (`block_cache=`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from dataclasses import dataclass
@@ -21,16 +20,9 @@ from kandinsky_core.magcache import (
     MagCalibration,
 )
 
-from . import comfy_glue
+from . import comfy_glue, comfy_model
 from .common import CATEGORY, fail
-
-
-def with_setting(model: Any, **settings: Any) -> Any:
-    """A copy of a K5_DIT link value with extra settings (the patcher and weights are shared, not copied)."""
-    out = copy.copy(model)
-    for name, value in settings.items():
-        setattr(out, name, value)
-    return out
+from .model_options import with_options
 
 
 def parse_ratios(text: str) -> tuple[float, ...] | None:
@@ -58,7 +50,8 @@ MAX_PREFIX = 160  # bytes: file names are at most 255, and _<variant>_<steps>ste
 
 @dataclass(frozen=True)
 class MagCacheSetting:
-    """What the MagCache node puts on a K5_DIT: the sampler calls `make()` for a fresh cache and `done(cache)`."""
+    """What the MagCache node puts in a MODEL's Kandinsky 5 options: the sampler calls `make()` for a fresh cache and
+    `done(cache)`."""
 
     params: MagCacheParams
 
@@ -103,7 +96,7 @@ class MagCacheNode:
         "Lite; calibrate others with Kandinsky 5 MagCache Calibrate."
     )
     CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler uses MagCache with it.",)
     FUNCTION = "apply"
@@ -112,7 +105,7 @@ class MagCacheNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "model": ("MODEL", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
                 "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                               "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
                               "less faithful. Official: 0.12."}),
@@ -140,7 +133,7 @@ class MagCacheNode:
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)
             if values is None:
-                name = model.variant.name
+                name = comfy_model.k5_model(model).variant.name
                 if name not in OFFICIAL_MAG_RATIOS:
                     raise InputError(
                         f"ratios: {name} has no official MagCache ratios (they exist for "
@@ -149,7 +142,7 @@ class MagCacheNode:
                     )
                 values = OFFICIAL_MAG_RATIOS[name]
             params = MagCacheParams(values, threshold=threshold, K=K, retention=retention)
-            return (with_setting(model, block_cache=MagCacheSetting(params)),)
+            return (with_options(model, block_cache=MagCacheSetting(params)),)
 
 
 class MagCacheCalibrate:
@@ -159,7 +152,7 @@ class MagCacheCalibrate:
         "and a size you will generate with."
     )
     CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
+    RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The same DiT; the next Kandinsky 5 Sampler run measures the ratios.",)
     FUNCTION = "apply"
@@ -168,7 +161,7 @@ class MagCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "model": ("MODEL", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
                 "filename_prefix": ("STRING", {"default": "kandinsky5_magcache", "tooltip":
                                     "The ratios go to output/<prefix>_<variant>_<steps>steps.json."}),
             }
@@ -190,4 +183,4 @@ class MagCacheCalibrate:
             problem = self.VALIDATE_INPUTS(filename_prefix)
             if problem is not True:
                 raise InputError(problem)
-            return (with_setting(model, block_cache=CalibrationSetting(filename_prefix)),)
+            return (with_options(model, block_cache=CalibrationSetting(filename_prefix)),)

@@ -55,14 +55,18 @@ class Kandinsky5Options:
 
 
 def patcher_of(model: Any) -> Any:
-    """The ModelPatcher behind what flows on a model link."""
-    return getattr(model, "patcher", model)
+    """The ModelPatcher behind what flows on a model link: a MODEL link carries the patcher itself."""
+    return model
+
+
+def options_in(transformer_options: dict) -> Kandinsky5Options:
+    """The options in a `transformer_options` dict (what ComfyUI hands the model's `_apply_model`)."""
+    return transformer_options.get(KEY) or Kandinsky5Options()
 
 
 def options_of(model: Any) -> Kandinsky5Options:
     """The options `model` carries (all unset when no option node touched it)."""
-    transformer_options = patcher_of(model).model_options.get("transformer_options", {})
-    return transformer_options.get(KEY) or Kandinsky5Options()
+    return options_in(patcher_of(model).model_options.get("transformer_options", {}))
 
 
 def with_options(model: Any, **changes: Any) -> Any:
@@ -72,6 +76,4 @@ def with_options(model: Any, **changes: Any) -> Any:
     transformer_options = dict(patcher.model_options.get("transformer_options", {}))
     transformer_options[KEY] = options
     patcher.model_options = {**patcher.model_options, "transformer_options": transformer_options}
-    if patcher is model:
-        return patcher
-    return dataclasses.replace(model, patcher=patcher)
+    return patcher

@@ -22,8 +22,9 @@ from kandinsky_core.variants import (
     text_width_problem,
 )
 
-from . import comfy_glue
+from . import comfy_glue, comfy_model
 from .common import CATEGORY, fail, widget_range_problem
+from .model_options import options_of
 from .text import from_conditioning
 
 NABLA_MODES = ("auto", "on", "off")
@@ -113,13 +114,9 @@ def latent_frames(length: int) -> int:
 
 
 def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool, text_len: int = 256, nabla=None) -> int:
-    """Bytes of activations one sampling step needs beyond the DiT's weights: the step's peak measured on meta
-    tensors (kandinsky_core.sampling.step_peak_bytes), plus the allocator margin."""
-    from kandinsky_core.memory import ALLOCATOR_MARGIN
-    from kandinsky_core.sampling import step_peak_bytes
-
-    arch, dtype = model.variant.arch, model.model.compute_dtype
-    return int(step_peak_bytes(arch, dtype, (batch, 16, t, h, w), text_len, cfg, nabla) * ALLOCATOR_MARGIN)
+    """Bytes of activations one sampling step needs beyond the DiT's weights (Kandinsky5Model.memory_estimate, the
+    same estimate ComfyUI's own samplers get from the model's memory_required)."""
+    return comfy_model.k5_model(model).memory_estimate((batch, 16, t, h, w), text_len, cfg, nabla)
 
 
 class Sampler:
@@ -141,7 +138,8 @@ class Sampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT."}),
+                "model": ("MODEL", {"tooltip": "A Kandinsky 5 DiT: from Load Kandinsky 5 DiT, a LoRA loader (ours or "
+                          "ComfyUI's) or a Kandinsky 5 option node."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from Kandinsky 5 Text Encode."}),
                 "negative": ("CONDITIONING", {"tooltip": "The negative prompt (ignored when guidance is 1)."}),
                 "width": ("INT", {"default": 768, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
@@ -206,7 +204,8 @@ class Sampler:
         from kandinsky_core.sampling import sample as run_sampler
 
         with fail("Kandinsky 5 Sampler"):
-            v = model.variant
+            k5 = comfy_model.k5_model(model)
+            v = k5.variant
             width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
             s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
             problem = check_numbers(guidance, scheduler_scale)
@@ -232,19 +231,24 @@ class Sampler:
             cfg = uncond is not None
             text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
             estimate = memory_estimate(model, batch_size, *shape[2:], cfg, text_len, s.nabla)
-            swap_setting = getattr(model, "block_swap", None)  # from Kandinsky 5 Block Swap
-            cache_setting = getattr(model, "block_cache", None)  # from Kandinsky 5 MagCache / MagCache Calibrate
-            compile_setting = getattr(model, "compile", None)  # from Kandinsky 5 Compile
+            options = options_of(model)
+            swap_setting = options.block_swap  # from Kandinsky 5 Block Swap
+            cache_setting = options.block_cache  # from Kandinsky 5 MagCache / MagCache Calibrate
+            compile_setting = options.compile  # from Kandinsky 5 Compile
+            problem = comfy_model.scaled_weight_patch_problem(model)
+            if problem:
+                raise InputError(problem)
             if swap_setting is None:
-                comfy_glue.load(model.patcher, estimate)
-            elif getattr(model.patcher, "patches", None):
+                comfy_glue.load(model, estimate)  # ComfyUI applies the LoRA weight patches here
+            elif getattr(model, "patches", None):
                 raise InputError(
                     "model: Kandinsky 5 Block Swap cannot run a DiT with a LoRA (Load Kandinsky 5 LoRA): it moves the "
                     "weights itself, outside ComfyUI's weight patching, so the LoRA would be ignored. Remove the "
                     "Block Swap node; ComfyUI's own partial loading keeps the LoRA and fits small GPUs."
                 )
             device = comfy_glue.load_device()
-            dtype = model.model.compute_dtype
+            dit = k5.diffusion_model
+            dtype = dit.compute_dtype
             noise = make_noise(shape, seed, dtype=torch.float32, device=device)
             conditions = {}
             for name, lat in (("start_latent", start_latent), ("edit_latent", edit_latent)):
@@ -255,13 +259,13 @@ class Sampler:
             )
             block_cache = None if cache_setting is None else cache_setting.make(v)
             swap = None if swap_setting is None else swap_setting.place(model, estimate)
-            compiled = compile_setting.applied(model.model) if compile_setting else contextlib.nullcontext()
+            compiled = compile_setting.applied(dit) if compile_setting else contextlib.nullcontext()
             # Cancel stops between DiT blocks too (not in compiled blocks: a check there would break the graph)
-            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(model.model)
+            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(dit)
             try:
                 with compiled, cancellable:
                     x = run_sampler(
-                        model.model,
+                        dit,
                         noise,
                         cond.to(device, dtype),
                         uncond.to(device, dtype) if cfg else None,
@@ -273,7 +277,7 @@ class Sampler:
                         first_frame_latent=conditions.get("start_latent"),
                         edit_latent=conditions.get("edit_latent"),
                         callback=callback,
-                        attention_backend=None if model.attention == "auto" else model.attention,
+                        attention_backend=None if k5.attention == "auto" else k5.attention,
                         block_cache=block_cache,
                     )
             finally:

@@ -32,7 +32,9 @@ def pick_template(template: str, model) -> tuple[str, int]:
                 "template is auto but no model is connected: connect the Load Kandinsky 5 DiT output to `model`, or "
                 f"pick a template ({', '.join(TEMPLATES)})."
             )
-        v = model.variant
+        from .comfy_model import k5_model
+
+        v = k5_model(model).variant
         return v.text_template, v.text_max_length
     if template not in TEMPLATES:
         raise InputError(f"template {template!r} is unknown. Allowed: auto, {', '.join(TEMPLATES)}.")
@@ -106,7 +108,7 @@ class TextEncode:
                 "template": ([AUTO, *TEMPLATES], {"default": AUTO, "tooltip": TEMPLATE_TOOLTIP}),
             },
             "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
+                "model": ("MODEL", {"tooltip": "The Kandinsky 5 DiT: template=auto takes its variant's template."}),
                 "edit_image": (
                     "IMAGE",
                     {"tooltip": "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."},
@@ -163,7 +165,7 @@ class PromptExpansion:
                 ),
             },
             "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
+                "model": ("MODEL", {"tooltip": "The Kandinsky 5 DiT: template=auto takes its variant's template."}),
                 "image": ("IMAGE", {"tooltip": "I2V start image or I2I source image: Qwen looks at it."}),
             },
         }  # fmt: skip

@@ -6,7 +6,7 @@ import torch
 
 from kandinsky_core.errors import InputError
 
-from . import comfy_glue
+from . import comfy_glue, comfy_model
 from .common import CATEGORY, fail, widget_range_problem
 
 TILING = ("auto", "on", "off")
@@ -163,7 +163,7 @@ class VAEEncode:
                            "Resize height (with width). 0 = from the image (see width)."}),
             },
             "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that width = height = 0 sizes the image as the official "
+                "model": ("MODEL", {"tooltip": "The DiT, so that width = height = 0 sizes the image as the official "
                           "pipeline of its variant does. Leave the sampler's width and height at 0 to follow."}),
             },
         }  # fmt: skip
@@ -179,11 +179,12 @@ class VAEEncode:
     def encode(self, vae, images, width, height, model=None):
         with fail("Kandinsky 5 VAE Encode"):
             crop = True
-            if width == height == 0 and model is not None and model.variant.task in ("i2v", "i2i"):
+            variant = None if model is None else comfy_model.k5_model(model).variant
+            if width == height == 0 and variant is not None and variant.task in ("i2v", "i2i"):
                 from kandinsky_core.variants import crops_input_image, size_for_image
 
-                width, height = size_for_image(model.variant, int(images.shape[2]), int(images.shape[1]))
-                crop = crops_input_image(model.variant, size_from_image=True)
+                width, height = size_for_image(variant, int(images.shape[2]), int(images.shape[1]))
+                crop = crops_input_image(variant, size_from_image=True)
             pixels = image_to_pixels(images, width, height, crop)
             n, _, h, w = pixels.shape
             if h % 16 or w % 16:
