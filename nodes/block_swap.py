@@ -24,11 +24,13 @@ from .model_options import with_options
 
 
 def release_from_comfy(patcher: Any) -> None:
-    """If ComfyUI holds this DiT loaded, unload it (its weights go back to the offload device)."""
+    """If ComfyUI holds this DiT loaded (through this patcher or a clone sharing its model), unload it (its weights
+    go back to the offload device)."""
     mm = comfy_glue.model_management()
     loaded = getattr(mm, "current_loaded_models", [])
     for entry in list(loaded):
-        if getattr(entry, "model", None) is patcher:
+        held = getattr(entry, "model", None)
+        if held is patcher or getattr(held, "model", None) is patcher.model:
             entry.model_unload()
             loaded.remove(entry)
 

@@ -20,9 +20,10 @@ from kandinsky_core import variants
 from kandinsky_core.errors import InputError, WeightsError
 from kandinsky_core.nabla import NablaParams
 from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, common, files, loaders, text
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, comfy_model, common, files, loaders, text
 from nodes import sampler as sampler_node
 from nodes import vae as vae_node
+from nodes.model_options import options_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,10 +79,12 @@ class FakeComfy:
             def __init__(self, model, load_device, offload_device):
                 self.model, self.load_device, self.offload_device = model, load_device, offload_device
                 self.patches: dict[str, list] = {}
+                self.model_options: dict = {"transformer_options": {}}
 
             def clone(self):
                 n = ModelPatcher(self.model, self.load_device, self.offload_device)
                 n.patches = {k: list(v) for k, v in self.patches.items()}
+                n.model_options = {**self.model_options}
                 return n
 
             def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
@@ -112,8 +115,34 @@ class FakeComfy:
             def process_in(self, latent):
                 return (latent - self.shift) * self.scale
 
-        formats.HunyuanVideo = lambda: Format(0.476986)
-        formats.Flux = lambda: Format(0.3611, 0.1159)
+        formats.HunyuanVideo = type(
+            "HunyuanVideo", (Format,), {"__init__": lambda self: Format.__init__(self, 0.476986)}
+        )
+        formats.Flux = type("Flux", (Format,), {"__init__": lambda self: Format.__init__(self, 0.3611, 0.1159)})
+        # what nodes/comfy_model.py builds Kandinsky5Model on (the real ones run in tests/integration)
+        base = types.ModuleType("comfy.model_base")
+
+        class BaseModel(torch.nn.Module):
+            def __init__(self, model_config, model_type=None, device=None):
+                super().__init__()
+                self.model_config, self.model_type, self.device = model_config, model_type, device
+                self.latent_format = model_config.latent_format
+                self.current_patcher = None
+
+        base.BaseModel = BaseModel
+        base.ModelType = types.SimpleNamespace(FLOW="FLOW")
+        supported = types.ModuleType("comfy.supported_models_base")
+
+        class BASE:
+            sampling_settings: dict = {}
+            latent_format = Format
+
+            def __init__(self, unet_config):
+                self.unet_config = dict(unet_config)
+
+        supported.BASE = BASE
+        conds = types.ModuleType("comfy.conds")
+        conds.CONDRegular = type("CONDRegular", (), {"__init__": lambda self, cond: setattr(self, "cond", cond)})
         preview = types.ModuleType("latent_preview")
 
         class Previewer:
@@ -129,7 +158,11 @@ class FakeComfy:
         comfy.model_management, comfy.model_patcher, comfy.utils = mm, patcher, utils
         comfy.weight_adapter = adapter
         comfy.latent_formats = formats
+        comfy.model_base, comfy.supported_models_base, comfy.conds = base, supported, conds
         return {
+            "comfy.model_base": base,
+            "comfy.supported_models_base": supported,
+            "comfy.conds": conds,
             "folder_paths": fp,
             "comfy": comfy,
             "comfy.model_management": mm,
@@ -155,6 +188,7 @@ def comfy(tmp_path, monkeypatch):
     for name, module in fake.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delitem(sys.modules, "comfy.ops", raising=False)
+    comfy_model.model_class.cache_clear()  # Kandinsky5Model on this test's fake BaseModel
     monkeypatch.setitem(
         variants.VARIANTS, "t2v-lite-sft-5s", dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=TINY_T2V)
     )
@@ -344,19 +378,19 @@ def run_sampler_node(model, **overrides):
 def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
-    assert model.variant.name == "t2v-lite-sft-5s" and model.patcher.model.inner is model.model
+    assert model.model.variant.name == "t2v-lite-sft-5s" and isinstance(model.model, comfy_model.model_class())
     latent = run_sampler_node(model)
 
-    v = model.variant
+    v = model.model.variant
     noise = make_noise((1, 16, 2, 4, 8), 3)
     want = sample(
-        model.model, noise, conditioning(1), conditioning(2), steps=3, guidance=v.guidance,
+        model.model.diffusion_model, noise, conditioning(1), conditioning(2), steps=3, guidance=v.guidance,
         scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
     )  # fmt: skip
     assert latent.shape == (1, 16, 2, 4, 8)
     torch.testing.assert_close(latent, dit_to_latent(want, v.latent_scale), rtol=0, atol=0)
     # ComfyUI was asked to load the DiT with an activation estimate; one progress update per step, with a preview
-    assert comfy.loads[-1][0] is model.patcher and comfy.loads[-1][1] > 0
+    assert comfy.loads[-1][0] is model and comfy.loads[-1][1] > 0
     assert [p[:2] for p in comfy.progress] == [(1, 3), (2, 3), (3, 3)] and all(p[2] for p in comfy.progress)
     # the last preview is the final latent in ComfyUI's HunyuanVideo space (latent * scale_factor)
     torch.testing.assert_close(comfy.previews[-1], latent_to_dit(latent, 0.476986), rtol=1e-4, atol=1e-4)
@@ -457,9 +491,9 @@ def tiny_model(comfy):
 
 def core_sample(model, steps, block_cache=None):
     """What the Sampler node must compute (run_sampler_node's defaults: seed 3, 64x32, 5 frames, CFG 5)."""
-    v = model.variant
+    v = model.model.variant
     return sample(
-        model.model, make_noise((1, 16, 2, 4, 8), 3), conditioning(1), conditioning(2), steps=steps,
+        model.model.diffusion_model, make_noise((1, 16, 2, 4, 8), 3), conditioning(1), conditioning(2), steps=steps,
         guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale, block_cache=block_cache,
     )  # fmt: skip
 
@@ -470,16 +504,17 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
 
     model = tiny_model(comfy)
     (cached_model,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
-    assert cached_model.patcher is model.patcher and not hasattr(model, "block_cache")  # the input is unchanged
+    assert cached_model.model is model.model and options_of(model).block_cache is None  # the input is unchanged
     latent = run_sampler_node(cached_model, steps=8)
 
     cache = MagCache(MagCacheParams(OFFICIAL_MAG_RATIOS["t2v-lite-sft-5s"], threshold=0.5, K=2, retention=0.0))
     want = core_sample(model, 8, cache)
-    torch.testing.assert_close(latent, dit_to_latent(want, model.variant.latent_scale), rtol=0, atol=0)
+    torch.testing.assert_close(latent, dit_to_latent(want, model.model.variant.latent_scale), rtol=0, atol=0)
     assert cache.skipped  # the cache did skip, so the node's latent differs from the plain one
     plain = run_sampler_node(model, steps=8)
     assert not torch.equal(plain, latent)
-    torch.testing.assert_close(plain, dit_to_latent(core_sample(model, 8), model.variant.latent_scale), rtol=0, atol=0)
+    want = dit_to_latent(core_sample(model, 8), model.model.variant.latent_scale)
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
 
 
 def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy, monkeypatch, tmp_path):
@@ -501,14 +536,15 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
     assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 6
     for text_form in (path.read_text(), json.dumps(data["ratios"]), ", ".join(str(r) for r in data["ratios"])):
         (m,) = MagCacheNode().apply(model, 0.12, 2, 0.2, text_form)
-        assert m.block_cache.params.ratios == tuple(data["ratios"])
+        assert options_of(m).block_cache.params.ratios == tuple(data["ratios"])
     assert "letters, digits" in MagCacheCalibrate.VALIDATE_INPUTS("../x")
 
 
 def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
     from nodes.magcache import MagCacheNode
 
-    model = dataclasses.replace(tiny_model(comfy), variant=variants.VARIANTS["t2v-lite-distilled16steps-5s"])
+    distilled = variants.VARIANTS["t2v-lite-distilled16steps-5s"]
+    model = comfy_model.make_patcher(tiny_model(comfy).model.diffusion_model, distilled, "auto", TINY_NAME)
     with pytest.raises(InputError, match=r"^Kandinsky 5 MagCache: ratios: t2v-lite-distilled16steps-5s has no "
                        r"official MagCache ratios.*Kandinsky 5 MagCache Calibrate"):  # fmt: skip
         MagCacheNode().apply(model, 0.12, 2, 0.2, "")
@@ -526,7 +562,7 @@ def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, 
     mm = sys.modules["comfy.model_management"]
     freed, unloaded, swaps = [], [], []
     model = tiny_model(comfy)
-    held = types.SimpleNamespace(model=model.patcher, model_unload=lambda: unloaded.append(True))
+    held = types.SimpleNamespace(model=model, model_unload=lambda: unloaded.append(True))
     monkeypatch.setattr(mm, "free_memory", lambda need, device: freed.append((need, device)), False)
     monkeypatch.setattr(mm, "current_loaded_models", [held], False)
     real_swap = offload.enable_block_swap
@@ -540,20 +576,20 @@ def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, 
     assert len(comfy.loads) == loads  # ComfyUI was not asked to load the whole DiT...
     assert unloaded == [True] and mm.current_loaded_models == []  # ...it was asked to let go of it
     ((need, device),) = freed
-    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     assert device == torch.device("cpu") and 0 < need and need - comfy.loads[-1][1] <= weights
     assert swaps[0].swapped == [1] and swaps[0].loads == 3 * 2  # steps x CFG branches, one swapped block
-    blocks = model.model.visual_transformer_blocks
+    blocks = model.model.diffusion_model.visual_transformer_blocks
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # swapping ended with the run
 
     (both,) = MagCacheNode().apply(swapping, 0.12, 2, 0.2, "")
-    assert both.block_swap == swapping.block_swap and both.block_cache is not None
+    assert options_of(both).block_swap == options_of(swapping).block_swap and options_of(both).block_cache
     with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
         BlockSwap().apply(model, 3, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Compile: K5_DIT -> K5_DIT with a torch.compile setting, applied for the sampler's run only
+# Compile: MODEL -> MODEL with a torch.compile setting, applied for the sampler's run only
 
 
 def test_compile_node_setting_compiles_during_its_block_only_with_the_same_latent(comfy):
@@ -562,16 +598,16 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
 
     model = tiny_model(comfy)
     (compiling,) = Compile().apply(model, "default", "eager")
-    assert compiling.compile == CompileSetting("default", "eager") and compiling.patcher is model.patcher
-    assert not hasattr(model, "compile")  # the input is unchanged
+    assert options_of(compiling).compile == CompileSetting("default", "eager") and compiling.model is model.model
+    assert options_of(model).compile is None  # the input is unchanged
     torch._dynamo.reset()
     plain = core_sample(model, 1)
-    with compiling.compile.applied(model.model) as state:
+    with options_of(compiling).compile.applied(model.model.diffusion_model) as state:
         latent = core_sample(model, 1)
         assert state.compiled_calls > 0 and not state.failed
     torch._dynamo.reset()
     torch.testing.assert_close(latent, plain, rtol=0, atol=0)
-    assert compile_state(model.model) is None  # eager again for the other users of the loaded DiT
+    assert compile_state(model.model.diffusion_model) is None  # eager again for the other users of the loaded DiT
     with pytest.raises(InputError, match=r"^Kandinsky 5 Compile: mode 'fast' / backend 'inductor': allowed modes"):
         Compile().apply(model, "fast", "inductor")
 
@@ -587,7 +623,7 @@ def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
     torch._dynamo.reset()
     latent = run_sampler_node(compiling, steps=2)
     torch._dynamo.reset()
-    assert used == [model.model]
+    assert used == [model.model.diffusion_model]
     torch.testing.assert_close(latent, run_sampler_node(model, steps=2), rtol=0, atol=0)
 
 
@@ -670,24 +706,25 @@ def test_lora_node_patches_a_clone_as_kandinsky_core_merges_stacks_and_shows_the
     res = LoadLoRA().apply(model, "a/model.safetensors", 0.7)
     one, trigger = res["result"]
     assert trigger == "k5style" and res["ui"] == {"text": ["k5style"]}
-    assert model.patcher.patches == {} and one.patcher is not model.patcher and one.variant is model.variant
+    assert model.patches == {} and one is not model and one.model is model.model
     two = LoadLoRA().apply(one, "b/model.safetensors", -1.5)["result"][0]
-    assert [len(p) for p in one.patcher.patches.values()] == [1, 1, 1]
-    assert sorted(len(p) for p in two.patcher.patches.values()) == [1, 2, 2]
+    assert [len(p) for p in one.patches.values()] == [1, 1, 1]
+    assert sorted(len(p) for p in two.patches.values()) == [1, 2, 2]
 
     merged = make_tiny_dit_like(model)
     apply_lora(merged, read_lora(a), 0.7)
     apply_lora(merged, read_lora(b), -1.5)
-    got = patched_weights(two.patcher)
-    assert set(got) == {f"inner.{m}.weight" for m in LORA_MODULES}
+    got = patched_weights(two)
+    assert set(got) == {f"diffusion_model.{m}.weight" for m in LORA_MODULES}
     for m in LORA_MODULES:
-        torch.testing.assert_close(got[f"inner.{m}.weight"], merged.get_submodule(m).weight, rtol=1e-5, atol=1e-6)
+        want = merged.get_submodule(m).weight
+        torch.testing.assert_close(got[f"diffusion_model.{m}.weight"], want, rtol=1e-5, atol=1e-6)
 
 
 def make_tiny_dit_like(model):
     from tiny import make_tiny_dit
 
-    return make_tiny_dit(model.model.arch)
+    return make_tiny_dit(model.model.diffusion_model.arch)
 
 
 def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
@@ -699,9 +736,9 @@ def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
     path = write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
     out = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
     m = LORA_MODULES[0]
-    layer = model.model.get_submodule(m)
+    layer = model.model.diffusion_model.get_submodule(m)
     assert layer.weight.dtype == torch.float8_e4m3fn
-    got = patched_weights(out.patcher)[f"inner.{m}.weight"] * layer.weight_scale
+    got = patched_weights(out)[f"diffusion_model.{m}.weight"] * layer.weight_scale
     want = make_tiny_dit_like(model)
     apply_lora(want, read_lora(path), 1.0)
     w = want.get_submodule(m).weight
@@ -724,7 +761,7 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
               str(comfy.root / "loras" / "flux.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
         LoadLoRA().apply(model, "flux.safetensors", 1.0)
-    assert model.patcher.patches == {}
+    assert model.patches == {}
 
 
 def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(comfy, monkeypatch):
@@ -739,7 +776,7 @@ def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(co
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
     (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
     out = LoadLoRA().apply(cached, "model.safetensors", 1.0)["result"][0]
-    assert out.block_cache == cached.block_cache and out.patcher.patches
+    assert options_of(out).block_cache == options_of(cached).block_cache and out.patches
     swapped = BlockSwap().apply(out, 0, False)[0]
     with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
         run_sampler_node(swapped, steps=2)
