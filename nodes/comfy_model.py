@@ -35,7 +35,7 @@ def model_class() -> type:
     import comfy.model_base
     import comfy.supported_models_base
 
-    from kandinsky_core.sampling import dit_to_latent, latent_to_dit
+    from kandinsky_core.sampling import LATENT_CHANNELS, dit_to_latent, empty_conditioning, latent_to_dit
 
     class VideoLatent(comfy.latent_formats.HunyuanVideo):
         """HunyuanVideo latents [B, 16, T, h, w]; ComfyUI's previews use its RGB factors."""
@@ -178,8 +178,9 @@ def model_class() -> type:
                 )  # fmt: skip
                 if problem:
                     raise InputError(problem)
+            extra = empty_conditioning(self.diffusion_model, xc)  # Lite T2V takes I2V's channels, empty
             out = self.diffusion_model(
-                xc,
+                xc if extra is None else torch.cat([xc, extra], dim=1),
                 kwargs["text_embeds"],
                 kwargs["pooled"],
                 self.model_sampling.timestep(t).float(),
@@ -187,7 +188,7 @@ def model_class() -> type:
                 rope_scale=self._variant.rope_scale,
                 nabla=nabla,
                 attention_backend=None if self._attention == "auto" else self._attention,
-            )[:, :16]
+            )[:, :LATENT_CHANNELS]
             if image:
                 out = out[:, :, 0]
             return self.model_sampling.calculate_denoised(sigma, out.float(), x)
