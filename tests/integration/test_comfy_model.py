@@ -20,6 +20,7 @@ import pytest
 import torch
 from comfy_server import CLIP, FLUX_VAE, FRAMES, HUNYUAN_VAE, QWEN, H, W
 from safetensors.torch import load_file, save_file
+from test_lora_comfyui import write_comfy_format_lora
 
 pytestmark = pytest.mark.integration
 
@@ -67,26 +68,6 @@ def latent(comfyui, entry: dict, node: str = "7") -> torch.Tensor:
     path = comfyui.base / "output" / item["subfolder"] / item["filename"]
     x = load_file(str(path))["latent_tensor"]
     return x if x.ndim == 5 else x[:, :, None]  # image latents from KSampler: [B, 16, H, W]
-
-
-def write_comfy_format_lora(path: Path, base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """A LoRA in ComfyUI's own trainer layout (diffusion_model.<module>.lora_up / lora_down / alpha), which
-    LoraLoaderModelOnly reads through its model_lora_keys_unet map; returns {weight key: alpha/r * up @ down}."""
-    g = torch.Generator().manual_seed(seed)
-    sd, deltas = {}, {}
-    rank, alpha = 2, 3.0
-    for key, w in base.items():
-        if not key.endswith(("to_query.weight", "to_value.weight", "feed_forward.out_layer.weight")):
-            continue
-        stem = "diffusion_model." + key[: -len(".weight")]
-        down = torch.randn(rank, w.shape[1], generator=g) * 0.5
-        up = torch.randn(w.shape[0], rank, generator=g) * 0.5
-        sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = down, up
-        sd[f"{stem}.alpha"] = torch.tensor(alpha)
-        deltas[key] = alpha / rank * (up @ down)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return deltas
 
 
 def test_comfyuis_lora_loader_into_our_sampler_matches_a_hand_merged_dit(comfyui):
