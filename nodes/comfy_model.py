@@ -118,6 +118,20 @@ def model_class() -> type:
             arch, dtype = self._variant.arch, self.diffusion_model.compute_dtype
             return int(step_peak_bytes(arch, dtype, tuple(shape), int(text_len), cfg, nabla) * ALLOCATOR_MARGIN)
 
+        def nabla_for(self, options: Any, shape: tuple[int, ...]) -> Any:
+            """The NABLA parameters the options give for a latent of `shape` (None: dense attention); InputError
+            when NABLA is on and the size is not a multiple of 128 px."""
+            nabla = options.nabla.params(self._variant)
+            if nabla is not None:
+                problem = size_problem(
+                    int(shape[-1]) * 8, int(shape[-2]) * 8, 128,
+                    f" (NABLA is on for {self._variant.name}; it works on 8x8-token tiles = 128 px. Resize the "
+                    f"empty latent, or set NABLA off with the {NABLA_NODE} node)",
+                )  # fmt: skip
+                if problem:
+                    raise InputError(problem)
+            return nabla
+
         def memory_required(self, input_shape, cond_shapes={}, **kwargs):  # noqa: B006 (BaseModel's signature)
             shape = tuple(int(s) for s in input_shape)
             if len(shape) == 4:
@@ -125,7 +139,7 @@ def model_class() -> type:
             lengths = [int(s[1]) for s in (cond_shapes or {}).get("text_embeds", []) if len(s) > 1]
             patcher = getattr(self, "current_patcher", None)
             options = options_in(patcher.model_options.get("transformer_options", {})) if patcher else None
-            nabla = options.nabla.params(self._variant) if options else None
+            nabla = self.nabla_for(options, shape) if options else None
             return self.memory_estimate(shape, max(lengths, default=self._variant.text_max_length), False, nabla)
 
         def extra_conds(self, **kwargs):
@@ -168,16 +182,7 @@ def model_class() -> type:
             image = xc.ndim == 4  # [B, 16, H, W] from EmptyLatentImage / EmptySD3LatentImage: one frame
             if image:
                 xc = xc[:, :, None]
-            options = options_in(transformer_options or {})
-            nabla = options.nabla.params(self._variant)
-            if nabla is not None:
-                problem = size_problem(
-                    int(xc.shape[-1]) * 8, int(xc.shape[-2]) * 8, 128,
-                    f" (NABLA is on for {self._variant.name}; it works on 8x8-token tiles = 128 px. Resize the empty "
-                    f"latent, or set NABLA off with the {NABLA_NODE} node)",
-                )  # fmt: skip
-                if problem:
-                    raise InputError(problem)
+            nabla = self.nabla_for(options_in(transformer_options or {}), xc.shape)
             extra = empty_conditioning(self.diffusion_model, xc)  # Lite T2V takes I2V's channels, empty
             out = self.diffusion_model(
                 xc if extra is None else torch.cat([xc, extra], dim=1),

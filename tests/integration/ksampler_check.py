@@ -117,7 +117,48 @@ def main(plant: str = "") -> dict:
             "memory_required": int(mem),
             "our_estimate": model.memory_estimate(tuple(x5.shape), 7, False),
         }
+    out["nabla"] = nabla_case(plant)
     return out
+
+
+def nabla_case(plant: str) -> dict:
+    """A 10 s Lite variant (NABLA on by default): KSampler runs it with NABLA (our model options' auto), equal to
+    kandinsky_core's sample with the variant's NABLA and different from dense attention; a size that is not a
+    multiple of 128 px is an InputError."""
+    import comfy.sample
+    import torch
+    from tiny import TINY_ARCHS, make_tiny_dit
+
+    from kandinsky_core import variants
+    from kandinsky_core.errors import InputError
+    from kandinsky_core.sampling import TextConditioning, dit_to_latent, make_noise, sample
+    from nodes import comfy_model, text
+    from nodes.model_options import NablaSetting, with_options
+
+    arch = dataclasses.replace(TINY_ARCHS["lite"], in_text_dim=TEXT_DIM, in_text_dim2=TEXT_DIM)
+    v = dataclasses.replace(variants.VARIANTS["t2v-lite-sft-10s"], arch=arch)
+    dit = make_tiny_dit(arch, seed=3)
+    patcher = comfy_model.make_patcher(dit, v, "auto", "tiny-10s")
+    if plant == "nabla_off":
+        patcher = with_options(patcher, nabla=NablaSetting("off"))
+    g = torch.Generator().manual_seed(2)
+    cond = TextConditioning(torch.randn(1, 6, TEXT_DIM, generator=g), torch.ones(1, 6, dtype=torch.bool),
+                            torch.randn(1, TEXT_DIM, generator=g))  # fmt: skip
+    positive = negative = text.to_conditioning(cond, "video")
+    result = {"nabla": str(v.nabla)}
+    for name, shape in (("ok", (1, 16, 2, 64, 64)), ("bad", (1, 16, 2, 8, 12))):  # 512 px: 4x4 tiles
+        noise = comfy.sample.prepare_noise(torch.zeros(shape), seed=3)
+        try:
+            got = comfy.sample.sample(patcher, noise, 4, 1.0, "euler", "simple", positive, negative,
+                                      torch.zeros(shape), seed=3, disable_pbar=True)  # fmt: skip
+        except InputError as e:
+            result[name] = f"InputError: {e}"
+            continue
+        kw = dict(steps=4, guidance=1.0, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale)
+        sparse = dit_to_latent(sample(dit, make_noise(shape, 3), cond, None, nabla=v.nabla, **kw), v.latent_scale)
+        dense = dit_to_latent(sample(dit, make_noise(shape, 3), cond, None, **kw), v.latent_scale)
+        result[name] = {"diff_nabla": float((got - sparse).abs().max()), "diff_dense": float((got - dense).abs().max())}
+    return result
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def test_comfyuis_own_kandinsky5_model_is_refused_by_our_sampler_with_what_to_lo
 def test_ksampler_matches_our_sampler_in_one_process_with_the_measured_bounds():
     """ksampler_check.py in ComfyUI's interpreter: sigmas equal ours where the step count divides 1000 (4, 50), the
     latents of 4 steps within LATENT_BOUND, process_in / process_out exactly latent_to_dit / dit_to_latent, the
-    flow shift the variant's scheduler scale, memory_required our estimate."""
+    flow shift the variant's scheduler scale, memory_required our estimate, NABLA applied by KSampler."""
     if not os.environ.get("COMFYUI_DIR"):
         pytest.skip("COMFYUI_DIR is not set")
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
@@ -192,4 +192,10 @@ def test_ksampler_matches_our_sampler_in_one_process_with_the_measured_bounds():
         assert r["process_in_diff"] == 0.0 and r["process_out_diff"] == 0.0, r
         assert r["latent_diff"] < LATENT_BOUND, r
         assert r["memory_required"] == r["our_estimate"] > 0, r
+    # NABLA auto in KSampler: the 10 s variant samples with its NABLA (not dense), and a size NABLA cannot tile is
+    # a clear InputError
+    n = result["nabla"]
+    assert n["ok"]["diff_nabla"] < 1e-4 and n["ok"]["diff_dense"] > 1e-2, n
+    assert n["bad"].startswith("InputError: width=96 must be a multiple of 128 px"), n
+    assert "set NABLA off with the Kandinsky 5 NABLA node" in n["bad"], n
     print(json.dumps(result))
