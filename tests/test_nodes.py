@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import subprocess
 import sys
 import types
@@ -780,3 +781,45 @@ def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(co
     swapped = BlockSwap().apply(out, 0, False)[0]
     with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
         run_sampler_node(swapped, steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The DiT as a ComfyUI MODEL (nodes/comfy_model.py; the real BaseModel, KSampler and LoRA loaders: tests/integration)
+
+
+def test_a_model_that_is_not_ours_is_refused_with_what_it_is_and_what_to_load(comfy):
+    from nodes.lora import LoadLoRA
+
+    native = type("Kandinsky5", (torch.nn.Module,), {"model_config": None})()
+    others = {
+        "ComfyUI's own Kandinsky 5 model": types.SimpleNamespace(model=native, patches={}),
+        "a SDXL model (ComfyUI model class SDXL)": types.SimpleNamespace(
+            model=type("SDXL", (torch.nn.Module,), {"model_config": None})(), patches={}
+        ),
+    }
+    for what, other in others.items():
+        with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: model is " + re.escape(what)):
+            run_sampler_node(other)
+        with pytest.raises(InputError, match="Load Kandinsky 5 DiT and connect its MODEL output"):
+            LoadLoRA().apply(other, "x.safetensors", 1.0)
+
+
+def test_a_comfyui_weight_patch_on_a_scaled_fp8_weight_is_refused(comfy):
+    """ComfyUI's LoRA loaders add their delta to the stored float8 weight, which is the weight divided by its
+    weight_scale: the Sampler refuses such a patch instead of applying it at the wrong strength. Our LoRA node's
+    patches (which divide by the scale) pass."""
+    from nodes.lora import LoadLoRA
+
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    model = loaders.LoadDiT().load(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
+    ours = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
+    assert comfy_model.scaled_weight_patch_problem(ours) is None
+    key = f"diffusion_model.{LORA_MODULES[0]}.weight"
+    theirs = model.clone()
+    theirs.patches = {key: [(1.0, ("lora", (torch.zeros(1),)), 1.0, None, None)]}  # what comfy.lora makes
+    with pytest.raises(InputError, match=rf"^Kandinsky 5 Sampler: model: a LoRA .* targets {key}, a float8 weight"):
+        run_sampler_node(theirs, steps=1)
+    fp32 = tiny_model(comfy).clone()
+    fp32.patches = dict(theirs.patches)
+    assert comfy_model.scaled_weight_patch_problem(fp32) is None  # weights without a scale: ComfyUI's patch is right
