@@ -63,20 +63,6 @@ def video_negative() -> str:
     return VIDEO_NEGATIVE
 
 
-# ComfyUI's repackaged single files, the ones its own Kandinsky 5 templates load (URLs as those templates give them);
-# our loaders read these layouts (tests/test_text_encoders.py, test_hunyuan_vae.py, test_flux_vae.py).
-SINGLE_FILES = {
-    "qwen": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
-             "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/text_encoders/"
-             "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
-    "clip": ("clip_l.safetensors", "text_encoders",
-             "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true"),
-    "hunyuan": ("hunyuan_video_vae_bf16.safetensors", "vae",
-                "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
-                "hunyuan_video_vae_bf16.safetensors"),
-    "flux": ("ae.safetensors", "vae",
-             "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
-}  # fmt: skip
 TASK_WORDS = {"t2v": "text to video", "i2v": "image to video", "t2i": "text to image", "i2i": "image editing"}
 
 
@@ -109,14 +95,9 @@ def ui_path(name: str) -> Path:
 
 
 def model_names(v: Variant) -> dict[str, str]:
-    """The loader choices: the DiT file `download --variant` places, and ComfyUI's single files for the rest."""
+    """The loader choices: the files `download --variant` places (ComfyUI's single files for all but the DiT)."""
     plan = {p.role: p for p in download.plan_downloads(v, Path("models"))}
-    return {
-        "dit": plan["dit"].dest.name,
-        "qwen": SINGLE_FILES["qwen"][0],
-        "clip": SINGLE_FILES["clip"][0],
-        "vae": SINGLE_FILES[v.vae][0],
-    }
+    return {role: plan[role].dest.name for role in ("dit", "qwen", "clip", "vae")}
 
 
 def model_entries(v: Variant) -> dict[str, list[dict]]:
@@ -124,7 +105,7 @@ def model_entries(v: Variant) -> dict[str, list[dict]]:
     Download of each entry (url) into its models folder (directory)."""
     dit = {"name": model_names(v)["dit"], "url": f"https://huggingface.co/{v.hf_repo}/resolve/main/{v.hf_filename}",
            "directory": "diffusion_models"}  # fmt: skip
-    entry = {role: {"name": n, "url": u, "directory": d} for role, (n, d, u) in SINGLE_FILES.items()}
+    entry = {role: {"name": f.name, "url": f.url, "directory": f.folder} for role, f in download.SINGLE_FILES.items()}
     return {
         "Kandinsky5LoadDiT": [dit],
         "Kandinsky5LoadTextEncoders": [entry["qwen"], entry["clip"]],
@@ -165,8 +146,8 @@ def note_text(v: Variant) -> str:
         "",
         f"`python -m kandinsky_core download --variant {v.name}`",
         "",
-        "(it fetches the DiT, and uses the single files above when they are there; without them it downloads the "
-        f"Hugging Face folders instead: [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}), "
+        "(it fetches the files above that are missing, the same ones. With `--folders` it fetches the Hugging Face "
+        f"folders instead: [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}), "
         f"[{download.CLIP_REPO}](https://huggingface.co/{download.CLIP_REPO}) and "
         + (f"[{download.FLUX_VAE_REPO}](https://huggingface.co/{download.FLUX_VAE_REPO}) vae/ (gated: accept the "
            "licence and log in first)" if v.vae == "flux" else

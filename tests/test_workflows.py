@@ -245,7 +245,7 @@ HF = "https://huggingface.co/"
 SINGLE_URLS = {  # as ComfyUI's own Kandinsky 5 templates (comfyui_workflow_templates) and Comfy-Org give them
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": HF + "Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/"
     "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-    "clip_l.safetensors": HF + "comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true",
+    "clip_l.safetensors": HF + "comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
     "hunyuan_video_vae_bf16.safetensors": HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
     "hunyuan_video_vae_bf16.safetensors",
     "ae.safetensors": HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors",
