@@ -52,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float)
     g.add_argument("--scheduler-scale", type=float)
     g.add_argument("--image", type=Path, help="start frame (i2v) or image to edit (i2i)")
-    g.add_argument("--expand-prompt", action="store_true", help="let Qwen2.5-VL rewrite the prompt first")
+    g.add_argument(
+        "--expand-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let Qwen2.5-VL rewrite the prompt first, as the official pipelines do by default (it sees the start "
+        "image for I2V, a quarter-size edit image for I2I); --no-expand-prompt encodes the prompt as written",
+    )
     g.add_argument("--no-nabla", action="store_true", help="dense attention even for NABLA variants")
     g.add_argument("--models-dir", type=Path, help="models folder (default: $COMFYUI_MODELS_DIR, ComfyUI's, ./models)")
     g.add_argument("--dit", type=Path, help="DiT .safetensors (overrides the models folder)")
