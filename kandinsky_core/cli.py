@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--negative", help="negative prompt of the Kandinsky 5 Text Encode node")
     q.add_argument("--seed", type=int, help="seed of the Kandinsky 5 Sampler")
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="set an input; NODE is a node id, title or type (e.g. Kandinsky5Sampler.steps=20)")  # fmt: skip
+                   help="set an input; NODE is a node id, title or type (e.g. K5Sampler.steps=20)")  # fmt: skip
     q.add_argument("--output-dir", type=Path, default=Path("."), help="where the outputs are downloaded")
     q.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default %(default)g)")
     return p

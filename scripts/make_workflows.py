@@ -39,8 +39,8 @@ WORKFLOWS = REPO / "workflows"
 API = WORKFLOWS / "api"
 OBJECT_INFO = REPO / "tests" / "data" / "object_info.json"
 NODE_TYPES = (
-    "Kandinsky5LoadDiT", "Kandinsky5LoadTextEncoders", "Kandinsky5LoadVAE", "Kandinsky5TextEncode",
-    "Kandinsky5PromptExpansion", "Kandinsky5Sampler", "Kandinsky5VAEDecode", "Kandinsky5VAEEncode",
+    "K5LoadDiT", "K5LoadTextEncoders", "K5LoadVAE", "K5TextEncode",
+    "K5PromptExpansion", "K5Sampler", "K5VAEDecode", "K5VAEEncode",
     "LoadImage", "ImageScale", "SaveImage", "SaveAnimatedWEBP",
 )  # fmt: skip
 
@@ -107,9 +107,9 @@ def model_entries(v: Variant) -> dict[str, list[dict]]:
            "directory": "diffusion_models"}  # fmt: skip
     entry = {role: {"name": f.name, "url": f.url, "directory": f.folder} for role, f in download.SINGLE_FILES.items()}
     return {
-        "Kandinsky5LoadDiT": [dit],
-        "Kandinsky5LoadTextEncoders": [entry["qwen"], entry["clip"]],
-        "Kandinsky5LoadVAE": [entry[v.vae]],
+        "K5LoadDiT": [dit],
+        "K5LoadTextEncoders": [entry["qwen"], entry["clip"]],
+        "K5LoadVAE": [entry[v.vae]],
     }
 
 
@@ -232,14 +232,14 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     names = model_names(v)
     note = g.add("MarkdownNote", (-520, 0), (480, 640), [note_text(v)], title="Model links")
     note.update({"color": "#222", "bgcolor": "#000", "properties": {}})
-    dit = g.add("Kandinsky5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
-    te = g.add("Kandinsky5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
-    vae = g.add("Kandinsky5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
+    dit = g.add("K5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
+    te = g.add("K5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
+    vae = g.add("K5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
     for loader in (dit, te, vae):
         loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
-    enc = g.add("Kandinsky5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
-    sampler = g.add("Kandinsky5Sampler", (840, 0), (320, 470), sampler_widgets(v))
+    enc = g.add("K5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
+    sampler = g.add("K5Sampler", (840, 0), (320, 470), sampler_widgets(v))
     g.link(te, 0, enc, "text_encoders")
     g.link(dit, 0, enc, "model")
     g.link(dit, 0, sampler, "model")
@@ -247,7 +247,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     g.link(enc, 1, sampler, "negative")
     if v.task in ("i2v", "i2i"):
         image = g.add("LoadImage", (0, 480), (340, 320), [IMAGE, "image"])
-        encode = g.add("Kandinsky5VAEEncode", (380, 480), (320, 130), list(v.default_size))
+        encode = g.add("K5VAEEncode", (380, 480), (320, 130), list(v.default_size))
         g.link(vae, 0, encode, "vae")
         g.link(image, 0, encode, "images")
         g.link(encode, 0, sampler, "start_latent" if v.task == "i2v" else "edit_latent")
@@ -255,7 +255,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
             scale = g.add("ImageScale", (380, 660), (320, 130), ["bilinear", *v.default_size, "center"])
             g.link(image, 0, scale, "image")
             g.link(scale, 0, enc, "edit_image")
-    decode = g.add("Kandinsky5VAEDecode", (1200, 0), (320, 180), ["auto", 256, 64, 16, 8])
+    decode = g.add("K5VAEDecode", (1200, 0), (320, 180), ["auto", 256, 64, 16, 8])
     g.link(vae, 0, decode, "vae")
     g.link(sampler, 0, decode, "samples")
     prefix = f"kandinsky5/{v.name}"
