@@ -4,8 +4,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const LOADER = "Kandinsky5LoadDiT";
-const SAMPLER = "Kandinsky5Sampler";
+const LOADER = "K5LoadDiT";
+const SAMPLER = "K5Sampler";
 // Sampler widgets the loader fills with the variant's values, unless the user changed them.
 const FILLED = [
   "width", "height", "length", "steps", "guidance", "scheduler_scale",

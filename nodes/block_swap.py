@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from comfy_api.latest import io
+
 from kandinsky_core.errors import InputError
 from kandinsky_core.variants import block_swap_problem
 
@@ -66,34 +68,32 @@ class BlockSwapSetting:
         patcher.model.diffusion_model.to(getattr(patcher, "offload_device", "cpu"))
 
 
-class BlockSwap:
-    DESCRIPTION = (
-        "Runs the Kandinsky 5 DiT with most of its visual blocks in system memory: each is copied to the GPU just "
-        "before it runs (the next one prefetched) and dropped after, with exactly the same result. For small GPUs; "
-        "ComfyUI's own partial loading needs no node and is usually enough."
-    )
-    CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler swaps its blocks.",)
-    FUNCTION = "apply"
+class BlockSwap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5BlockSwap",
+            display_name="Kandinsky 5 Block Swap",
+            category=f"{CATEGORY}/speed",
+            description="Runs the Kandinsky 5 DiT with most of its visual blocks in system memory: each is copied to "
+            "the GPU just before it runs (the next one prefetched) and dropped after, with exactly the same result. "
+            "For small GPUs; ComfyUI's own partial loading needs no node and is usually enough.",
+            inputs=[
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT (or MagCache)."),
+                io.Int.Input("blocks_on_device", default=0, min=0, max=128, tooltip=
+                             "Visual blocks kept on the GPU (Lite has 32, Pro 60); the others are swapped in one at a "
+                             "time. More: faster, more memory. 0 swaps all of them."),
+                io.Boolean.Input("prefetch", default=True, tooltip=
+                                 "Copy the next block on a side CUDA stream while the current one computes."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip=
+                                   "The same DiT; the Kandinsky 5 Sampler swaps its blocks.")],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache)."}),
-                "blocks_on_device": ("INT", {"default": 0, "min": 0, "max": 128, "tooltip":
-                                     "Visual blocks kept on the GPU (Lite has 32, Pro 60); the others are swapped "
-                                     "in one at a time. More: faster, more memory. 0 swaps all of them."}),
-                "prefetch": ("BOOLEAN", {"default": True, "tooltip":
-                             "Copy the next block on a side CUDA stream while the current one computes."}),
-            }
-        }  # fmt: skip
-
-    def apply(self, model, blocks_on_device, prefetch):
+    def execute(cls, model, blocks_on_device, prefetch) -> io.NodeOutput:
         with fail("Kandinsky 5 Block Swap"):
             problem = block_swap_problem(comfy_model.k5_model(model).variant, "blocks_on_device", blocks_on_device)
             if problem:
                 raise InputError(problem)
-            return (with_options(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))),)
+            return io.NodeOutput(with_options(model, block_swap=BlockSwapSetting(blocks_on_device, bool(prefetch))))

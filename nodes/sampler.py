@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.nabla import NablaParams
@@ -70,7 +71,7 @@ def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | No
 
 def check_numbers(guidance: float, scheduler_scale: float) -> str | None:
     """guidance -1..30 (-1: the variant's) and scheduler_scale 0..50 (0: the variant's), finite (NaN / inf would
-    give black frames or switch CFG off); the widgets' ranges, checked here because VALIDATE_INPUTS takes them."""
+    give black frames or switch CFG off); the widgets' ranges, checked here because validate_inputs takes them."""
     return number_problem("guidance", guidance, -1, GUIDANCE_MAX, note=" (-1 = the variant's, 1 = no CFG)") or (
         number_problem("scheduler_scale", scheduler_scale, 0, SCHEDULER_SCALE_MAX, note=" (0 = the variant's)")
     )
@@ -119,72 +120,68 @@ def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool, text_l
     return comfy_model.k5_model(model).memory_estimate((batch, 16, t, h, w), text_len, cfg, nabla)
 
 
-class Sampler:
-    DESCRIPTION = (
-        "Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with classifier-free guidance, "
-        "optional NABLA sparse attention, a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's "
-        "official setting."
-    )
-    CATEGORY = f"{CATEGORY}/sampling"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = (
-        "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with Kandinsky 5 VAE Decode, or "
-        "ComfyUI's VAE Decode with the HunyuanVideo VAE.",
-    )
-    FUNCTION = "sample"
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5Sampler",
+            display_name="Kandinsky 5 Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with "
+            "classifier-free guidance, optional NABLA sparse attention, a start image (I2V) or an edit image (I2I). "
+            "0 / -1 mean the variant's official setting.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Kandinsky 5 DiT: from Load Kandinsky 5 DiT, a LoRA loader (ours or "
+                               "ComfyUI's) or a Kandinsky 5 option node."),
+                io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (ignored when guidance is 1)."),
+                io.Int.Input("width", default=768, min=0, max=MAX_SIZE, step=16, tooltip=
+                             "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, "
+                             "512x768; Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent "
+                             "/ edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."),
+                io.Int.Input("height", default=512, min=0, max=MAX_SIZE, step=16, tooltip=
+                             "Height in pixels: a multiple of 16 (128 with NABLA). 0 = from the input latent (see "
+                             "width)."),
+                io.Int.Input("length", default=121, min=1, max=481, step=4, tooltip=
+                             f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Videos/images per run."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True, tooltip=
+                             "Noise seed (CPU generator: the same seed gives the same result on any device)."),
+                io.Int.Input("steps", default=0, min=0, max=200, tooltip=
+                             "Sampling steps. 0 = the variant's (50; distilled: 16)."),
+                io.Float.Input("guidance", default=-1.0, min=-1.0, max=GUIDANCE_MAX, step=0.1, tooltip=
+                               "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
+                               "1 turns CFG off (the negative prompt is not evaluated)."),
+                io.Float.Input("scheduler_scale", default=0.0, min=0.0, max=SCHEDULER_SCALE_MAX, step=0.5, tooltip=
+                               "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
+                               "official config says so)."),
+                io.Combo.Input("nabla", options=list(NABLA_MODES), default="auto", tooltip=
+                               "NABLA sparse attention. auto: on for the 10 s and HD variants trained with it; on / "
+                               "off force it. On needs width and height in multiples of 128."),
+                io.Float.Input("nabla_P", default=0.0, min=0.0, max=1.0, step=0.05, tooltip=
+                               "NABLA attention mass kept per block (0 = the variant's, e.g. 0.9; 1 = dense)."),
+                io.Int.Input("nabla_wT", default=0, min=0, max=63, tooltip=
+                             "NABLA sliding window in latent frames, odd (0 = the variant's, 11)."),
+                io.Int.Input("nabla_wH", default=0, min=0, max=63, tooltip=
+                             "NABLA sliding window in tiles along the height, odd (0 = the variant's, 3)."),
+                io.Int.Input("nabla_wW", default=0, min=0, max=63, tooltip=
+                             "NABLA sliding window in tiles along the width, odd (0 = the variant's, 3)."),
+                io.Latent.Input("start_latent", optional=True, tooltip=
+                                "I2V: the start image from Kandinsky 5 VAE Encode, at width x height. Needed by I2V "
+                                "models, refused by the others."),
+                io.Latent.Input("edit_latent", optional=True, tooltip=
+                                "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at width x height. Needed by "
+                                "I2I models, refused by the others."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip=
+                                 "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with "
+                                 "Kandinsky 5 VAE Decode, or ComfyUI's VAE Decode with the HunyuanVideo VAE."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A Kandinsky 5 DiT: from Load Kandinsky 5 DiT, a LoRA loader (ours or "
-                          "ComfyUI's) or a Kandinsky 5 option node."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt, from Kandinsky 5 Text Encode."}),
-                "negative": ("CONDITIONING", {"tooltip": "The negative prompt (ignored when guidance is 1)."}),
-                "width": ("INT", {"default": 768, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
-                          "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, 512x768; "
-                          "Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent / "
-                          "edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."}),
-                "height": ("INT", {"default": 512, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
-                           "Height in pixels: a multiple of 16 (128 with NABLA). 0 = from the input latent (see "
-                           "width)."}),
-                "length": ("INT", {"default": 121, "min": 1, "max": 481, "step": 4, "tooltip":
-                           f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos/images per run."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
-                         "tooltip": "Noise seed (CPU generator: the same seed gives the same result on any device)."}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
-                          "Sampling steps. 0 = the variant's (50; distilled: 16)."}),
-                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": GUIDANCE_MAX, "step": 0.1, "tooltip":
-                             "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
-                             "1 turns CFG off (the negative prompt is not evaluated)."}),
-                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": SCHEDULER_SCALE_MAX, "step": 0.5,
-                                    "tooltip":
-                                    "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
-                                    "official config says so)."}),
-                "nabla": (list(NABLA_MODES), {"default": "auto", "tooltip":
-                          "NABLA sparse attention. auto: on for the 10 s and HD variants trained with it; on / off "
-                          "force it. On needs width and height in multiples of 128."}),
-                "nabla_P": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                            "NABLA attention mass kept per block (0 = the variant's, e.g. 0.9; 1 = dense)."}),
-                "nabla_wT": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in latent frames, odd (0 = the variant's, 11)."}),
-                "nabla_wH": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in tiles along the height, odd (0 = the variant's, 3)."}),
-                "nabla_wW": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in tiles along the width, odd (0 = the variant's, 3)."}),
-            },
-            "optional": {
-                "start_latent": ("LATENT", {"tooltip": "I2V: the start image from Kandinsky 5 VAE Encode, at width x "
-                                 "height. Needed by I2V models, refused by the others."}),
-                "edit_latent": ("LATENT", {"tooltip": "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at "
-                                "width x height. Needed by I2I models, refused by the others."}),
-            },
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
+    def validate_inputs(cls, width, height, length, nabla, guidance, scheduler_scale):
         if nabla not in NABLA_MODES:
             return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
         if (width == 0) != (height == 0):
@@ -196,10 +193,11 @@ class Sampler:
             or True
         )
 
-    def sample(
-        self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
+    @classmethod
+    def execute(
+        cls, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
         nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW, start_latent=None, edit_latent=None,
-    ):  # fmt: skip
+    ) -> io.NodeOutput:  # fmt: skip
         from kandinsky_core.sampling import dit_to_latent, flow_timesteps, latent_to_dit, make_noise
         from kandinsky_core.sampling import sample as run_sampler
 
@@ -286,7 +284,7 @@ class Sampler:
             if cache_setting is not None:
                 cache_setting.done(block_cache, s.steps, cfg, v)
             # the VAE it belongs to, so that VAE Decode refuses the other one
-            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae},)
+            return io.NodeOutput({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae})
 
 
 def warn_template(v: Variant, length: int, positive: list) -> str | None:

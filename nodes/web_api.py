@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,12 @@ def payload() -> dict[str, Any]:
 
 
 def register_routes() -> bool:
-    """Add the route to ComfyUI's server when running inside ComfyUI; False (and nothing done) elsewhere."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    """Add the route to ComfyUI's server when running inside ComfyUI; False (and nothing done) elsewhere. ComfyUI's
+    main.py has imported its `server` before it loads custom nodes; importing it here would start ComfyUI's model
+    management when ComfyUI's source is merely on sys.path (the unit tests)."""
+    module = sys.modules.get("server")
+    prompt_server = getattr(module, "PromptServer", None)
+    server = getattr(prompt_server, "instance", None)
     if server is None:
         return False
     from aiohttp import web

@@ -157,7 +157,9 @@ def test_queue_output_dir_under_a_file_is_refused_before_queueing(tmp_path, caps
         ("t2v-lite-sft-5s", (1280, 768), "or load a Pro HD model"),
     ],
 )
-def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(capsys, no_models, tmp_path, variant, size, expected):
+def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(
+    capsys, no_models, tmp_path, variant, size, expected, comfy_api
+):
     from nodes.sampler import check_fit, check_size
 
     out = tmp_path / ("o.mp4" if "v" in variant.split("-")[0] else "o.png")

@@ -1,4 +1,5 @@
-"""The node layer without ComfyUI: fake `folder_paths` / `comfy.*` / `latent_preview` modules record what the nodes
+"""The node layer without a running ComfyUI: the nodes are V3 nodes built on ComfyUI's real `comfy_api` (from the
+ComfyUI source, tests/conftest.py); fake `folder_paths` / `comfy.*` / `latent_preview` modules record what the nodes
 ask of ComfyUI, and the nodes run on tiny real-weight files against kandinsky_core called directly.
 (The real ComfyUI runs in tests/integration.)"""
 
@@ -15,16 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from node_ids_expected import EXPECTED_IDS
+from prerequisites import require_comfy_api
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
-from kandinsky_core import variants
-from kandinsky_core.errors import InputError, WeightsError
-from kandinsky_core.nabla import NablaParams
-from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, comfy_model, common, files, loaders, text
-from nodes import sampler as sampler_node
-from nodes import vae as vae_node
-from nodes.model_options import options_of
+require_comfy_api(module_level=True)  # before the node layer is imported
+
+from comfy_api.latest import io  # noqa: E402
+
+from kandinsky_core import variants  # noqa: E402
+from kandinsky_core.errors import InputError, WeightsError  # noqa: E402
+from kandinsky_core.nabla import NablaParams  # noqa: E402
+from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample  # noqa: E402
+from nodes import NODES, comfy_glue, comfy_model, common, files, loaders, node_ids, text  # noqa: E402
+from nodes import sampler as sampler_node  # noqa: E402
+from nodes import vae as vae_node  # noqa: E402
+from nodes.model_options import options_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,42 +216,74 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 # Node definitions
 
 
-def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 13
-    for key, cls in NODE_CLASS_MAPPINGS.items():
-        assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
-        assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
-        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+def test_every_node_is_a_v3_node_with_its_id_display_name_category_and_output_tooltips(comfy):
+    assert all(issubclass(cls, io.ComfyNode) for cls in NODES)
+    schemas = {cls: cls.GET_SCHEMA() for cls in NODES}  # ComfyUI's own checks of a schema (unique input ids, ...)
+    assert {s.node_id: s.display_name for s in schemas.values()} == EXPECTED_IDS
+    assert set(node_ids()) == set(EXPECTED_IDS) and len(NODES) == len(EXPECTED_IDS)
+    for schema in schemas.values():
+        assert schema.category.startswith("Kandinsky 5/") and schema.description, schema.node_id
+        for out in schema.outputs:
+            assert out.display_name and out.tooltip, f"{schema.node_id}: output {out.display_name} has no tooltip"
 
 
-def test_every_input_has_a_tooltip_and_reaches_the_function(comfy):
-    for key, cls in NODE_CLASS_MAPPINGS.items():
-        spec = cls.INPUT_TYPES()
-        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
-        for section in ("required", "optional"):
-            for name, (_, *options) in spec.get(section, {}).items():
-                assert options and options[0].get("tooltip"), f"{key}.{name} has no tooltip"
-                assert name in params, f"{key}.{name} is not a parameter of {cls.FUNCTION}"
-                if section == "optional":
-                    assert params[name].default is None
-        validate = getattr(cls, "VALIDATE_INPUTS", None)
-        if validate is not None:  # ComfyUI passes only widget values, by name
-            assert set(inspect.signature(validate).parameters) <= set(spec["required"])
+def test_the_extension_lists_every_node(comfy):
+    import asyncio
+
+    from comfy_api.latest import ComfyExtension
+
+    from nodes import Kandinsky5Extension
+
+    assert isinstance(Kandinsky5Extension(), ComfyExtension)
+    assert asyncio.run(Kandinsky5Extension().get_node_list()) == NODES
 
 
-def test_pack_imports_without_comfyui_and_without_transformers():
+def test_every_input_has_a_tooltip_and_reaches_execute(comfy):
+    for cls in NODES:
+        schema = cls.define_schema()
+        params = inspect.signature(cls.execute).parameters
+        for i in schema.inputs:
+            assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
+            assert i.id in params, f"{schema.node_id}.{i.id} is not a parameter of execute"
+            if i.optional:
+                assert params[i.id].default is None
+        assert set(params) == {i.id for i in schema.inputs}, schema.node_id
+        if "validate_inputs" in vars(cls):  # ComfyUI passes only widget values, by name
+            required = {i.id for i in schema.inputs if not i.optional}
+            assert set(inspect.signature(cls.validate_inputs).parameters) <= required, schema.node_id
+
+
+def test_vae_decode_tile_sizes_are_advanced_inputs_where_comfyui_has_them(comfy):
+    """v0.33.0's Int.Input takes advanced=True (the frontend folds such widgets away); v0.3.64's does not, and the node
+    still loads there with plain widgets (run on both by `make test`)."""
+    has_advanced = "advanced" in inspect.signature(io.Int.Input.__init__).parameters
+    spec = {i.id: i.as_dict() for i in vae_node.VAEDecode.define_schema().inputs}
+    for name in ("tile_px", "overlap_px", "tile_frames", "overlap_frames"):
+        assert spec[name].get("advanced") is (True if has_advanced else None), name
+    assert "advanced" not in spec["tiling"]
+
+
+def test_pack_registers_its_nodes_through_comfy_entrypoint_without_loading_models():
+    """ComfyUI imports the pack as a package and calls comfy_entrypoint(); the pack offers no NODE_CLASS_MAPPINGS
+    (ComfyUI would take that older API first). Importing loads neither transformers nor ComfyUI's model code."""
+    from prerequisites import comfyui_source
+
     code = (
-        "import importlib.util, sys\n"
+        "import asyncio, importlib.util, sys\n"
+        f"sys.path.append({str(comfyui_source())!r})\n"
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 13, m.NODE_CLASS_MAPPINGS\n"
-        "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
+        "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')\n"
+        "ext = asyncio.run(m.comfy_entrypoint())\n"
+        "print(sorted(c.GET_SCHEMA().node_id for c in asyncio.run(ext.get_node_list())))\n"
+        "heavy = [n for n in ('transformers', 'comfy.model_management', 'comfy.sd') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     env = dict(os.environ, PYTHONPATH="")
     r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(sorted(EXPECTED_IDS))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,13 +395,13 @@ def test_load_dit_validation_refuses_other_files_and_wrong_variants(comfy):
 
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     vae_file = tiny_flux_vae.write_tiny_flux_vae(comfy.root / "diffusion_models", "bfl")
-    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "auto") is True
-    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-lite-sft-5s") is True
-    msg = loaders.LoadDiT.VALIDATE_INPUTS(vae_file.name, "auto")
+    assert loaders.LoadDiT.validate_inputs(TINY_NAME, "auto") is True
+    assert loaders.LoadDiT.validate_inputs(TINY_NAME, "t2v-lite-sft-5s") is True
+    msg = loaders.LoadDiT.validate_inputs(vae_file.name, "auto")
     assert "not a Kandinsky 5 DiT" in msg and "image VAE" in msg
-    msg = loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-pro-sft-5s-sd")
+    msg = loaders.LoadDiT.validate_inputs(TINY_NAME, "t2v-pro-sft-5s-sd")
     assert "does not fit" in msg and "t2v-lite-sft-5s" in msg
-    assert "not in models/diffusion_models" in loaders.LoadDiT.VALIDATE_INPUTS("nope.safetensors", "auto")
+    assert "not in models/diffusion_models" in loaders.LoadDiT.validate_inputs("nope.safetensors", "auto")
     assert loaders.vae_kind(vae_file) == "flux"
 
 
@@ -373,12 +412,12 @@ def run_sampler_node(model, **overrides):
     )  # fmt: skip
     kw.update(overrides)
     pos, neg = text.to_conditioning(conditioning(1), "video"), text.to_conditioning(conditioning(2), "video")
-    return sampler_node.Sampler().sample(model, pos, neg, **kw)[0]["samples"]
+    return sampler_node.Sampler.execute(model, pos, neg, **kw)[0]["samples"]
 
 
 def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
     assert model.model.variant.name == "t2v-lite-sft-5s" and isinstance(model.model, comfy_model.model_class())
     latent = run_sampler_node(model)
 
@@ -401,7 +440,7 @@ def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
 
 def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
     comfy.interrupt_at = 1
     with pytest.raises(Interrupted):
         run_sampler_node(model, steps=10)
@@ -414,8 +453,8 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
     with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
-    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto", -1.0, 0.0) is True
-    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto", -1.0, 0.0)
+    assert sampler_node.Sampler.validate_inputs(64, 32, 5, "auto", -1.0, 0.0) is True
+    assert "length=4" in sampler_node.Sampler.validate_inputs(64, 32, 4, "auto", -1.0, 0.0)
 
 
 def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
@@ -423,19 +462,19 @@ def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
 
     tiny_vae.write_diffusers_folder(comfy.root / "vae" / "HunyuanVideo" / "vae", seed=0)
     assert files.list_models("vae", folders=True)[0] == "HunyuanVideo/vae/"
-    (vae,) = loaders.LoadVAE().load("HunyuanVideo/vae/", "fp32")
+    (vae,) = loaders.LoadVAE.execute("HunyuanVideo/vae/", "fp32")
     assert vae.kind == "hunyuan"
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 16, 2, 4, 6, generator=g)
-    (image,) = vae_node.VAEDecode().decode(vae, {"samples": latent}, "off", 256, 64, 16, 8)
+    (image,) = vae_node.VAEDecode.execute(vae, {"samples": latent}, "off", 256, 64, 16, 8)
     want = vae.vae.decode(latent, tiled=False).clamp(-1, 1)
     assert image.shape == (5, 32, 48, 3)
     torch.testing.assert_close(image, ((want + 1) / 2)[0].permute(1, 2, 3, 0))
 
     pictures = torch.rand(1, 40, 60, 3, generator=g)  # resized to cover 48x32 and centre-cropped
-    encoded, image = vae_node.VAEEncode().encode(vae, pictures, 48, 32)
+    encoded, image = vae_node.VAEEncode.execute(vae, pictures, 48, 32)
     assert encoded["samples"].shape == (1, 16, 1, 4, 6) and image.shape == (1, 32, 48, 3)
-    assert vae_node.VAEEncode.VALIDATE_INPUTS(48, 0) != True  # noqa: E712
+    assert vae_node.VAEEncode.validate_inputs(48, 0) != True  # noqa: E712
 
 
 def test_dit_operations_use_comfy_manual_cast_with_our_rmsnorm_as_fallback(comfy, monkeypatch):
@@ -474,20 +513,20 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
         (te / folder / "config.json").write_text("{}")
         (te / folder / "model.safetensors").write_bytes(b"")
     (te / "clip_l.safetensors").write_bytes(b"")
-    loaders.LoadTextEncoders().load("qwen/", "clip/", "default")
-    loaders.LoadTextEncoders().load("qwen/", "clip_l.safetensors", "default")
+    loaders.LoadTextEncoders.execute("qwen/", "clip/", "default")
+    loaders.LoadTextEncoders.execute("qwen/", "clip_l.safetensors", "default")
     assert calls[0] == (te / "qwen", te / "clip", None)
     assert calls[1] == (te / "qwen", te / "clip_l.safetensors", str(comfy.root / "comfy"))
     assert comfy.loads == []  # loading a node's model only registers it; ComfyUI loads it when it is used
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MagCache, MagCache Calibrate and Block Swap: K5_DIT -> K5_DIT settings the Sampler honours
+# MagCache, MagCache Calibrate and Block Swap: MODEL -> MODEL settings the Sampler honours
 
 
 def tiny_model(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    return loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")[0]
+    return loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")[0]
 
 
 def core_sample(model, steps, block_cache=None):
@@ -504,7 +543,7 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
     from nodes.magcache import MagCacheNode
 
     model = tiny_model(comfy)
-    (cached_model,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
+    (cached_model,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
     assert cached_model.model is model.model and options_of(model).block_cache is None  # the input is unchanged
     latent = run_sampler_node(cached_model, steps=8)
 
@@ -526,7 +565,7 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
 
     monkeypatch.setattr(sys.modules["folder_paths"], "get_output_directory", lambda: str(tmp_path / "out"), False)
     model = tiny_model(comfy)
-    (calibrating,) = MagCacheCalibrate().apply(model, "k5cal")
+    (calibrating,) = MagCacheCalibrate.execute(model, "k5cal")
     latent = run_sampler_node(calibrating, steps=4)
     torch.testing.assert_close(latent, run_sampler_node(model, steps=4), rtol=0, atol=0)  # nothing skipped
 
@@ -536,9 +575,9 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
     core_sample(model, 4, calibration)
     assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 6
     for text_form in (path.read_text(), json.dumps(data["ratios"]), ", ".join(str(r) for r in data["ratios"])):
-        (m,) = MagCacheNode().apply(model, 0.12, 2, 0.2, text_form)
+        (m,) = MagCacheNode.execute(model, 0.12, 2, 0.2, text_form)
         assert options_of(m).block_cache.params.ratios == tuple(data["ratios"])
-    assert "letters, digits" in MagCacheCalibrate.VALIDATE_INPUTS("../x")
+    assert "letters, digits" in MagCacheCalibrate.validate_inputs("../x")
 
 
 def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
@@ -548,11 +587,11 @@ def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
     model = comfy_model.make_patcher(tiny_model(comfy).model.diffusion_model, distilled, "auto", TINY_NAME)
     with pytest.raises(InputError, match=r"^Kandinsky 5 MagCache: ratios: t2v-lite-distilled16steps-5s has no "
                        r"official MagCache ratios.*Kandinsky 5 MagCache Calibrate"):  # fmt: skip
-        MagCacheNode().apply(model, 0.12, 2, 0.2, "")
+        MagCacheNode.execute(model, 0.12, 2, 0.2, "")
     with pytest.raises(InputError, match="is not a list of numbers"):
-        MagCacheNode().apply(model, 0.12, 2, 0.2, "1.0, fast")
+        MagCacheNode.execute(model, 0.12, 2, 0.2, "1.0, fast")
     with pytest.raises(InputError, match="retention=1.5 is not allowed"):
-        MagCacheNode().apply(model, 0.12, 2, 1.5, "1.0, 1.0")
+        MagCacheNode.execute(model, 0.12, 2, 1.5, "1.0, 1.0")
 
 
 def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, monkeypatch):
@@ -571,7 +610,7 @@ def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, 
 
     plain = run_sampler_node(model, steps=3)
     loads = len(comfy.loads)
-    (swapping,) = BlockSwap().apply(model, 1, True)
+    (swapping,) = BlockSwap.execute(model, 1, True)
     latent = run_sampler_node(swapping, steps=3)
     torch.testing.assert_close(latent, plain, rtol=0, atol=0)
     assert len(comfy.loads) == loads  # ComfyUI was not asked to load the whole DiT...
@@ -583,10 +622,10 @@ def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, 
     blocks = model.model.diffusion_model.visual_transformer_blocks
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # swapping ended with the run
 
-    (both,) = MagCacheNode().apply(swapping, 0.12, 2, 0.2, "")
+    (both,) = MagCacheNode.execute(swapping, 0.12, 2, 0.2, "")
     assert options_of(both).block_swap == options_of(swapping).block_swap and options_of(both).block_cache
     with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
-        BlockSwap().apply(model, 3, True)
+        BlockSwap.execute(model, 3, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -598,7 +637,7 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
     from nodes.compile import Compile, CompileSetting
 
     model = tiny_model(comfy)
-    (compiling,) = Compile().apply(model, "default", "eager")
+    (compiling,) = Compile.execute(model, "default", "eager")
     assert options_of(compiling).compile == CompileSetting("default", "eager") and compiling.model is model.model
     assert options_of(model).compile is None  # the input is unchanged
     torch._dynamo.reset()
@@ -610,7 +649,7 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
     torch.testing.assert_close(latent, plain, rtol=0, atol=0)
     assert compile_state(model.model.diffusion_model) is None  # eager again for the other users of the loaded DiT
     with pytest.raises(InputError, match=r"^Kandinsky 5 Compile: mode 'fast' / backend 'inductor': allowed modes"):
-        Compile().apply(model, "fast", "inductor")
+        Compile.execute(model, "fast", "inductor")
 
 
 def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
@@ -620,7 +659,7 @@ def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
     used = []
     real = CompileSetting.applied
     monkeypatch.setattr(CompileSetting, "applied", lambda self, dit: used.append(dit) or real(self, dit))
-    (compiling,) = Compile().apply(model, "default", "eager")
+    (compiling,) = Compile.execute(model, "default", "eager")
     torch._dynamo.reset()
     latent = run_sampler_node(compiling, steps=2)
     torch._dynamo.reset()
@@ -702,13 +741,13 @@ def test_lora_node_patches_a_clone_as_kandinsky_core_merges_stacks_and_shows_the
     model = tiny_model(comfy)
     a = write_lora(comfy.root / "loras" / "a" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
     b = write_lora(comfy.root / "loras" / "b" / "model.safetensors", TINY_T2V, LORA_MODULES[:2], 2, trigger="")
-    assert LoadLoRA.VALIDATE_INPUTS("a/model.safetensors") is True
-    assert "not in models/loras" in LoadLoRA.VALIDATE_INPUTS("nope.safetensors")
-    res = LoadLoRA().apply(model, "a/model.safetensors", 0.7)
-    one, trigger = res["result"]
-    assert trigger == "k5style" and res["ui"] == {"text": ["k5style"]}
+    assert LoadLoRA.validate_inputs("a/model.safetensors") is True
+    assert "not in models/loras" in LoadLoRA.validate_inputs("nope.safetensors")
+    res = LoadLoRA.execute(model, "a/model.safetensors", 0.7)
+    one, trigger = res.result
+    assert trigger == "k5style" and res.ui == {"text": ["k5style"]}
     assert model.patches == {} and one is not model and one.model is model.model
-    two = LoadLoRA().apply(one, "b/model.safetensors", -1.5)["result"][0]
+    two = LoadLoRA.execute(one, "b/model.safetensors", -1.5).result[0]
     assert [len(p) for p in one.patches.values()] == [1, 1, 1]
     assert sorted(len(p) for p in two.patches.values()) == [1, 2, 2]
 
@@ -733,9 +772,9 @@ def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
     from nodes.lora import LoadLoRA
 
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    model = loaders.LoadDiT().load(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    model = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
     path = write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
-    out = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
+    out = LoadLoRA.execute(model, "model.safetensors", 1.0).result[0]
     m = LORA_MODULES[0]
     layer = model.model.diffusion_model.get_submodule(m)
     assert layer.weight.dtype == torch.float8_e4m3fn
@@ -757,11 +796,11 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
                f"base_model.model.{m}.lora_B.default.weight": torch.zeros(4096, 2)},
               str(comfy.root / "loras" / "pro.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match=r"^Load Kandinsky 5 LoRA: lora_name: .*model_dim 4096 \(Kandinsky 5 Pro\)"):
-        LoadLoRA().apply(model, "pro.safetensors", 1.0)
+        LoadLoRA.execute(model, "pro.safetensors", 1.0)
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)},
               str(comfy.root / "loras" / "flux.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
-        LoadLoRA().apply(model, "flux.safetensors", 1.0)
+        LoadLoRA.execute(model, "flux.safetensors", 1.0)
     assert model.patches == {}
 
 
@@ -775,10 +814,10 @@ def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(co
     monkeypatch.setattr(mm, "current_loaded_models", [], False)
     model = tiny_model(comfy)
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
-    (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
-    out = LoadLoRA().apply(cached, "model.safetensors", 1.0)["result"][0]
+    (cached,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
+    out = LoadLoRA.execute(cached, "model.safetensors", 1.0).result[0]
     assert options_of(out).block_cache == options_of(cached).block_cache and out.patches
-    swapped = BlockSwap().apply(out, 0, False)[0]
+    swapped = BlockSwap.execute(out, 0, False)[0]
     with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
         run_sampler_node(swapped, steps=2)
 
@@ -801,7 +840,7 @@ def test_a_model_that_is_not_ours_is_refused_with_what_it_is_and_what_to_load(co
         with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: model is " + re.escape(what)):
             run_sampler_node(other)
         with pytest.raises(InputError, match="Load Kandinsky 5 DiT and connect its MODEL output"):
-            LoadLoRA().apply(other, "x.safetensors", 1.0)
+            LoadLoRA.execute(other, "x.safetensors", 1.0)
 
 
 def test_a_comfyui_weight_patch_on_a_scaled_fp8_weight_is_refused(comfy):
@@ -811,9 +850,9 @@ def test_a_comfyui_weight_patch_on_a_scaled_fp8_weight_is_refused(comfy):
     from nodes.lora import LoadLoRA
 
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    model = loaders.LoadDiT().load(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    model = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
-    ours = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
+    ours = LoadLoRA.execute(model, "model.safetensors", 1.0).result[0]
     assert comfy_model.scaled_weight_patch_problem(ours) is None
     key = f"diffusion_model.{LORA_MODULES[0]}.weight"
     theirs = model.clone()

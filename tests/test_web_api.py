@@ -9,12 +9,15 @@ import sys
 import types
 
 import pytest
+from prerequisites import require_comfy_api
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
-from kandinsky_core import variants
-from kandinsky_core.variants import VARIANTS, validate_size
-from nodes import web_api
-from nodes.sampler import Sampler, check_fit, check_size, resolve_settings
+require_comfy_api(module_level=True)  # before the node layer is imported
+
+from kandinsky_core import variants  # noqa: E402
+from kandinsky_core.variants import VARIANTS, validate_size  # noqa: E402
+from nodes import web_api  # noqa: E402
+from nodes.sampler import Sampler, check_fit, check_size, resolve_settings  # noqa: E402
 
 
 def _payload() -> dict:
@@ -82,7 +85,7 @@ def test_filled_values_run_as_the_variants_own_settings(models, name):
     assert filled == resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
     if v.task in ("i2v", "i2i"):  # 0x0: the sampler takes the input latent's size (sized from the image)
         assert (d["width"], d["height"]) == (0, 0)
-        assert Sampler.VALIDATE_INPUTS(0, 0, d["length"], d["nabla"], d["guidance"], d["scheduler_scale"]) is True
+        assert Sampler.validate_inputs(0, 0, d["length"], d["nabla"], d["guidance"], d["scheduler_scale"]) is True
         return
     assert check_size(d["width"], d["height"], d["length"], d["nabla"] == "on") is None
     check_fit(v, d["width"], d["height"], d["length"], v.task == "i2v", v.task == "i2i")
@@ -123,5 +126,8 @@ def test_detection_is_cached_until_the_file_changes(models, monkeypatch):
 
 
 def test_no_route_outside_comfyui(monkeypatch):
-    monkeypatch.setitem(sys.modules, "server", None)  # `import server` fails as it does without ComfyUI
+    monkeypatch.delitem(sys.modules, "server", raising=False)  # ComfyUI's main.py has not imported its server
+    assert web_api.register_routes() is False
+    assert "server" not in sys.modules  # not imported either (ComfyUI's source may be on sys.path, as in the tests)
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=None)))
     assert web_api.register_routes() is False

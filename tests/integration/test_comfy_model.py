@@ -98,7 +98,7 @@ def test_our_lora_node_into_ksampler_t2v_matches_our_sampler(comfyui):
     LoRA'd model and seed."""
     dit = comfyui.models["dit"][T2V]
     write_comfy_format_lora(comfyui.base / "models" / "loras" / "k5_for_ksampler.safetensors", load_file(str(dit)), 4)
-    lora = {"class_type": "Kandinsky5LoadLoRA",
+    lora = {"class_type": "K5LoadLoRA",
             "inputs": {"model": ["1", 0], "lora_name": "k5_for_ksampler.safetensors", "strength": 0.8}}  # fmt: skip
     ours = base_graph(comfyui, T2V, "k_ours", FRAMES)
     ours["20"] = lora
