@@ -1,8 +1,9 @@
 """HunyuanVideo 3D causal VAE (the video VAE of Kandinsky 5): encoder, decoder, tiling and loading.
 
 Pixels `[B, 3, F, H, W]` in -1..1 with F = 4k + 1 <-> latents `[B, 16, k + 1, H/8, W/8]`, unscaled (the DiT's
-0.476986 scaling happens in sampling.py). Convolutions are causal in time: frame t only sees frames <= t, the
-first frame is padded by replication, and the first frame is compressed alone (hence 4k + 1).
+scaling by variants.HUNYUAN_LATENT_SCALE, this VAE's config scaling_factor 0.476986, happens in sampling.py).
+Convolutions are causal in time: frame t only sees frames <= t, the first frame is padded by replication, and the
+first frame is compressed alone (hence 4k + 1).
 Numerically this is diffusers' AutoencoderKLHunyuanVideo; weights load from either key layout users have.
 
 Our parameter names follow the original latent-diffusion layout ComfyUI uses (`encoder.down.{i}.block.{j}`,
@@ -11,7 +12,6 @@ Our parameter names follow the original latent-diffusion layout ComfyUI uses (`e
 
 import copy
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,8 +29,16 @@ from torch import Tensor, nn
 from kandinsky_core.errors import InputError, WeightsError
 from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
 from kandinsky_core.vae_tiling import blend_chunks_1d, tile_spans, tiled_map_2d
-
-SCALING_FACTOR = 0.476986
+from kandinsky_core.weights import (
+    VAE_PREFIXES,
+    compare_shapes,
+    diffusers_folder,
+    listing,
+    load_safetensors,
+    require_safetensors,
+    split_prefix,
+    what_is_it,
+)
 
 TORCH_OPS = SimpleNamespace(Conv3d=nn.Conv3d, Linear=nn.Linear, GroupNorm=nn.GroupNorm)
 
@@ -273,8 +281,6 @@ _CPU_BUDGET = 4 * 2**30
 
 class HunyuanVideoVAE(nn.Module):
     """The HunyuanVideo VAE. `encode` gives the posterior mean (or a sample), `decode` pixels clamped to -1..1."""
-
-    SCALING_FACTOR = SCALING_FACTOR
 
     def __init__(self, config: HunyuanVAEConfig = HUNYUAN_VAE_CONFIG, operations=TORCH_OPS):
         super().__init__()
@@ -628,8 +634,11 @@ def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
 
 # Loading.
 
-_DIFFUSERS_CONFIG = "config.json"
-_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_WHAT = "HunyuanVideo VAE"
+_USE = (
+    "Use the HunyuanVideo VAE: hunyuan_video_vae_bf16.safetensors (models/vae) or the vae/ folder of "
+    "hunyuanvideo-community/HunyuanVideo."
+)
 
 
 def load_hunyuan_vae(
@@ -647,80 +656,36 @@ def load_hunyuan_vae(
     """
     path = Path(path)
     if path.is_dir():
-        weights, config = _diffusers_folder(path, config)
-    elif path.is_file():
-        weights = path
+        weights, raw = diffusers_folder(path, _WHAT, "AutoencoderKLHunyuanVideo", _USE, require_config=True)
+        config = config or HunyuanVAEConfig.from_diffusers(raw or {})
     else:
-        raise WeightsError(
-            f"HunyuanVideo VAE: {path} does not exist. Point to the VAE .safetensors file or vae/ folder."
-        )
-    state = _read_safetensors(weights)
-    state = to_our_layout(state, weights)
+        weights = require_safetensors(path, _WHAT, _USE)
+    state = to_our_layout(load_safetensors(weights, _WHAT), weights)
     config = config or HUNYUAN_VAE_CONFIG
 
     conv_in = state["decoder.conv_in.conv.weight"]
     if conv_in.shape[1] != config.latent_channels:
         raise WeightsError(
-            f"{weights} is not the HunyuanVideo VAE: it looks like {describe_weights(state)}, but Kandinsky 5 "
+            f"{weights} is not the HunyuanVideo VAE: it looks like {what_is_it(state).text}, but Kandinsky 5 "
             f"needs {config.latent_channels}. Use hunyuan_video_vae_bf16.safetensors (HunyuanVideo 1.0)."
         )
     with torch.device("meta"):
         model = HunyuanVideoVAE(config, operations)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    diff = compare_shapes(model.state_dict(), state)
+    if diff.missing or diff.unexpected:
         raise WeightsError(
             f"HunyuanVideo VAE {weights}: keys do not match the model (config {config.block_out_channels}, "
-            f"{config.latent_channels} latent channels). Missing: {_listing(missing)}. Unexpected: "
-            f"{_listing(unexpected)}. Use the HunyuanVideo VAE file (e.g. hunyuan_video_vae_bf16.safetensors)."
+            f"{config.latent_channels} latent channels). Missing: {listing(diff.missing)}. Unexpected: "
+            f"{listing(diff.unexpected)}. Use the HunyuanVideo VAE file (e.g. hunyuan_video_vae_bf16.safetensors)."
         )
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
-    ]
-    if wrong:
+    if diff.wrong:
         raise WeightsError(
-            f"HunyuanVideo VAE {weights}: tensor shapes differ from the HunyuanVideo VAE: {_listing(wrong)}. "
+            f"HunyuanVideo VAE {weights}: tensor shapes differ from the HunyuanVideo VAE: {listing(diff.wrong)}. "
             "This file is a different VAE (another size or latent channel count)."
         )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _diffusers_folder(path: Path, config: HunyuanVAEConfig | None) -> tuple[Path, HunyuanVAEConfig]:
-    if not (path / _DIFFUSERS_CONFIG).is_file() and (path / "vae" / _DIFFUSERS_CONFIG).is_file():
-        path = path / "vae"
-    config_file, weights = path / _DIFFUSERS_CONFIG, path / _DIFFUSERS_WEIGHTS
-    if not config_file.is_file() or not weights.is_file():
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise WeightsError(
-            f"HunyuanVideo VAE folder {path} needs {_DIFFUSERS_CONFIG} and {_DIFFUSERS_WEIGHTS} (found {found}). "
-            "Download the vae/ folder of hunyuanvideo-community/HunyuanVideo, or use a single .safetensors file. "
-            "Only safetensors weights are loaded."
-        )
-    raw = json.loads(config_file.read_text())
-    if raw.get("_class_name", "AutoencoderKLHunyuanVideo") != "AutoencoderKLHunyuanVideo":
-        raise WeightsError(
-            f"{config_file} describes a {raw.get('_class_name')}, not the HunyuanVideo VAE "
-            "(AutoencoderKLHunyuanVideo). Point to the HunyuanVideo vae/ folder."
-        )
-    return weights, config or HunyuanVAEConfig.from_diffusers(raw)
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if path.suffix != ".safetensors":
-        raise WeightsError(
-            f"HunyuanVideo VAE: {path.name} is not a .safetensors file; only safetensors weights are loaded "
-            "(pickled .pt/.bin/.ckpt files can run code). Use hunyuan_video_vae_bf16.safetensors."
-        )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"HunyuanVideo VAE: cannot read {path} as safetensors ({err}). Re-download it.") from err
 
 
 # Key layouts. "diffusers": diffusers' AutoencoderKLHunyuanVideo, which is also the original Tencent layout
@@ -740,13 +705,12 @@ def detect_layout(keys: set[str]) -> str | None:
 
 def to_our_layout(state: dict[str, Tensor], source: Path | str = "state dict") -> dict[str, Tensor]:
     """Rename a HunyuanVideo VAE state dict (either layout, optional 'vae.'/'first_stage_model.' prefix) to ours."""
-    for prefix in ("vae.", "first_stage_model."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    _, names = split_prefix(state, VAE_PREFIXES, ("decoder.", "encoder."))
+    state = {name: state[orig] for name, orig in names.items()}
     layout = detect_layout(set(state))
     if layout is None:
         raise WeightsError(
-            f"{source} is not a HunyuanVideo VAE: it looks like {describe_weights(state)}. "
+            f"{source} is not a HunyuanVideo VAE: it looks like {what_is_it(state).text}. "
             "Use the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors or the diffusers vae/ folder)."
         )
     if layout == "diffusers":
@@ -784,42 +748,3 @@ def _diffusers_name(key: str, n_levels: int) -> str:
     for pattern, repl in _DIFFUSERS_RENAMES:
         key = re.sub(pattern, repl, key)
     return key[1:]
-
-
-def describe_weights(state: dict[str, Tensor]) -> str:
-    """A short guess of what a state dict is, for error messages."""
-    keys = set(state)
-
-    def has(*parts: str) -> bool:
-        return any(all(p in k for p in parts) for k in keys)
-
-    if has("visual_transformer_blocks") or has("text_transformer_blocks") or has("time_embeddings"):
-        return "a Kandinsky 5 DiT (diffusion model)"
-    if has("double_blocks") or has("single_blocks") or has("transformer_blocks"):
-        return "a diffusion transformer (DiT), not a VAE"
-    if has("decoder.conv_in.conv.weight"):
-        w = state.get("decoder.conv_in.conv.weight")
-        if w is not None and w.ndim == 5 and w.shape[1] != 16:
-            return f"a 3D video VAE with {w.shape[1]} latent channels (e.g. HunyuanVideo 1.5), not HunyuanVideo's 16"
-        return "a 3D video VAE of another architecture"
-    if has("decoder.upsamples") or has("decoder.middle"):
-        return "a Wan video VAE"
-    conv_in = state.get("decoder.conv_in.weight")
-    if conv_in is not None and conv_in.ndim == 4:
-        return f"a 2D image VAE ({conv_in.shape[1]} latent channels, e.g. FLUX or Stable Diffusion)"
-    if has("decoder.") and has("encoder."):
-        return "an autoencoder of another architecture"
-    if has("model.layers.") or has("text_model.") or has("language_model") or has("embed_tokens"):
-        return "a text encoder"
-    if has("lora_"):
-        return "a LoRA"
-    if not keys:
-        return "an empty file"
-    return f"an unknown model (first keys: {_listing(sorted(keys), 3)})"
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    if not items:
-        return "none"
-    shown = ", ".join(items[:limit])
-    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")

@@ -176,6 +176,36 @@ def load_safetensors(path: str | Path, what: str) -> dict[str, Tensor]:
         raise _unreadable(Path(path), what, e) from e
 
 
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights
+
+
+def diffusers_folder(
+    path: Path, what: str, class_name: str, use: str, *, require_config: bool = False
+) -> tuple[Path, dict[str, Any] | None]:
+    """(weights file, config.json as a dict or None) of a diffusers model folder, or of its `vae/` subfolder when
+    `path` is the repository root. The config must describe `class_name`; `use` says what to download instead."""
+    if not (path / "config.json").is_file() and (path / "vae").is_dir():
+        path = path / "vae"
+    config_file, weights = path / "config.json", path / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file() or (require_config and not config_file.is_file()):
+        needed = f"config.json and {DIFFUSERS_WEIGHTS_NAME}" if require_config else DIFFUSERS_WEIGHTS_NAME
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise MissingFilesError(
+            f"{what}: the folder {path} needs {needed} (found: {found or 'nothing'}). Only safetensors weights are "
+            f"loaded. {use}"
+        )
+    if not config_file.is_file():
+        return weights, None
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{what}: cannot read {config_file}: {err}. Download the folder again.") from err
+    found_class = raw.get("_class_name", class_name)
+    if found_class != class_name:
+        raise WeightsError(f"{what}: {config_file} describes a {found_class}, not the {what} ({class_name}). {use}")
+    return weights, raw
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Key prefixes and shapes.
 
@@ -189,6 +219,10 @@ def split_prefix(names: Iterable[str], prefixes: Iterable[str], markers: tuple[s
         if any(n.startswith(tuple(p + m for m in markers)) for n in names):
             return p, {n[len(p) :]: n for n in names if n.startswith(p)}
     return "", {n: n for n in names}
+
+
+# Wrappers a VAE's names carry in full checkpoints and other tools' exports.
+VAE_PREFIXES = ("vae.", "first_stage_model.", "ae.")
 
 
 def shape_of(value: Any) -> tuple[int, ...]:
@@ -218,11 +252,12 @@ class ShapeDiff:
 
 
 def compare_shapes(expected: Mapping[str, Any], found: Mapping[str, Any]) -> ShapeDiff:
+    """Names sorted; mis-shaped tensors in the model's order."""
     want, have = shapes_of(expected), shapes_of(found)
     return ShapeDiff(
         missing=sorted(set(want) - set(have)),
         unexpected=sorted(set(have) - set(want)),
-        wrong=[f"{k} {have[k]} != {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]],
+        wrong=[f"{k} {have[k]} != {shape}" for k, shape in want.items() if k in have and have[k] != shape],
     )
 
 
