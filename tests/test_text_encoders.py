@@ -19,10 +19,10 @@ from kandinsky_core.text_encoders import (
     PROMPT_TEMPLATES,
     QWEN_GENERATION,
     QWEN_IMAGE_PROCESSING,
-    _smart_size,
     crop_starts_for,
     load_text_encoders,
     qwen_image_patches,
+    smart_size,
 )
 
 PROMPTS = ["A cat sits on a red chair.", "A red fox runs through a snowy forest at dawn, the camera follows it."]
@@ -266,7 +266,7 @@ def test_smart_size_equals_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     for h, w in [(512, 512), (1024, 640), (37, 91), (4000, 3000), (10, 30)]:
-        assert _smart_size(h, w) == smart_resize(h, w, 28, 3136, 12845056), (h, w)
+        assert smart_size(h, w) == smart_resize(h, w, 28, 3136, 12845056), (h, w)
 
 
 def test_image_edit_reads_the_halved_image_like_the_official_processor(folder, folder_encoders):
@@ -388,7 +388,7 @@ def test_wrong_files_are_named(tmp_path, comfy):
     save_file({"decoder.conv_in.weight": torch.zeros(2, 2), "encoder.down_blocks.0.w": torch.zeros(2)}, vae)
     with pytest.raises(WeightsError, match="kandinsky5lite_t2v.safetensors is a Kandinsky 5 DiT, not a Qwen2.5-VL"):
         _load(replace(comfy, qwen=dit))
-    with pytest.raises(WeightsError, match="vae.safetensors is a VAE, not a CLIP"):
+    with pytest.raises(WeightsError, match=r"vae.safetensors is an image VAE \(2D convolutions.*\), not a CLIP"):
         _load(replace(comfy, clip=vae))
     with pytest.raises(WeightsError, match="clip_l.safetensors is a CLIP text encoder, not a Qwen2.5-VL") as e:
         _load(replace(comfy, qwen=comfy.clip))
