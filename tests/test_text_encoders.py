@@ -436,3 +436,15 @@ def test_encode_input_errors(folder_encoders):
         folder_encoders.encode(PROMPTS[:1], "video", 16, images=[torch.zeros(3, 56, 56)])
     with pytest.raises(InputError, match="one image per prompt"):
         folder_encoders.encode(PROMPTS, "image_edit", 16, images=[torch.zeros(3, 56, 56)])
+
+
+def test_single_files_use_the_default_configs_this_package_holds_at_call_time(comfy, monkeypatch):
+    # The integration test pack swaps tiny configs into `kandinsky_core.text_encoders` for ComfyUI's single files,
+    # which carry no config.json: load_text_encoders must read the package's names when called.
+    from kandinsky_core import text_encoders
+
+    monkeypatch.setattr(text_encoders, "QWEN25_VL_7B_CONFIG", comfy.qwen_config)
+    monkeypatch.setattr(text_encoders, "CLIP_L_TEXT_CONFIG", comfy.clip_config)
+    enc = load_text_encoders(comfy.qwen, comfy.clip, dtype=torch.float32, tokenizer_dir=comfy.tokenizer_dir)
+    assert enc.qwen.config.get_text_config().hidden_size == comfy.qwen_config["hidden_size"]
+    assert enc.clip.config.hidden_size == comfy.clip_config.get("text_config", comfy.clip_config)["hidden_size"]
