@@ -24,18 +24,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .errors import InputError, MissingFilesError, WeightsError
+from .errors import InputError, WeightsError
 from .vae_tiling import tiled_map_2d
-from .weights import (
-    VAE_PREFIXES,
-    compare_shapes,
-    diffusers_folder,
-    listing,
-    load_safetensors,
-    require_safetensors,
-    split_prefix,
-    what_is_it,
-)
+from .weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
 
 @dataclass(frozen=True)
@@ -326,9 +317,10 @@ def load_flux_vae(
     The architecture is `config` if given, else the folder's `config.json`, else the real FLUX.1 config.
     Loading is strict: any missing, unexpected or mis-shaped weight raises `WeightsError`.
     """
-    weights_file, folder_config = _resolve_files(Path(path))
-    cfg = config or folder_config or FLUX_VAE_CONFIG
-    state = load_safetensors(weights_file, _WHAT)
+    weights_file, raw, state = read_weights(Path(path), _WHAT, _USE, diffusers_class="AutoencoderKL")
+    if not config and raw is not None:
+        config = _config_from_diffusers(raw, weights_file.parent / "config.json")
+    cfg = config or FLUX_VAE_CONFIG
     state = _to_bfl_layout(state, weights_file)
     _check_latent_channels(state, cfg, weights_file)
 
@@ -342,15 +334,6 @@ def load_flux_vae(
 
 _WHAT = "FLUX VAE"
 _USE = "Use the FLUX.1 VAE: `ae.safetensors` (models/vae) or the `vae/` folder of black-forest-labs/FLUX.1-dev."
-
-
-def _resolve_files(path: Path) -> tuple[Path, FluxVAEConfig | None]:
-    if not path.exists():
-        raise MissingFilesError(f"{_WHAT}: {path} does not exist. {_USE}")
-    if path.is_file():
-        return require_safetensors(path, _WHAT, _USE), None
-    weights, raw = diffusers_folder(path, _WHAT, "AutoencoderKL", _USE)
-    return weights, None if raw is None else _config_from_diffusers(raw, weights.parent / "config.json")
 
 
 def _config_from_diffusers(raw: dict, config_file: Path) -> FluxVAEConfig:
@@ -398,8 +381,7 @@ _UP_INDEX = re.compile(r"\{up(\d+)\}")
 
 
 def _to_bfl_layout(state: dict[str, Tensor], file: Path) -> dict[str, Tensor]:
-    _, names = split_prefix(state, VAE_PREFIXES, ("decoder.", "encoder."))
-    state = {name: state[orig] for name, orig in names.items()}
+    state = strip_vae_prefix(state)
     if any(v.ndim == 5 for v in state.values()):
         raise WeightsError(
             f"FLUX VAE: {file.name} holds 3D (video) convolutions: it looks like a video VAE such as the "

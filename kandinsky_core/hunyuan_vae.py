@@ -29,16 +29,7 @@ from torch import Tensor, nn
 from kandinsky_core.errors import InputError, WeightsError
 from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
 from kandinsky_core.vae_tiling import blend_chunks_1d, tile_spans, tiled_map_2d
-from kandinsky_core.weights import (
-    VAE_PREFIXES,
-    compare_shapes,
-    diffusers_folder,
-    listing,
-    load_safetensors,
-    require_safetensors,
-    split_prefix,
-    what_is_it,
-)
+from kandinsky_core.weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
 TORCH_OPS = SimpleNamespace(Conv3d=nn.Conv3d, Linear=nn.Linear, GroupNorm=nn.GroupNorm)
 
@@ -654,14 +645,11 @@ def load_hunyuan_vae(
 
     `config` overrides the folder's config.json / the released config (tests use tiny ones). Loading is strict.
     """
-    path = Path(path)
-    if path.is_dir():
-        weights, raw = diffusers_folder(path, _WHAT, "AutoencoderKLHunyuanVideo", _USE, require_config=True)
-        config = config or HunyuanVAEConfig.from_diffusers(raw or {})
-    else:
-        weights = require_safetensors(path, _WHAT, _USE)
-    state = to_our_layout(load_safetensors(weights, _WHAT), weights)
-    config = config or HUNYUAN_VAE_CONFIG
+    weights, raw, state = read_weights(
+        Path(path), _WHAT, _USE, diffusers_class="AutoencoderKLHunyuanVideo", require_config=True
+    )
+    state = to_our_layout(state, weights)
+    config = config or (HunyuanVAEConfig.from_diffusers(raw) if raw is not None else HUNYUAN_VAE_CONFIG)
 
     conv_in = state["decoder.conv_in.conv.weight"]
     if conv_in.shape[1] != config.latent_channels:
@@ -705,8 +693,7 @@ def detect_layout(keys: set[str]) -> str | None:
 
 def to_our_layout(state: dict[str, Tensor], source: Path | str = "state dict") -> dict[str, Tensor]:
     """Rename a HunyuanVideo VAE state dict (either layout, optional 'vae.'/'first_stage_model.' prefix) to ours."""
-    _, names = split_prefix(state, VAE_PREFIXES, ("decoder.", "encoder."))
-    state = {name: state[orig] for name, orig in names.items()}
+    state = strip_vae_prefix(state)
     layout = detect_layout(set(state))
     if layout is None:
         raise WeightsError(

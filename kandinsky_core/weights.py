@@ -206,6 +206,19 @@ def diffusers_folder(
     return weights, raw
 
 
+def read_weights(
+    path: Path, what: str, use: str, *, diffusers_class: str, require_config: bool = False
+) -> tuple[Path, dict[str, Any] | None, dict[str, Tensor]]:
+    """(file, its folder's config.json or None, its tensors) for a model given as a .safetensors file or a diffusers
+    folder (see `diffusers_folder`)."""
+    path = Path(path)
+    if path.is_dir():
+        file, config = diffusers_folder(path, what, diffusers_class, use, require_config=require_config)
+    else:
+        file, config = require_safetensors(path, what, use), None
+    return file, config, load_safetensors(file, what)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Key prefixes and shapes.
 
@@ -223,6 +236,12 @@ def split_prefix(names: Iterable[str], prefixes: Iterable[str], markers: tuple[s
 
 # Wrappers a VAE's names carry in full checkpoints and other tools' exports.
 VAE_PREFIXES = ("vae.", "first_stage_model.", "ae.")
+
+
+def strip_vae_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A VAE's tensors without the wrapper its names carry in a full checkpoint (`vae.`, `first_stage_model.`, ...)."""
+    _, names = split_prefix(state, VAE_PREFIXES, ("decoder.", "encoder."))
+    return {name: state[orig] for name, orig in names.items()}
 
 
 def shape_of(value: Any) -> tuple[int, ...]:

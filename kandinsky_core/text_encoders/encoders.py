@@ -8,7 +8,8 @@ from torch import Tensor
 from ..errors import InputError
 from ..sampling import TextConditioning
 from .clip import CLIP_MAX_LENGTH
-from .expansion import expand_prompt, generation_config
+from .expansion import expand_prompt as _expand_prompt
+from .expansion import generation_config
 from .images import IMAGE_TOKENS, as_uint8, expand_image_pads, qwen_image_patches, resize
 from .qwen import load_lm_head, load_vision_tower
 from .sources import Source
@@ -106,17 +107,8 @@ class TextEncoders:
         ).to(self.clip.device)
         return self.clip(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
 
-    def expand_prompt(
-        self,
-        prompt: str,
-        content_kind: str,
-        image: Tensor | None = None,
-        seed: int | None = None,
-        max_new_tokens: int = 256,
-    ) -> str:
-        """The official prompt beautifier (expansion.expand_prompt): Qwen writes a longer prompt for `content_kind`
-        (image2video and image_edit also see `image`, `[3, H, W]`), seeded by `seed`."""
-        return expand_prompt(self, prompt, content_kind, image, seed, max_new_tokens)
+    # The official prompt beautifier: expand_prompt(prompt, content_kind, image=None, seed=None, max_new_tokens=256).
+    expand_prompt = _expand_prompt
 
     def ensure_vision(self) -> None:
         """Read the vision tower from disk, once, before the first image."""
