@@ -232,10 +232,10 @@ def test_the_extension_lists_every_node(comfy):
 
     from comfy_api.latest import ComfyExtension
 
-    from nodes import Kandinsky5Extension
+    from nodes import K5Extension
 
-    assert isinstance(Kandinsky5Extension(), ComfyExtension)
-    assert asyncio.run(Kandinsky5Extension().get_node_list()) == NODES
+    assert isinstance(K5Extension(), ComfyExtension)
+    assert asyncio.run(K5Extension().get_node_list()) == NODES
 
 
 def test_every_input_has_a_tooltip_and_reaches_execute(comfy):
