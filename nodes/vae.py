@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kandinsky_core.errors import InputError
 
 from . import comfy_glue
-from .common import CATEGORY, fail, widget_range_problem
+from .common import CATEGORY, fail, validation_result, widget_range_problem
 
 TILING = ("auto", "on", "off")
 
@@ -170,11 +172,12 @@ class VAEEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height):
-        from kandinsky_core.variants import size_problem
+        from kandinsky_core.settings import NODE_WORDING, input_problems
 
-        if (width == 0) != (height == 0):
-            return f"width={width}, height={height}: give both (multiples of 16), or 0 for both to keep the size."
-        return (width == 0 or size_problem(width, height, 16)) or True
+        wording = dataclasses.replace(NODE_WORDING, both_sizes="0 for both to take the size from the image")
+        return validation_result(
+            input_problems(width=width, height=height, steps=None, guidance=None, scheduler_scale=None, wording=wording)
+        )
 
     def encode(self, vae, images, width, height, model=None):
         with fail("Kandinsky 5 VAE Encode"):

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from kandinsky_core.errors import KandinskyError
+from kandinsky_core.settings import NABLA_TILE_PX
 from kandinsky_core.variants import FPS, VARIANTS, Variant
 
 ROUTE = "/kandinsky5/variants"
-NABLA_TILE_PX = 128  # 8x8 tokens of 16 px (patch 2 x VAE 8)
 log = logging.getLogger("kandinsky5")
 _detected: dict[tuple[str, int, int], dict[str, Any]] = {}  # (path, mtime_ns, size) -> answer; headers never change
 

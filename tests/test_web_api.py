@@ -12,9 +12,10 @@ import pytest
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
 from kandinsky_core import variants
-from kandinsky_core.variants import VARIANTS, validate_size
+from kandinsky_core.settings import NablaChoice, resolve
+from kandinsky_core.variants import VARIANTS
 from nodes import web_api
-from nodes.sampler import Sampler, check_fit, check_size, resolve_settings
+from nodes.sampler import Sampler
 
 
 def _payload() -> dict:
@@ -77,16 +78,19 @@ def test_filled_values_run_as_the_variants_own_settings(models, name):
     (0 / -1 / auto = the variant's) resolve, and pass the node's and the table's size checks."""
     v = VARIANTS[name]
     d = _payload()["variants"][name]["defaults"]
-    filled = resolve_settings(v, d["steps"], d["guidance"], d["scheduler_scale"], d["nabla"], d["nabla_P"],
-                              d["nabla_wT"], d["nabla_wH"], d["nabla_wW"])  # fmt: skip
-    assert filled == resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
+    nabla = NablaChoice(d["nabla"], d["nabla_P"], d["nabla_wT"], d["nabla_wH"], d["nabla_wW"])
+    has = {"has_start": v.task == "i2v", "has_edit": v.task == "i2i"}
+    filled, problems = resolve(
+        v, width=d["width"], height=d["height"], length=d["length"], steps=d["steps"], guidance=d["guidance"],
+        scheduler_scale=d["scheduler_scale"], nabla=nabla, **has,
+    )  # fmt: skip
+    assert problems == []
+    assert filled == resolve(v, width=0, height=0, length=d["length"], steps=0, guidance=-1.0, scheduler_scale=0.0,
+                             **has)[0]  # fmt: skip
+    assert Sampler.VALIDATE_INPUTS(d["width"], d["height"], d["length"], d["nabla"], d["guidance"],
+                                   d["scheduler_scale"]) is True  # fmt: skip
     if v.task in ("i2v", "i2i"):  # 0x0: the sampler takes the input latent's size (sized from the image)
         assert (d["width"], d["height"]) == (0, 0)
-        assert Sampler.VALIDATE_INPUTS(0, 0, d["length"], d["nabla"], d["guidance"], d["scheduler_scale"]) is True
-        return
-    assert check_size(d["width"], d["height"], d["length"], d["nabla"] == "on") is None
-    check_fit(v, d["width"], d["height"], d["length"], v.task == "i2v", v.task == "i2i")
-    validate_size(v, d["width"], d["height"], d["length"])
 
 
 def test_dit_files_are_served_with_their_detected_variant(models, monkeypatch):
