@@ -1,6 +1,5 @@
 """ComfyUI nodes: thin adapters over kandinsky_core (model management, folder_paths, progress, previews)."""
 
-from .block_swap import BlockSwap
 from .compile import Compile
 from .loaders import LoadDiT, LoadTextEncoders, LoadVAE
 from .lora import LoadLoRA
@@ -21,7 +20,6 @@ NODES = {
     "Kandinsky5VAEEncode": (VAEEncode, "Kandinsky 5 VAE Encode"),
     "Kandinsky5MagCache": (MagCacheNode, "Kandinsky 5 MagCache"),
     "Kandinsky5MagCacheCalibrate": (MagCacheCalibrate, "Kandinsky 5 MagCache Calibrate"),
-    "Kandinsky5BlockSwap": (BlockSwap, "Kandinsky 5 Block Swap"),
     "Kandinsky5Compile": (Compile, "Kandinsky 5 Compile"),
 }
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in NODES.items()}

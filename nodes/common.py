@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,9 +20,16 @@ def fail(node: str) -> Iterator[None]:
     except KandinskyError as e:
         if getattr(e, "node", None):
             raise
-        err = type(e)(f"{node}: {e}")
+        err = copy.copy(e)  # the same class and attributes (e.g. SettingsError.problems), the message prefixed
+        err.args = (f"{node}: {e}",)
         err.node = node
         raise err from e
+
+
+def validation_result(problems: list) -> str | bool:
+    """What VALIDATE_INPUTS returns for kandinsky_core.settings problems: True, or every problem, one per line
+    (each message names its input)."""
+    return "\n".join(p.message for p in problems) or True
 
 
 def widget_range_problem(node: type, **values) -> str | None:

@@ -1,4 +1,5 @@
-"""Kandinsky 5 Compile: K5_DIT in, K5_DIT out carrying a torch.compile setting the Kandinsky 5 Sampler honours.
+"""Kandinsky 5 Compile: model in, a patched clone out whose Kandinsky 5 options carry a torch.compile setting the
+Kandinsky 5 Sampler honours.
 
 The setting compiles the DiT's blocks for the sampler's run only (`applied`), so the loaded model that other
 branches of the workflow share stays uncompiled, and a compiler failure falls back to eager with one warning
@@ -15,7 +16,7 @@ from typing import Any
 from kandinsky_core.errors import InputError
 
 from .common import CATEGORY, fail
-from .magcache import with_setting
+from .model_options import with_options
 
 MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -60,7 +61,7 @@ class Compile:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or MagCache / Block Swap)."}),
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
                 "mode": (list(MODES), {"default": "default", "tooltip":
                          "torch.compile mode. max-autotune searches faster kernels (much longer compile); it runs "
                          "without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap and "
@@ -78,4 +79,4 @@ class Compile:
                     f"mode {mode!r} / backend {backend!r}: allowed modes {', '.join(MODES)}; backends "
                     f"{', '.join(BACKENDS)}."
                 )
-            return (with_setting(model, compile=CompileSetting(mode, backend)),)
+            return (with_options(model, compile=CompileSetting(mode, backend)),)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from kandinsky_core.errors import KandinskyError
 
 from . import comfy_glue, files
 from .common import CATEGORY, fail
 from .loaders import DiTModel
-from .magcache import with_setting
+from .model_options import patcher_of
 
 
 class LoadLoRA:
@@ -60,11 +62,11 @@ class LoadLoRA:
                 raise type(e)(f"lora_name: {e}") from None
             for note in lora.notes:
                 comfy_glue.log.warning("Kandinsky 5 LoRA %s: %s", lora_name, note)
-            patcher = model.patcher.clone()
+            patcher = patcher_of(model).clone()  # its model options (NABLA, MagCache, Compile) come along
             patcher.add_patches(comfy_glue.lora_patches(patcher, lora), float(strength))
             comfy_glue.log.info(
                 "Kandinsky 5 LoRA %s (%s, %d modules) at strength %s", lora_name, lora.format, len(lora.targets),
                 strength,
             )  # fmt: skip
-            out = with_setting(model, patcher=patcher)  # keeps the settings of MagCache, Block Swap, Compile
+            out = patcher if patcher_of(model) is model else dataclasses.replace(model, patcher=patcher)
             return {"ui": {"text": [lora.trigger]}, "result": (out, lora.trigger)}

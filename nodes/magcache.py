@@ -1,9 +1,9 @@
-"""Kandinsky 5 MagCache and MagCache Calibrate: K5_DIT in, K5_DIT out carrying a block-cache setting that the
-Kandinsky 5 Sampler hands to kandinsky_core.sampling.sample (`block_cache=`)."""
+"""Kandinsky 5 MagCache and MagCache Calibrate: model in, a patched clone out whose Kandinsky 5 options
+(nodes/model_options.py) carry a block-cache setting that the Kandinsky 5 Sampler hands to
+kandinsky_core.sampling.sample (`block_cache=`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from dataclasses import dataclass
@@ -23,14 +23,7 @@ from kandinsky_core.magcache import (
 
 from . import comfy_glue
 from .common import CATEGORY, fail
-
-
-def with_setting(model: Any, **settings: Any) -> Any:
-    """A copy of a K5_DIT link value with extra settings (the patcher and weights are shared, not copied)."""
-    out = copy.copy(model)
-    for name, value in settings.items():
-        setattr(out, name, value)
-    return out
+from .model_options import with_options
 
 
 def parse_ratios(text: str) -> tuple[float, ...] | None:
@@ -58,7 +51,8 @@ MAX_PREFIX = 160  # bytes: file names are at most 255, and _<variant>_<steps>ste
 
 @dataclass(frozen=True)
 class MagCacheSetting:
-    """What the MagCache node puts on a K5_DIT: the sampler calls `make()` for a fresh cache and `done(cache)`."""
+    """The MagCache node's option (Kandinsky5Options.block_cache): the sampler calls `make()` for a fresh cache and
+    `done(cache)`."""
 
     params: MagCacheParams
 
@@ -112,7 +106,7 @@ class MagCacheNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
                 "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                               "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
                               "less faithful. Official: 0.12."}),
@@ -149,7 +143,7 @@ class MagCacheNode:
                     )
                 values = OFFICIAL_MAG_RATIOS[name]
             params = MagCacheParams(values, threshold=threshold, K=K, retention=retention)
-            return (with_setting(model, block_cache=MagCacheSetting(params)),)
+            return (with_options(model, block_cache=MagCacheSetting(params)),)
 
 
 class MagCacheCalibrate:
@@ -168,7 +162,7 @@ class MagCacheCalibrate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT (or Block Swap)."}),
+                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
                 "filename_prefix": ("STRING", {"default": "kandinsky5_magcache", "tooltip":
                                     "The ratios go to output/<prefix>_<variant>_<steps>steps.json."}),
             }
@@ -190,4 +184,4 @@ class MagCacheCalibrate:
             problem = self.VALIDATE_INPUTS(filename_prefix)
             if problem is not True:
                 raise InputError(problem)
-            return (with_setting(model, block_cache=CalibrationSetting(filename_prefix)),)
+            return (with_options(model, block_cache=CalibrationSetting(filename_prefix)),)

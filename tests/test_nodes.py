@@ -18,11 +18,11 @@ from tiny import TINY_ARCHS, make_tiny_dit_file
 
 from kandinsky_core import variants
 from kandinsky_core.errors import InputError, WeightsError
-from kandinsky_core.nabla import NablaParams
 from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, common, files, loaders, text
 from nodes import sampler as sampler_node
 from nodes import vae as vae_node
+from nodes.model_options import options_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,10 +78,13 @@ class FakeComfy:
             def __init__(self, model, load_device, offload_device):
                 self.model, self.load_device, self.offload_device = model, load_device, offload_device
                 self.patches: dict[str, list] = {}
+                self.model_options: dict = {"transformer_options": {}}
 
             def clone(self):
+                # as ComfyUI: patches and model options (dicts / lists copied, their values shared) come along
                 n = ModelPatcher(self.model, self.load_device, self.offload_device)
                 n.patches = {k: list(v) for k, v in self.patches.items()}
+                n.model_options = {k: dict(v) if isinstance(v, dict) else v for k, v in self.model_options.items()}
                 return n
 
             def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
@@ -175,7 +178,7 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 
 
 def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 13
+    assert len(NODE_CLASS_MAPPINGS) == 12
     for key, cls in NODE_CLASS_MAPPINGS.items():
         assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
         assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
@@ -203,7 +206,7 @@ def test_pack_imports_without_comfyui_and_without_transformers():
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 13, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 12, m.NODE_CLASS_MAPPINGS\n"
         "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -216,54 +219,51 @@ def test_pack_imports_without_comfyui_and_without_transformers():
 # Pure helpers
 
 
-def test_auto_settings_come_from_the_variant():
-    v = variants.VARIANTS["t2v-lite-distilled16steps-5s"]
-    s = sampler_node.resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
-    assert (s.steps, s.guidance, s.scheduler_scale, s.nabla) == (16, 1.0, 5.0, None)
-    s = sampler_node.resolve_settings(v, 8, 2.5, 7.0, "auto", 0.0, 0, 0, 0)
-    assert (s.steps, s.guidance, s.scheduler_scale) == (8, 2.5, 7.0)
-    sparse = variants.VARIANTS["t2v-pro-sft-10s-hd"]
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "auto", 0, 0, 0, 0).nabla == NablaParams(0.7, 11, 3, 3)
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "off", 0, 0, 0, 0).nabla is None
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "on", 0.5, 0, 5, 0).nabla == NablaParams(0.5, 11, 5, 3)
-    # "on" for a dense variant: the official Lite 10 s settings
-    assert sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 0, 0, 0).nabla == NablaParams(0.9, 11, 3, 3)
-    with pytest.raises(InputError, match="odd"):
-        sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 4, 0, 0)
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ((768, 512, 121, False), None),
-        ((100, 512, 121, False), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
-        ((768, 520, 5, False), "height=520 must be a multiple of 16"),
-        ((768, 512, 120, False), "length=120 frames must be 4k+1"),
-        ((768, 576, 5, True), "height=576 must be a multiple of 128 px between 128 and 4096 (NABLA"),
-        ((768, 512, 1, True), None),
+        ((768, 512, 121, "auto"), None),
+        ((100, 512, 121, "auto"), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
+        ((768, 520, 5, "auto"), "height=520 must be a multiple of 16"),
+        ((768, 512, 120, "auto"), "length=120 frames must be 4k+1"),
+        ((768, 576, 5, "on"), "height=576 must be a multiple of 128 px between 128 and 4096 (NABLA"),
+        ((768, 512, 1, "on"), None),
     ],
 )
-def test_check_size(args, expected):
-    got = sampler_node.check_size(*args)
-    assert got == expected if expected is None else expected in got
+def test_sampler_validation_of_the_widgets(args, expected):
+    width, height, length, nabla = args
+    got = sampler_node.Sampler.VALIDATE_INPUTS(width, height, length, nabla, -1.0, 0.0)
+    assert got is True if expected is None else expected in got
 
 
-def test_check_fit_names_the_input_and_the_fix():
+def test_sampler_validation_lists_every_problem_of_the_node():
+    got = sampler_node.Sampler.VALIDATE_INPUTS(100, 520, 120, "auto", float("nan"), 99.0)
+    lines = got.split("\n")
+    assert [line.split("=")[0] for line in lines] == ["width", "height", "length", "guidance", "scheduler_scale"], got
+
+
+def test_the_model_fit_rules_name_the_node_input_and_the_fix():
+    from kandinsky_core.settings import raise_problems, resolve
+
+    def check_fit(v, width, height, length, has_start, has_edit):
+        raise_problems(resolve(v, width=width, height=height, length=length, has_start=has_start,
+                               has_edit=has_edit)[1])  # fmt: skip
+
     i2v, lite, pro_hd = (variants.VARIANTS[n] for n in ("i2v-lite-5s", "t2v-lite-sft-5s", "t2v-pro-sft-5s-hd"))
     with pytest.raises(InputError, match="start_latent: i2v-lite-5s is an image-to-video model.*VAE Encode"):
-        sampler_node.check_fit(i2v, 768, 512, 121, False, False)
-    sampler_node.check_fit(i2v, 768, 512, 121, True, False)
-    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
-        sampler_node.check_fit(lite, 768, 512, 121, True, False)
+        check_fit(i2v, 768, 512, 121, False, False)
+    check_fit(i2v, 768, 512, 121, True, False)
+    with pytest.raises(InputError, match="start_latent is given but t2v-lite-sft-5s is a T2V model. Disconnect it"):
+        check_fit(lite, 768, 512, 121, True, False)
     with pytest.raises(InputError, match="1280x768 is too large for t2v-lite-sft-5s.*Pro HD"):
-        sampler_node.check_fit(lite, 1280, 768, 121, False, False)
-    sampler_node.check_fit(pro_hd, 1280, 768, 121, False, False)
-    with pytest.raises(InputError, match="at most 121"):
-        sampler_node.check_fit(lite, 768, 512, 241, False, False)
+        check_fit(lite, 1280, 768, 121, False, False)
+    check_fit(pro_hd, 1280, 768, 121, False, False)
+    with pytest.raises(InputError, match="at most 121.*or load a 10 s model"):
+        check_fit(lite, 768, 512, 241, False, False)
     with pytest.raises(InputError, match="image model and makes 1 frame"):
-        sampler_node.check_fit(variants.VARIANTS["t2i-lite"], 1024, 1024, 5, False, False)
+        check_fit(variants.VARIANTS["t2i-lite"], 1024, 1024, 5, False, False)
     with pytest.raises(InputError, match="edit_latent: i2i-lite"):
-        sampler_node.check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
+        check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
 
 
 def test_conditioning_round_trip_and_foreign_conditioning():
@@ -374,11 +374,16 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     comfy.interrupt_at = None
     with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: length=6 frames must be 4k\+1"):
         run_sampler_node(model, length=6)
-    with pytest.raises(InputError, match="multiple of 128 px.*NABLA is on"):
+    with pytest.raises(InputError, match="multiple of 128 px.*NABLA"):
         run_sampler_node(model, nabla="on")
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
-    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
+    with pytest.raises(InputError, match="start_latent is given but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
+    with pytest.raises(InputError) as e:  # every problem at once, each naming its input
+        run_sampler_node(model, length=6, start_latent=start)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("Kandinsky 5 Sampler: length=6 frames") and lines[1].startswith("start_latent is given")
+    assert [p.input for p in e.value.problems] == ["length", "start_image"] and len(lines) == 2
     assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto", -1.0, 0.0) is True
     assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto", -1.0, 0.0)
 
@@ -470,7 +475,9 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
 
     model = tiny_model(comfy)
     (cached_model,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
-    assert cached_model.patcher is model.patcher and not hasattr(model, "block_cache")  # the input is unchanged
+    # a clone of the patcher carries the option; the input model is unchanged
+    assert cached_model.patcher is not model.patcher and cached_model.patcher.model is model.patcher.model
+    assert options_of(model).block_cache is None and options_of(cached_model).block_cache is not None
     latent = run_sampler_node(cached_model, steps=8)
 
     cache = MagCache(MagCacheParams(OFFICIAL_MAG_RATIOS["t2v-lite-sft-5s"], threshold=0.5, K=2, retention=0.0))
@@ -501,7 +508,7 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
     assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 6
     for text_form in (path.read_text(), json.dumps(data["ratios"]), ", ".join(str(r) for r in data["ratios"])):
         (m,) = MagCacheNode().apply(model, 0.12, 2, 0.2, text_form)
-        assert m.block_cache.params.ratios == tuple(data["ratios"])
+        assert options_of(m).block_cache.params.ratios == tuple(data["ratios"])
     assert "letters, digits" in MagCacheCalibrate.VALIDATE_INPUTS("../x")
 
 
@@ -518,40 +525,6 @@ def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
         MagCacheNode().apply(model, 0.12, 2, 1.5, "1.0, 1.0")
 
 
-def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, monkeypatch):
-    from kandinsky_core import offload
-    from nodes.block_swap import BlockSwap
-    from nodes.magcache import MagCacheNode
-
-    mm = sys.modules["comfy.model_management"]
-    freed, unloaded, swaps = [], [], []
-    model = tiny_model(comfy)
-    held = types.SimpleNamespace(model=model.patcher, model_unload=lambda: unloaded.append(True))
-    monkeypatch.setattr(mm, "free_memory", lambda need, device: freed.append((need, device)), False)
-    monkeypatch.setattr(mm, "current_loaded_models", [held], False)
-    real_swap = offload.enable_block_swap
-    monkeypatch.setattr(offload, "enable_block_swap", lambda *a, **k: swaps.append(real_swap(*a, **k)) or swaps[-1])
-
-    plain = run_sampler_node(model, steps=3)
-    loads = len(comfy.loads)
-    (swapping,) = BlockSwap().apply(model, 1, True)
-    latent = run_sampler_node(swapping, steps=3)
-    torch.testing.assert_close(latent, plain, rtol=0, atol=0)
-    assert len(comfy.loads) == loads  # ComfyUI was not asked to load the whole DiT...
-    assert unloaded == [True] and mm.current_loaded_models == []  # ...it was asked to let go of it
-    ((need, device),) = freed
-    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
-    assert device == torch.device("cpu") and 0 < need and need - comfy.loads[-1][1] <= weights
-    assert swaps[0].swapped == [1] and swaps[0].loads == 3 * 2  # steps x CFG branches, one swapped block
-    blocks = model.model.visual_transformer_blocks
-    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # swapping ended with the run
-
-    (both,) = MagCacheNode().apply(swapping, 0.12, 2, 0.2, "")
-    assert both.block_swap == swapping.block_swap and both.block_cache is not None
-    with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
-        BlockSwap().apply(model, 3, True)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Compile: K5_DIT -> K5_DIT with a torch.compile setting, applied for the sampler's run only
 
@@ -562,11 +535,11 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
 
     model = tiny_model(comfy)
     (compiling,) = Compile().apply(model, "default", "eager")
-    assert compiling.compile == CompileSetting("default", "eager") and compiling.patcher is model.patcher
-    assert not hasattr(model, "compile")  # the input is unchanged
+    assert options_of(compiling).compile == CompileSetting("default", "eager")
+    assert options_of(model).compile is None and compiling.patcher.model is model.patcher.model  # input unchanged
     torch._dynamo.reset()
     plain = core_sample(model, 1)
-    with compiling.compile.applied(model.model) as state:
+    with options_of(compiling).compile.applied(model.model) as state:
         latent = core_sample(model, 1)
         assert state.compiled_calls > 0 and not state.failed
     torch._dynamo.reset()
@@ -727,19 +700,17 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
     assert model.patcher.patches == {}
 
 
-def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(comfy, monkeypatch):
-    from nodes.block_swap import BlockSwap
+def test_lora_node_keeps_every_option_and_options_keep_the_lora(comfy):
+    from nodes.compile import Compile
     from nodes.lora import LoadLoRA
     from nodes.magcache import MagCacheNode
 
-    mm = sys.modules["comfy.model_management"]  # what Block Swap asks of ComfyUI (it would run without the check)
-    monkeypatch.setattr(mm, "free_memory", lambda need, device: None, False)
-    monkeypatch.setattr(mm, "current_loaded_models", [], False)
     model = tiny_model(comfy)
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
     (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
-    out = LoadLoRA().apply(cached, "model.safetensors", 1.0)["result"][0]
-    assert out.block_cache == cached.block_cache and out.patcher.patches
-    swapped = BlockSwap().apply(out, 0, False)[0]
-    with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
-        run_sampler_node(swapped, steps=2)
+    (compiled,) = Compile().apply(cached, "default", "eager")
+    out = LoadLoRA().apply(compiled, "model.safetensors", 1.0)["result"][0]
+    assert options_of(out) == options_of(compiled) and out.patcher.patches
+    (again,) = MagCacheNode().apply(out, 0.12, 2, 0.2, "")
+    assert again.patcher.patches == out.patcher.patches and options_of(again).compile == options_of(out).compile
+    assert options_of(model) == options_of(model).__class__() and model.patcher.patches == {}
