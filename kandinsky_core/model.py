@@ -29,7 +29,6 @@ from .variants import DiTArch
 BlockCacheHook = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 
-
 class Kandinsky5DiT(nn.Module):
     """Text blocks encode Qwen embeddings; visual blocks attend to themselves and to the text; time (plus the
     pooled CLIP embedding) modulates every block.
