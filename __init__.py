@@ -1,7 +1,9 @@
 """ComfyUI entry point of the Kandinsky 5 node pack. Nodes live in `nodes/`, the engine in `kandinsky_core/`.
 
-The classic NODE_CLASS_MAPPINGS API loads on every ComfyUI release (v0.3.64 and v0.33.0 alike). Importing is
-cheap: torch is already loaded by ComfyUI; transformers and all weights load only when a node runs.
+The nodes are V3 nodes: ComfyUI (v0.3.64 to v0.33.0 alike) calls `comfy_entrypoint()` and registers the nodes of the
+extension it returns. There is deliberately no NODE_CLASS_MAPPINGS here: ComfyUI takes that older API first when a
+module has it. Importing is cheap: torch is already loaded by ComfyUI; transformers and all weights load only when a
+node runs.
 """
 
 import os
@@ -11,13 +13,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)  # `kandinsky_core` is imported by its own name, as the CLI and the tests do
 
+WEB_DIRECTORY = "./js"
+
 if __package__:  # ComfyUI imports the pack as a package. pytest imports this file as a plain module when the
     # checkout's folder name is not an identifier (e.g. comfyui-kandinsky5): then there is nothing to register.
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes import Kandinsky5Extension
     from .nodes.web_api import register_routes
 
     register_routes()  # GET /kandinsky5/variants for js/kandinsky5.js (a no-op outside ComfyUI)
 
-WEB_DIRECTORY = "./js"
+    async def comfy_entrypoint() -> Kandinsky5Extension:
+        return Kandinsky5Extension()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
+else:
+    __all__ = ["WEB_DIRECTORY"]

@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="fetch a variant's files into ComfyUI's model folders")
     d.add_argument("--variant", required=True)
     d.add_argument("--models-dir", type=Path, help="models folder (default: $COMFYUI_MODELS_DIR, ComfyUI's, ./models)")
+    d.add_argument(
+        "--folders",
+        action="store_true",
+        help="fetch the Hugging Face folders (Qwen2.5-VL-7B-Instruct/, clip-vit-large-patch14/, the VAE's vae/) "
+        "instead of ComfyUI's single files, which the bundled workflows use",
+    )
 
     g = sub.add_parser("generate", help="generate a video (.mp4) or image (.png)")
     g.add_argument("--variant", required=True, help="see `variants`")
@@ -46,7 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float)
     g.add_argument("--scheduler-scale", type=float)
     g.add_argument("--image", type=Path, help="start frame (i2v) or image to edit (i2i)")
-    g.add_argument("--expand-prompt", action="store_true", help="let Qwen2.5-VL rewrite the prompt first")
+    g.add_argument(
+        "--expand-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let Qwen2.5-VL rewrite the prompt first, as the official pipelines do by default (it sees the start "
+        "image for I2V, a quarter-size edit image for I2I); --no-expand-prompt encodes the prompt as written",
+    )
     g.add_argument("--no-nabla", action="store_true", help="dense attention even for NABLA variants")
     g.add_argument("--models-dir", type=Path, help="models folder (default: $COMFYUI_MODELS_DIR, ComfyUI's, ./models)")
     g.add_argument("--dit", type=Path, help="DiT .safetensors (overrides the models folder)")
@@ -85,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--negative", help="negative prompt of the Kandinsky 5 Text Encode node")
     q.add_argument("--seed", type=int, help="seed of the Kandinsky 5 Sampler")
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                   help="set an input; NODE is a node id, title or type (e.g. Kandinsky5Sampler.steps=20)")  # fmt: skip
+                   help="set an input; NODE is a node id, title or type (e.g. K5Sampler.steps=20)")  # fmt: skip
     q.add_argument("--output-dir", type=Path, default=Path("."), help="where the outputs are downloaded")
     q.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run (default %(default)g)")
     return p
@@ -131,14 +143,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     variant = get_variant(args.variant)
     models_dir = _models_dir(args.models_dir)
-    for p in plan_downloads(variant, models_dir):
+    for p in plan_downloads(variant, models_dir, folders=args.folders):
         if p.present:
             print(f"{p.role:<5} present: {p.path}")
         elif p.dest.is_file():
             print(f"{p.role:<5} broken:  {p.dest} is truncated (an interrupted download); fetching it again")
         else:
             print(f"{p.role:<5} missing: {p.describe()}")
-    plan = ensure_files(variant, models_dir, log=print)
+    plan = ensure_files(variant, models_dir, folders=args.folders, log=print)
     print(f"All files for {variant.name} are in {models_dir}:")
     for p in plan:
         print(f"  {p.role:<5} {p.path}")
@@ -147,7 +159,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _resolve_models(args: argparse.Namespace, variant):
     """Explicit paths win; the rest come from the models folder, downloaded when missing (unless offline)."""
-    from .download import ModelPaths, comfyui_root, ensure_files, plan_downloads
+    from .download import ModelPaths, ensure_files, plan_downloads
+    from .download import tokenizer_dir as tokenizers_of
 
     explicit = {"dit": args.dit, "qwen": args.text_encoder, "clip": args.clip, "vae": args.vae}
     for role, path in explicit.items():
@@ -158,11 +171,12 @@ def _resolve_models(args: argparse.Namespace, variant):
     tokenizer_dir = args.tokenizer_dir
     if len(paths) < len(explicit):
         models_dir = _models_dir(args.models_dir)
-        tokenizer_dir = tokenizer_dir or comfyui_root(models_dir)
-        plan = [p for p in plan_downloads(variant, models_dir) if p.role not in paths]
+        full = plan_downloads(variant, models_dir)
+        plan = [p for p in full if p.role.removesuffix("_tokenizer") not in paths]
         if any(not p.present for p in plan):
             full = ensure_files(variant, models_dir, allow_download=not args.no_download, log=print)
-            plan = [p for p in full if p.role not in paths]
+            plan = [p for p in full if p.role.removesuffix("_tokenizer") not in paths]
+        tokenizer_dir = tokenizer_dir or tokenizers_of(full, models_dir)
         paths.update({p.role: p.path for p in plan})
     return ModelPaths(paths["dit"], paths["qwen"], paths["clip"], paths["vae"], tokenizer_dir=tokenizer_dir)
 

@@ -1,11 +1,16 @@
 """Finding a variant's files in ComfyUI's model folders, and fetching the missing ones from Hugging Face.
 
-Layout (ComfyUI folder names, relative to the models folder):
-    diffusion_models/<DiT file>            the variant's kandinskylab repository
-    text_encoders/Qwen2.5-VL-7B-Instruct/  Qwen/Qwen2.5-VL-7B-Instruct (or ComfyUI's qwen_2.5_vl_7b*.safetensors)
-    text_encoders/clip-vit-large-patch14/  openai/clip-vit-large-patch14 (or ComfyUI's clip_l.safetensors)
-    vae/HunyuanVideo/vae/                  hunyuanvideo-community/HunyuanVideo vae/ (video variants)
-    vae/FLUX.1-dev/vae/                    black-forest-labs/FLUX.1-dev vae/ (image variants; gated)
+Layout (ComfyUI folder names, relative to the models folder). By default the files ComfyUI's own Kandinsky 5
+templates use, which the bundled workflows load too (`SINGLE_FILES`):
+    diffusion_models/<DiT file>                         the variant's kandinskylab repository
+    text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors Comfy-Org's repackaged Qwen2.5-VL-7B (scaled fp8)
+    text_encoders/clip_l.safetensors                    CLIP ViT-L/14
+    vae/hunyuan_video_vae_bf16.safetensors              the HunyuanVideo VAE (video variants)
+    vae/ae.safetensors                                  the FLUX VAE (image variants; a non-gated copy)
+    text_encoders/qwen25_tokenizer/, sd1_tokenizer/     the tokenizers, only outside ComfyUI (which bundles them)
+With `folders=True`, the Hugging Face folders instead (`HF_FOLDERS`): Qwen/Qwen2.5-VL-7B-Instruct,
+openai/clip-vit-large-patch14 and the VAE's diffusers vae/ (FLUX.1-dev's is gated). Either layout, and any ComfyUI
+single file of the same model already there, counts as present.
 
 Existing files are never overwritten or deleted. Every file is fetched into a staging folder
 (`.kandinsky5-download/` in the models folder, where huggingface_hub keeps its resumable `.incomplete` files) and
@@ -48,6 +53,51 @@ COMFY_SINGLE_FILES = {
 }
 STAGING_DIR = ".kandinsky5-download"
 CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one file or folder comes from (`path` in `repo`; "*" = the repository's files matching
+    `allow_patterns`) and where it goes (`folder`/`name` under the models folder)."""
+
+    repo: str
+    path: str
+    folder: str
+    name: str
+    allow_patterns: tuple[str, ...] = ()
+    gated: bool = False
+
+    @property
+    def url(self) -> str:
+        """The direct download link (what ComfyUI's missing-models panel fetches)."""
+        return f"https://huggingface.co/{self.repo}/resolve/main/{self.path}"
+
+
+# ComfyUI's repackaged single files, the ones its own Kandinsky 5 templates load; the bundled workflows name them.
+SINGLE_FILES = {
+    "qwen": Source("Comfy-Org/HunyuanVideo_1.5_repackaged",
+                   "split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
+                   "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "clip": Source("comfyanonymous/flux_text_encoders", "clip_l.safetensors", "text_encoders", "clip_l.safetensors"),
+    "hunyuan": Source("Comfy-Org/HunyuanVideo_repackaged", "split_files/vae/hunyuan_video_vae_bf16.safetensors", "vae",
+                      "hunyuan_video_vae_bf16.safetensors"),
+    "flux": Source("Comfy-Org/z_image_turbo", "split_files/vae/ae.safetensors", "vae", "ae.safetensors"),
+}  # fmt: skip
+# The Hugging Face folders (`download --folders`): they bring their own tokenizers.
+HF_FOLDERS = {
+    "qwen": Source(QWEN_REPO, "*", "text_encoders", QWEN_DIR, ("*.json", "*.safetensors", "*.txt", "*.jinja")),
+    "clip": Source(CLIP_REPO, "*", "text_encoders", CLIP_DIR, ("*.json", "model.safetensors", "*.txt")),
+    "hunyuan": Source(HUNYUAN_VAE_REPO, "*", "vae", HUNYUAN_VAE_DIR, VAE_FILES),
+    "flux": Source(FLUX_VAE_REPO, "*", "vae", FLUX_VAE_DIR, VAE_FILES, gated=True),
+}
+# Single files carry no tokenizer. Inside ComfyUI its own bundled copies serve (comfy/text_encoders/qwen25_tokenizer,
+# comfy/sd1_tokenizer); elsewhere these go into text_encoders/ under the same folder names.
+TOKENIZERS = {
+    "qwen_tokenizer": Source(QWEN_REPO, "*", "text_encoders", "qwen25_tokenizer",
+                             ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")),
+    "clip_tokenizer": Source(CLIP_REPO, "*", "text_encoders", "sd1_tokenizer",
+                             ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,70 +213,67 @@ def _vae_kind(variant) -> str:
     return "flux" if task in ("t2i", "i2i") else "hunyuan"
 
 
-def plan_downloads(variant, models_dir: str | os.PathLike) -> list[PlannedFile]:
-    """What `variant` needs under `models_dir`, in ComfyUI's folders, and whether each piece is already there.
+def _planned(role: str, source: Source, models_dir: Path, found: Path | None) -> PlannedFile:
+    return PlannedFile(
+        role, source.repo, source.path, models_dir / source.folder / source.name, found is not None, found,
+        allow_patterns=source.allow_patterns, gated=source.gated,
+    )  # fmt: skip
 
-    Pure: reads the disk, never writes or touches the network."""
+
+def _tokenizer_found(source: Source, models_dir: Path) -> Path | None:
+    folder = models_dir / source.folder / source.name
+    return folder if all((folder / name).is_file() for name in source.allow_patterns) else None
+
+
+def plan_downloads(variant, models_dir: str | os.PathLike, *, folders: bool = False) -> list[PlannedFile]:
+    """What `variant` needs under `models_dir`, in ComfyUI's folders, and whether each piece is already there:
+    dit, qwen, clip and vae, then the tokenizers the single-file text encoders need outside ComfyUI.
+
+    Missing text encoders and VAE are planned as ComfyUI's single files (`SINGLE_FILES`), or as the Hugging Face
+    folders with `folders=True`. Pure: reads the disk, never writes or touches the network."""
     models_dir = Path(models_dir)
+    sources = HF_FOLDERS if folders else SINGLE_FILES
     dit_name = Path(variant.hf_filename).name
-    dit_dest = models_dir / "diffusion_models" / dit_name
-    dit_found = _intact(_find(models_dir, FOLDERS["dit"], (dit_name,)))
-
-    qwen_dest = models_dir / "text_encoders" / QWEN_DIR
-    qwen_found = _find_folder(models_dir, FOLDERS["qwen"], QWEN_DIR) or _intact(
-        _find(models_dir, FOLDERS["qwen"], COMFY_SINGLE_FILES["qwen"])
-    )
-    clip_dest = models_dir / "text_encoders" / CLIP_DIR
-    clip_found = _find_folder(models_dir, FOLDERS["clip"], CLIP_DIR) or _intact(
-        _find(models_dir, FOLDERS["clip"], COMFY_SINGLE_FILES["clip"])
-    )
-
+    dit = Source(variant.hf_repo, variant.hf_filename, "diffusion_models", dit_name)
     kind = _vae_kind(variant)
-    vae_repo, vae_dir = (FLUX_VAE_REPO, FLUX_VAE_DIR) if kind == "flux" else (HUNYUAN_VAE_REPO, HUNYUAN_VAE_DIR)
-    vae_dest = models_dir / "vae" / vae_dir
-    vae_found = (
-        vae_dest / "vae"
-        if all((vae_dest / f).is_file() for f in VAE_FILES)
-        else _intact(_find(models_dir, FOLDERS["vae"], COMFY_SINGLE_FILES[kind]))
-    )
-
-    return [
-        PlannedFile("dit", variant.hf_repo, variant.hf_filename, dit_dest, dit_found is not None, dit_found),
-        PlannedFile(
-            "qwen",
-            QWEN_REPO,
-            "*",
-            qwen_dest,
-            qwen_found is not None,
-            qwen_found,
-            allow_patterns=("*.json", "*.safetensors", "*.txt", "*.jinja"),
-        ),
-        PlannedFile(
-            "clip",
-            CLIP_REPO,
-            "*",
-            clip_dest,
-            clip_found is not None,
-            clip_found,
-            allow_patterns=("*.json", "model.safetensors", "*.txt"),
-        ),
-        PlannedFile(
-            "vae",
-            vae_repo,
-            "*",
-            vae_dest,
-            vae_found is not None,
-            vae_found,
-            allow_patterns=VAE_FILES,
-            gated=kind == "flux",
-        ),
+    vae_folder = models_dir / "vae" / HF_FOLDERS[kind].name / "vae"
+    found = {
+        "dit": _intact(_find(models_dir, FOLDERS["dit"], (dit_name,))),
+        "qwen": _find_folder(models_dir, FOLDERS["qwen"], QWEN_DIR)
+        or _intact(_find(models_dir, FOLDERS["qwen"], COMFY_SINGLE_FILES["qwen"])),
+        "clip": _find_folder(models_dir, FOLDERS["clip"], CLIP_DIR)
+        or _intact(_find(models_dir, FOLDERS["clip"], COMFY_SINGLE_FILES["clip"])),
+        "vae": vae_folder
+        if all((vae_folder.parent / f).is_file() for f in VAE_FILES)
+        else _intact(_find(models_dir, FOLDERS["vae"], COMFY_SINGLE_FILES[kind])),
+    }
+    plan = [
+        _planned("dit", dit, models_dir, found["dit"]),
+        _planned("qwen", sources["qwen"], models_dir, found["qwen"]),
+        _planned("clip", sources["clip"], models_dir, found["clip"]),
+        _planned("vae", sources[kind], models_dir, found["vae"]),
     ]
+    if comfyui_root(models_dir) is None:
+        for p in plan[1:3]:
+            if p.found.is_file() if p.found is not None else not folders:  # a single file, there or planned
+                source = TOKENIZERS[f"{p.role}_tokenizer"]
+                plan.append(_planned(f"{p.role}_tokenizer", source, models_dir, _tokenizer_found(source, models_dir)))
+    return plan
 
 
 def comfyui_root(models_dir: Path) -> Path | None:
     """The ComfyUI install a models folder belongs to (it has the bundled tokenizers), if it is one."""
     root = Path(models_dir).resolve().parent
     return root if (root / "comfy" / "sd1_tokenizer").is_dir() else None
+
+
+def tokenizer_dir(plan: list[PlannedFile], models_dir: Path) -> Path | None:
+    """Where the tokenizers of single-file text encoders are: ComfyUI's root, or the text_encoders/ folder that
+    `plan` put them in; None when the text encoders are folders (they bring their own)."""
+    root = comfyui_root(models_dir)
+    if root is not None:
+        return root
+    return Path(models_dir) / "text_encoders" if any(p.role.endswith("_tokenizer") for p in plan) else None
 
 
 def model_paths(plan: list[PlannedFile], models_dir: Path | None = None) -> ModelPaths:
@@ -236,7 +283,7 @@ def model_paths(plan: list[PlannedFile], models_dir: Path | None = None) -> Mode
         qwen=by_role["qwen"],
         clip=by_role["clip"],
         vae=by_role["vae"],
-        tokenizer_dir=comfyui_root(models_dir) if models_dir is not None else None,
+        tokenizer_dir=tokenizer_dir(plan, models_dir) if models_dir is not None else None,
     )
 
 
@@ -285,7 +332,7 @@ def _gated_message(p: PlannedFile) -> str:
         f"{p.repo} is a gated repository: accept its licence at https://huggingface.co/{p.repo} with your "
         "Hugging Face account, create a read token at https://huggingface.co/settings/tokens and either set "
         "HF_TOKEN=<token> or run `hf auth login` (older huggingface_hub: `huggingface-cli login`), then run the "
-        f"download again. Or copy the FLUX VAE yourself to {p.dest} (ComfyUI's ae.safetensors works too)."
+        f"download again. Or download without --folders: ComfyUI's ae.safetensors, the same VAE, is not gated."
     )
 
 
@@ -337,9 +384,10 @@ def _interrupted(p: PlannedFile, name: str, models_dir: Path, e: BaseException) 
 
 
 def ensure_files(
-    variant, models_dir: str | os.PathLike, *, allow_download: bool = True, log=print
+    variant, models_dir: str | os.PathLike, *, allow_download: bool = True, folders: bool = False, log=print
 ) -> list[PlannedFile]:
-    """Download whatever `variant` lacks under `models_dir`; returns the updated plan.
+    """Download whatever `variant` lacks under `models_dir` (as single files, or the Hugging Face folders with
+    `folders=True`); returns the updated plan.
 
     Offline (HF_HUB_OFFLINE=1, or the Hub unreachable within a few seconds), or with allow_download=False, it raises
     MissingFilesError naming every missing file, its source and its destination."""
@@ -349,7 +397,7 @@ def ensure_files(
 
     variant = get_variant(variant)
     models_dir = Path(models_dir)
-    plan = plan_downloads(variant, models_dir)
+    plan = plan_downloads(variant, models_dir, folders=folders)
     missing = [p for p in plan if not p.present]
     if not missing:
         return plan
@@ -378,4 +426,4 @@ def ensure_files(
             if not _is_network_error(e):
                 raise
             raise _interrupted(p, name, models_dir, e) from e
-    return plan_downloads(variant, models_dir)
+    return plan_downloads(variant, models_dir, folders=folders)

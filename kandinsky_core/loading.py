@@ -173,9 +173,25 @@ class DetectionResult:
     arch: DiTArch
     prefix: str = ""
     reason: str = ""
+    tied: tuple[str, ...] = ()  # the candidates the file name fits equally well, when more than one
 
     def get(self) -> Variant:
         return get_variant(self.variant)
+
+    @property
+    def guess(self) -> str | None:
+        """What to tell the user when the tensors and the file name leave several variants (sft / pretrain / nocfg /
+        distilled, T2V / I2V Lite share their tensors): which one was taken, its settings, and how to choose.
+        None when the file name singles one out."""
+        if len(self.tied) < 2:
+            return None
+        v = self.get()
+        return (
+            f"the tensors fit {len(self.tied)} variants ({', '.join(self.tied)}) and the file name does not say which: "
+            f"took {v.name} ({v.steps} steps, guidance {v.guidance:g}). If the file is another of them, pick it in "
+            "variant (a renamed distilled model run at 50 steps and guidance 5 looks poor), or keep the official file "
+            "name."
+        )
 
 
 def _block_count(names, stem: str) -> int:
@@ -299,12 +315,17 @@ def detect_variant(header_or_shapes: Mapping, filename: str | Path | None = None
     hints = _name_hints(str(filename)) if filename else {}
     scored = sorted((-sum(_matches(v, k, h) for k, h in hints.items()), i, v) for i, v in enumerate(cands))
     best = scored[0][2]
+    tied = tuple(v.name for score, _, v in scored if score == scored[0][0])
+    official = [v.name for v in cands if filename and Path(v.hf_filename).name == Path(filename).name]
+    if len(official) == 1:  # the released file's own name (the image sft files name no stage)
+        best, tied = get_variant(official[0]), ()
     reason = f"{_describe_facts(facts)} ({best.family})"
     if hints:
         reason += f"; file name hints {hints}"
     return DetectionResult(
-        variant=best.name, candidates=tuple(v.name for v in cands), arch=best.arch, prefix=prefix, reason=reason
-    )
+        variant=best.name, candidates=tuple(v.name for v in cands), arch=best.arch, prefix=prefix, reason=reason,
+        tied=tied if len(tied) > 1 else (),
+    )  # fmt: skip
 
 
 def _target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, fp8: bool) -> torch.dtype:

@@ -48,6 +48,7 @@ class Request:
     image: Tensor | None  # uint8 [3, height, width], already resized (I2I, or a size set by the user: and cropped)
     expand_prompt: bool
     nabla: Any  # NablaParams or None (dense attention)
+    source_image: Tensor | None = None  # uint8 [3, H, W] as given: prompt expansion shows Qwen this, as officially
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -120,13 +121,13 @@ def resolve_request(
     if negative is None:
         negative = VIDEO_NEGATIVE if v.is_video else ""
 
-    pixels = None
+    pixels = resized = None
     if image is not None:
         pixels = image if isinstance(image, Tensor) else read_image(image)
         if pixels.ndim != 3 or pixels.shape[0] != 3:
             raise InputError(f"Input image tensor has shape {tuple(pixels.shape)}; expected uint8 [3, H, W].")
         crop = crops_input_image(v, size_from_image)
-        pixels = resize_center_crop(pixels, width, height) if crop else resize(pixels, width, height)
+        resized = resize_center_crop(pixels, width, height) if crop else resize(pixels, width, height)
     return Request(
         variant=v,
         prompt=prompt,
@@ -138,9 +139,10 @@ def resolve_request(
         steps=settings.steps,
         guidance=settings.guidance,
         scheduler_scale=settings.scheduler_scale,
-        image=pixels,
+        image=resized,
         expand_prompt=bool(expand_prompt),
         nabla=settings.nabla,
+        source_image=pixels if expand_prompt else None,
     )
 
 
@@ -271,7 +273,9 @@ def run(
     images = [request.image] if v.task == "i2i" else None
     prompt = request.prompt
     if request.expand_prompt:
-        prompt = encoders.expand_prompt(prompt, v.text_template, image=request.image, seed=request.seed)
+        # the official pipelines show Qwen the image as given (I2I: at a quarter of its size), not the resized one
+        image = request.source_image if request.source_image is not None else request.image
+        prompt = encoders.expand_prompt(prompt, v.text_template, image=image, seed=request.seed)
         log(f"expanded prompt: {prompt}")
     template = encode_template(v, request.frames)
     cond = encoders.encode([prompt], template, v.text_max_length, images=images)

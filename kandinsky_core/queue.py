@@ -177,9 +177,7 @@ def parse_set(item: str) -> tuple[str, str, str]:
     target, sep, value = item.partition("=")
     node, dot, name = target.rpartition(".")
     if not sep or not dot or not node or not name:
-        raise InputError(
-            f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. --set Kandinsky5Sampler.steps=20 or 5.seed=7."
-        )
+        raise InputError(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. --set K5Sampler.steps=20 or 5.seed=7.")
     return node, name, value
 
 
@@ -229,9 +227,9 @@ def apply_overrides(
 ) -> dict:  # fmt: skip
     """--prompt / --negative go to the Kandinsky 5 Text Encode node(s), --seed to the sampler(s), then --set."""
     for value, name, cls in (
-        (prompt, "prompt", "Kandinsky5TextEncode"),
-        (negative, "negative_prompt", "Kandinsky5TextEncode"),
-        (seed, "seed", "Kandinsky5Sampler"),
+        (prompt, "prompt", "K5TextEncode"),
+        (negative, "negative_prompt", "K5TextEncode"),
+        (seed, "seed", "K5Sampler"),
     ):
         if value is None:
             continue

@@ -593,8 +593,8 @@ def load_qwen_tokenizer(tokenizer_dir: str | os.PathLike | None = None, weights:
         raise MissingFilesError(
             f"No Qwen2.5-VL tokenizer found (looked in: {', '.join(map(str, candidates)) or 'nothing'} and the "
             f"Hugging Face cache). It needs {' and '.join(_QWEN_TOKENIZER_FILES)} from {_HF_QWEN_REPO}: put them in "
-            "the text encoder's folder (`python -m kandinsky_core download` fetches the whole folder), or pass "
-            "tokenizer_dir (inside ComfyUI: its comfy/text_encoders/qwen25_tokenizer folder)."
+            "the text encoder's folder or models/text_encoders/qwen25_tokenizer (`python -m kandinsky_core download` "
+            "fetches them), or pass tokenizer_dir (inside ComfyUI: its comfy/text_encoders/qwen25_tokenizer folder)."
         )
     tokenizer = _build_tokenizer(AutoTokenizer, found, "Qwen2.5-VL")
     tokenizer.padding_side = "right"
@@ -625,8 +625,8 @@ def load_clip_tokenizer(tokenizer_dir: str | os.PathLike | None = None, weights:
         raise MissingFilesError(
             f"No CLIP tokenizer found (looked in: {', '.join(map(str, candidates)) or 'nothing'} and the Hugging "
             f"Face cache). It needs {', '.join(_CLIP_TOKENIZER_FILES)} from {_HF_CLIP_REPO}: put them in the CLIP "
-            "folder (`python -m kandinsky_core download` fetches the whole folder), or pass tokenizer_dir "
-            "(inside ComfyUI: its comfy/sd1_tokenizer folder)."
+            "folder or models/text_encoders/sd1_tokenizer (`python -m kandinsky_core download` fetches them), or pass "
+            "tokenizer_dir (inside ComfyUI: its comfy/sd1_tokenizer folder)."
         )
     return _build_tokenizer(CLIPTokenizer, found, "CLIP")
 

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from comfy_api.latest import io
+
 from kandinsky_core.errors import InputError
 
-from .common import CATEGORY, fail
+from .common import CATEGORY, K5_DIT, fail
 from .model_options import with_options
 
 MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
@@ -45,38 +47,38 @@ class CompileSetting:
             uncompile_dit(dit)
 
 
-class Compile:
-    DESCRIPTION = (
-        "Runs the Kandinsky 5 DiT's transformer blocks through torch.compile in the Kandinsky 5 Sampler: the first "
-        "step compiles (minutes for a large model), later steps and runs at the same size are faster. If compiling "
-        "fails (no Triton / compiler), the sampler runs uncompiled with the same result and logs a warning."
-    )
-    CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler compiles its blocks.",)
-    FUNCTION = "apply"
+class Compile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5Compile",
+            display_name="Kandinsky 5 Compile",
+            category=f"{CATEGORY}/speed",
+            description="Runs the Kandinsky 5 DiT's transformer blocks through torch.compile in the Kandinsky 5 "
+            "Sampler: the first step compiles (minutes for a large model), later steps and runs at the same size are "
+            "faster. If compiling fails (no Triton / compiler), the sampler runs uncompiled with the same result and "
+            "logs a warning.",
+            inputs=[
+                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.Combo.Input("mode", options=list(MODES), default="default", tooltip=
+                               "torch.compile mode. max-autotune searches faster kernels (much longer compile); it "
+                               "runs without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap "
+                               "and ComfyUI offloading."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="inductor", tooltip=
+                               "inductor generates fused kernels (needs Triton on GPU, a C++ compiler on CPU); "
+                               "aot_eager and eager only trace (for debugging, no speed-up)."),
+            ],
+            outputs=[K5_DIT.Output(display_name="model", tooltip=
+                                   "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler "
+                                   "compiles its blocks.")],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
-                "mode": (list(MODES), {"default": "default", "tooltip":
-                         "torch.compile mode. max-autotune searches faster kernels (much longer compile); it runs "
-                         "without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap and "
-                         "ComfyUI offloading."}),
-                "backend": (list(BACKENDS), {"default": "inductor", "tooltip":
-                            "inductor generates fused kernels (needs Triton on GPU, a C++ compiler on CPU); aot_eager "
-                            "and eager only trace (for debugging, no speed-up)."}),
-            }
-        }  # fmt: skip
-
-    def apply(self, model, mode, backend):
+    def execute(cls, model, mode, backend) -> io.NodeOutput:
         with fail("Kandinsky 5 Compile"):
             if mode not in MODES or backend not in BACKENDS:
                 raise InputError(
                     f"mode {mode!r} / backend {backend!r}: allowed modes {', '.join(MODES)}; backends "
                     f"{', '.join(BACKENDS)}."
                 )
-            return (with_options(model, compile=CompileSetting(mode, backend)),)
+            return io.NodeOutput(with_options(model, compile=CompileSetting(mode, backend)))

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from kandinsky_core.errors import KandinskyError, WeightsError
 from kandinsky_core.variants import VARIANTS, Variant
 
 from . import comfy_glue, files
-from .common import CATEGORY, fail
+from .common import CATEGORY, K5_DIT, K5_TEXT_ENCODERS, K5_VAE, fail
 
 AUTO = "auto"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,45 +79,38 @@ def inspect_dit(path: Path, variant: str) -> Variant:
     return v
 
 
-class LoadDiT:
-    DESCRIPTION = "Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models."
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_DIT",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Kandinsky 5 DiT with its variant's settings (steps, guidance, sizes, NABLA).",)
-    FUNCTION = "load"
+class LoadDiT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5LoadDiT",
+            display_name="Load Kandinsky 5 DiT",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models.",
+            inputs=[
+                io.Combo.Input("dit_name", options=files.list_models("diffusion_models"), tooltip=
+                               "A Kandinsky 5 DiT .safetensors in models/diffusion_models "
+                               "(e.g. kandinsky5lite_t2v_sft_5s.safetensors)."),
+                io.Combo.Input("variant", options=[AUTO, *VARIANTS], default=AUTO, tooltip=
+                               "auto: recognised from the file's tensor shapes and name. Or pick the variant whose "
+                               "settings (steps, guidance, scheduler scale, sizes, NABLA) should apply; it must fit "
+                               "the file."),
+                io.Combo.Input("weight_dtype", options=list(DIT_DTYPES), default="default", tooltip=
+                               "Storage dtype of the weights. default: bf16 on a GPU, fp32 on the CPU. fp8_e4m3fn "
+                               "halves memory (block weights in float8, computed in bf16)."),
+                io.Combo.Input("attention", options=list(ATTENTION), default="auto", tooltip=
+                               "Dense attention backend: auto picks FlashAttention 3, then 2, then PyTorch SDPA, "
+                               "whichever is installed. sageattention (8-bit, approximate; the optional sageattention "
+                               "package) only when chosen here."),
+            ],
+            outputs=[
+                K5_DIT.Output(display_name="model", tooltip=
+                              "The Kandinsky 5 DiT with its variant's settings (steps, guidance, sizes, NABLA)."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "dit_name": (
-                    files.list_models("diffusion_models"),
-                    {"tooltip": "A Kandinsky 5 DiT .safetensors in models/diffusion_models "
-                     "(e.g. kandinsky5lite_t2v_sft_5s.safetensors)."},
-                ),
-                "variant": (
-                    [AUTO, *VARIANTS],
-                    {"default": AUTO, "tooltip": "auto: recognised from the file's tensor shapes and name. Or pick the "
-                     "variant whose settings (steps, guidance, scheduler scale, sizes, NABLA) should apply; it must "
-                     "fit the file."},
-                ),
-                "weight_dtype": (
-                    list(DIT_DTYPES),
-                    {"default": "default", "tooltip": "Storage dtype of the weights. default: bf16 on a GPU, fp32 on "
-                     "the CPU. fp8_e4m3fn halves memory (block weights in float8, computed in bf16)."},
-                ),
-                "attention": (
-                    list(ATTENTION),
-                    {"default": "auto", "tooltip": "Dense attention backend: auto picks FlashAttention 3, then 2, "
-                     "then PyTorch SDPA, whichever is installed. sageattention (8-bit, approximate; the optional "
-                     "sageattention package) only when chosen here."},
-                ),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, dit_name, variant):
+    def validate_inputs(cls, dit_name, variant):
         if dit_name not in files.list_models("diffusion_models"):
             return f"dit_name {dit_name!r} is not in models/diffusion_models. Pick a file from the list."
         if variant != AUTO and variant not in VARIANTS:
@@ -127,7 +121,8 @@ class LoadDiT:
             return f"dit_name: {e}"
         return True
 
-    def load(self, dit_name, variant, weight_dtype, attention):
+    @classmethod
+    def execute(cls, dit_name, variant, weight_dtype, attention) -> io.NodeOutput:
         from kandinsky_core.loading import load_dit
 
         with fail("Load Kandinsky 5 DiT"):
@@ -144,45 +139,39 @@ class LoadDiT:
                 fp8=fp8,
             )
             comfy_glue.log.info("Kandinsky 5 DiT %s loaded as %s (%s)", dit_name, v.name, dtype)
-            return (DiTModel(comfy_glue.wrap(model, "dit"), v, attention, dit_name),)
+            return io.NodeOutput(DiTModel(comfy_glue.wrap(model, "dit"), v, attention, dit_name))
 
 
-class LoadTextEncoders:
-    DESCRIPTION = (
-        "Loads Qwen2.5-VL-7B and CLIP ViT-L/14 from models/text_encoders: ComfyUI's single files "
-        "(qwen_2.5_vl_7b*.safetensors, clip_l.safetensors) or the Hugging Face folders (names ending in /)."
-    )
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_TEXT_ENCODERS",)
-    RETURN_NAMES = ("text_encoders",)
-    OUTPUT_TOOLTIPS = ("Qwen2.5-VL and CLIP-L, for Kandinsky 5 Text Encode and Prompt Expansion.",)
-    FUNCTION = "load"
-
+class LoadTextEncoders(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         names = files.list_models("text_encoders", folders=True)
-        return {
-            "required": {
-                "qwen_name": (
-                    names,
-                    {"tooltip": "Qwen2.5-VL-7B: qwen_2.5_vl_7b.safetensors (bf16 or fp8_scaled) or the text_encoder/ "
-                     "folder. Single files use the tokenizer ComfyUI bundles (comfy/text_encoders/qwen25_tokenizer)."},
-                ),
-                "clip_name": (
-                    names,
-                    {"tooltip": "CLIP ViT-L/14: clip_l.safetensors or the text_encoder2/ folder. Single files use "
-                     "ComfyUI's bundled comfy/sd1_tokenizer."},
-                ),
-                "dtype": (
-                    list(DTYPES),
-                    {"default": "default", "tooltip": "Qwen's compute dtype (CLIP always runs in fp32, as the "
-                     "official code does). default: bf16 on a GPU, fp32 on the CPU."},
-                ),
-            }
-        }  # fmt: skip
+        return io.Schema(
+            node_id="K5LoadTextEncoders",
+            display_name="Load Kandinsky 5 Text Encoders",
+            category=f"{CATEGORY}/loaders",
+            description="Loads Qwen2.5-VL-7B and CLIP ViT-L/14 from models/text_encoders: ComfyUI's single files "
+            "(qwen_2.5_vl_7b*.safetensors, clip_l.safetensors) or the Hugging Face folders (names ending in /).",
+            inputs=[
+                io.Combo.Input("qwen_name", options=names, tooltip=
+                               "Qwen2.5-VL-7B: qwen_2.5_vl_7b.safetensors (bf16 or fp8_scaled) or the text_encoder/ "
+                               "folder. Single files use the tokenizer ComfyUI bundles "
+                               "(comfy/text_encoders/qwen25_tokenizer)."),
+                io.Combo.Input("clip_name", options=names, tooltip=
+                               "CLIP ViT-L/14: clip_l.safetensors or the text_encoder2/ folder. Single files use "
+                               "ComfyUI's bundled comfy/sd1_tokenizer."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="default", tooltip=
+                               "Qwen's compute dtype (CLIP always runs in fp32, as the official code does). default: "
+                               "bf16 on a GPU, fp32 on the CPU."),
+            ],
+            outputs=[
+                K5_TEXT_ENCODERS.Output(display_name="text_encoders", tooltip=
+                                        "Qwen2.5-VL and CLIP-L, for Kandinsky 5 Text Encode and Prompt Expansion."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def VALIDATE_INPUTS(cls, qwen_name, clip_name):
+    def validate_inputs(cls, qwen_name, clip_name):
         names = files.list_models("text_encoders", folders=True)
         from kandinsky_core.text_encoders import check_weight_files
 
@@ -195,7 +184,8 @@ class LoadTextEncoders:
                 return str(e)
         return True
 
-    def load(self, qwen_name, clip_name, dtype):
+    @classmethod
+    def execute(cls, qwen_name, clip_name, dtype) -> io.NodeOutput:
         from kandinsky_core.text_encoders import load_text_encoders
 
         with fail("Load Kandinsky 5 Text Encoders"):
@@ -211,7 +201,7 @@ class LoadTextEncoders:
                 tokenizer_dir=tokenizer_dir,
             )
             module = torch.nn.ModuleDict({"qwen": encoders.qwen, "clip": encoders.clip})
-            return (TextEncodersModel(comfy_glue.wrap(module, "text"), encoders),)
+            return io.NodeOutput(TextEncodersModel(comfy_glue.wrap(module, "text"), encoders))
 
 
 def vae_kind(path: Path) -> str:
@@ -237,35 +227,27 @@ def vae_kind(path: Path) -> str:
     return "hunyuan" if any(len(s) == 5 for s in convs) else "flux"
 
 
-class LoadVAE:
-    DESCRIPTION = (
-        "Loads the Kandinsky 5 VAE from models/vae: HunyuanVideo (video models) or FLUX (image models), "
-        "recognised from the file."
-    )
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_VAE",)
-    RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The VAE, for Kandinsky 5 VAE Decode / VAE Encode.",)
-    FUNCTION = "load"
+class LoadVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5LoadVAE",
+            display_name="Load Kandinsky 5 VAE",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the Kandinsky 5 VAE from models/vae: HunyuanVideo (video models) or FLUX (image "
+            "models), recognised from the file.",
+            inputs=[
+                io.Combo.Input("vae_name", options=files.list_models("vae", folders=True), tooltip=
+                               "hunyuan_video_vae_bf16.safetensors for the video models, ae.safetensors (FLUX.1) for "
+                               "the image models; diffusers vae/ folders work too."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="default", tooltip=
+                               "VAE compute dtype. default: bf16 on a GPU, fp32 on the CPU."),
+            ],
+            outputs=[K5_VAE.Output(display_name="vae", tooltip="The VAE, for Kandinsky 5 VAE Decode / VAE Encode.")],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae_name": (
-                    files.list_models("vae", folders=True),
-                    {"tooltip": "hunyuan_video_vae_bf16.safetensors for the video models, ae.safetensors (FLUX.1) "
-                     "for the image models; diffusers vae/ folders work too."},
-                ),
-                "dtype": (
-                    list(DTYPES),
-                    {"default": "default", "tooltip": "VAE compute dtype. default: bf16 on a GPU, fp32 on the CPU."},
-                ),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, vae_name):
+    def validate_inputs(cls, vae_name):
         if vae_name not in files.list_models("vae", folders=True):
             return f"vae_name {vae_name!r} is not in models/vae. Pick a file or folder from the list."
         try:
@@ -274,7 +256,8 @@ class LoadVAE:
             return str(e)
         return True
 
-    def load(self, vae_name, dtype):
+    @classmethod
+    def execute(cls, vae_name, dtype) -> io.NodeOutput:
         with fail("Load Kandinsky 5 VAE"):
             path = files.resolve("vae", vae_name, "vae_name")
             kind = vae_kind(path)
@@ -287,4 +270,4 @@ class LoadVAE:
                 from kandinsky_core.flux_vae import load_flux_vae
 
                 vae = load_flux_vae(path, **kw)
-            return (VAEModel(comfy_glue.wrap(vae, "vae"), kind, vae_name),)
+            return io.NodeOutput(VAEModel(comfy_glue.wrap(vae, "vae"), kind, vae_name))

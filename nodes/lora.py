@@ -4,54 +4,53 @@ from __future__ import annotations
 
 import dataclasses
 
+from comfy_api.latest import io
+
 from kandinsky_core.errors import KandinskyError
 
 from . import comfy_glue, files
-from .common import CATEGORY, fail
+from .common import CATEGORY, K5_DIT, fail
 from .loaders import DiTModel
 from .model_options import patcher_of
 
 
-class LoadLoRA:
-    DESCRIPTION = (
-        "Applies a LoRA to a Kandinsky 5 DiT at the given strength; chain several to stack them. Reads the official "
-        "kandinsky-5 trainer's files (with config_lora.json beside them), diffusers / SimpleTuner, musubi-tuner, "
-        "ComfyUI's trainer, bare PEFT and LyCORIS LoKr / LoHa. ComfyUI patches the weights when it loads the model."
-    )
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = ("K5_DIT", "STRING")
-    RETURN_NAMES = ("model", "trigger_word")
-    OUTPUT_TOOLTIPS = (
-        "The DiT with the LoRA patched in (the input model is left unchanged).",
-        "The trigger word the LoRA was trained with (empty when the file names none): put it in the prompt.",
-    )
-    FUNCTION = "apply"
+class LoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5LoadLoRA",
+            display_name="Load Kandinsky 5 LoRA",
+            category=f"{CATEGORY}/loaders",
+            description="Applies a LoRA to a Kandinsky 5 DiT at the given strength; chain several to stack them. Reads "
+            "the official kandinsky-5 trainer's files (with config_lora.json beside them), diffusers / SimpleTuner, "
+            "musubi-tuner, ComfyUI's trainer, bare PEFT and LyCORIS LoKr / LoHa. ComfyUI patches the weights when it "
+            "loads the model.",
+            inputs=[
+                K5_DIT.Input("model", tooltip="A Kandinsky 5 DiT (from Load DiT or another Load LoRA)."),
+                io.Combo.Input("lora_name", options=files.list_models("loras"), tooltip=
+                               "A LoRA .safetensors in models/loras, made for this Kandinsky 5 model size. Keep the "
+                               "official trainer's config_lora.json next to it (it holds the LoRA's alpha)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=
+                               "How much of the LoRA to add: 0 leaves the model unchanged, 1 is the LoRA as trained, "
+                               "negative values subtract it."),
+            ],
+            outputs=[
+                K5_DIT.Output(display_name="model", tooltip=
+                              "The DiT with the LoRA patched in (the input model is left unchanged)."),
+                io.String.Output(display_name="trigger_word", tooltip=
+                                 "The trigger word the LoRA was trained with (empty when the file names none): put it "
+                                 "in the prompt."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("K5_DIT", {"tooltip": "A Kandinsky 5 DiT (from Load DiT or another Load LoRA)."}),
-                "lora_name": (
-                    files.list_models("loras"),
-                    {"tooltip": "A LoRA .safetensors in models/loras, made for this Kandinsky 5 model size. Keep the "
-                     "official trainer's config_lora.json next to it (it holds the LoRA's alpha)."},
-                ),
-                "strength": (
-                    "FLOAT",
-                    {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How much of the LoRA to "
-                     "add: 0 leaves the model unchanged, 1 is the LoRA as trained, negative values subtract it."},
-                ),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, lora_name):
+    def validate_inputs(cls, lora_name):
         if lora_name not in files.list_models("loras"):
             return f"lora_name {lora_name!r} is not in models/loras. Pick a file from the list."
         return True
 
-    def apply(self, model: DiTModel, lora_name: str, strength: float):
+    @classmethod
+    def execute(cls, model: DiTModel, lora_name: str, strength: float) -> io.NodeOutput:
         from kandinsky_core.lora import read_lora
 
         with fail("Load Kandinsky 5 LoRA"):
@@ -69,4 +68,4 @@ class LoadLoRA:
                 strength,
             )  # fmt: skip
             out = patcher if patcher_of(model) is model else dataclasses.replace(model, patcher=patcher)
-            return {"ui": {"text": [lora.trigger]}, "result": (out, lora.trigger)}
+            return io.NodeOutput(out, lora.trigger, ui={"text": [lora.trigger]})

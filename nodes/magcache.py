@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from comfy_api.latest import io
+
 from kandinsky_core.errors import InputError
 from kandinsky_core.magcache import (
     DEFAULT_K,
@@ -22,7 +24,7 @@ from kandinsky_core.magcache import (
 )
 
 from . import comfy_glue
-from .common import CATEGORY, fail
+from .common import CATEGORY, K5_DIT, fail
 from .model_options import with_options
 
 
@@ -89,48 +91,47 @@ class CalibrationSetting:
         return path
 
 
-class MagCacheNode:
-    DESCRIPTION = (
-        "MagCache for the Kandinsky 5 Sampler: at steps where the visual blocks' residual is predictable from the "
-        "last computed one (magnitude ratios calibrated per model), the blocks are skipped and the cached residual "
-        "reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro sft / no-CFG video and Image "
-        "Lite; calibrate others with Kandinsky 5 MagCache Calibrate."
-    )
-    CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The same DiT; the Kandinsky 5 Sampler uses MagCache with it.",)
-    FUNCTION = "apply"
+class MagCacheNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5MagCache",
+            display_name="Kandinsky 5 MagCache",
+            category=f"{CATEGORY}/speed",
+            description="MagCache for the Kandinsky 5 Sampler: at steps where the visual blocks' residual is "
+            "predictable from the last computed one (magnitude ratios calibrated per model), the blocks are skipped "
+            "and the cached residual reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro "
+            "sft / no-CFG video and Image Lite; calibrate others with Kandinsky 5 MagCache Calibrate.",
+            inputs=[
+                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01, tooltip=
+                               "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
+                               "less faithful. Official: 0.12."),
+                io.Int.Input("K", default=DEFAULT_K, min=0, max=20, tooltip=
+                             "Most steps skipped in a row per CFG branch. Official: 2."),
+                io.Float.Input("retention", default=DEFAULT_RETENTION, min=0.0, max=1.0, step=0.05, tooltip=
+                               "First fraction of the steps that always run the blocks (they shape the layout). "
+                               "Official: 0.2."),
+                io.String.Input("ratios", default="", multiline=True, tooltip=
+                                "Empty: the variant's official ratios. Or the JSON a Kandinsky 5 MagCache Calibrate "
+                                "run wrote to the output folder (or numbers separated by commas), for distilled, "
+                                "pretrain, I2V or fine-tuned models."),
+            ],
+            outputs=[K5_DIT.Output(display_name="model", tooltip=
+                                   "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler uses "
+                                   "MagCache with it.")],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
-                "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                              "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
-                              "less faithful. Official: 0.12."}),
-                "K": ("INT", {"default": DEFAULT_K, "min": 0, "max": 20, "tooltip":
-                      "Most steps skipped in a row per CFG branch. Official: 2."}),
-                "retention": ("FLOAT", {"default": DEFAULT_RETENTION, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                              "First fraction of the steps that always run the blocks (they shape the layout). "
-                              "Official: 0.2."}),
-                "ratios": ("STRING", {"default": "", "multiline": True, "tooltip":
-                           "Empty: the variant's official ratios. Or the JSON a Kandinsky 5 MagCache Calibrate run "
-                           "wrote to the output folder (or numbers separated by commas), for distilled, pretrain, "
-                           "I2V or fine-tuned models."}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, ratios):
+    def validate_inputs(cls, ratios):
         try:
             parse_ratios(ratios)
         except InputError as e:
             return str(e)
         return True
 
-    def apply(self, model, threshold, K, retention, ratios):
+    @classmethod
+    def execute(cls, model, threshold, K, retention, ratios) -> io.NodeOutput:
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)
             if values is None:
@@ -143,33 +144,30 @@ class MagCacheNode:
                     )
                 values = OFFICIAL_MAG_RATIOS[name]
             params = MagCacheParams(values, threshold=threshold, K=K, retention=retention)
-            return (with_options(model, block_cache=MagCacheSetting(params)),)
+            return io.NodeOutput(with_options(model, block_cache=MagCacheSetting(params)))
 
 
-class MagCacheCalibrate:
-    DESCRIPTION = (
-        "Measures this model's MagCache ratios during one full Kandinsky 5 Sampler run (nothing is skipped) and "
-        "writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step count, guidance "
-        "and a size you will generate with."
-    )
-    CATEGORY = f"{CATEGORY}/speed"
-    RETURN_TYPES = ("K5_DIT",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The same DiT; the next Kandinsky 5 Sampler run measures the ratios.",)
-    FUNCTION = "apply"
+class MagCacheCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5MagCacheCalibrate",
+            display_name="Kandinsky 5 MagCache Calibrate",
+            category=f"{CATEGORY}/speed",
+            description="Measures this model's MagCache ratios during one full Kandinsky 5 Sampler run (nothing is "
+            "skipped) and writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step "
+            "count, guidance and a size you will generate with.",
+            inputs=[
+                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.String.Input("filename_prefix", default="kandinsky5_magcache", tooltip=
+                                "The ratios go to output/<prefix>_<variant>_<steps>steps.json."),
+            ],
+            outputs=[K5_DIT.Output(display_name="model", tooltip=
+                                   "The same DiT; the next Kandinsky 5 Sampler run measures the ratios.")],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT, its LoRA node or an option node."}),
-                "filename_prefix": ("STRING", {"default": "kandinsky5_magcache", "tooltip":
-                                    "The ratios go to output/<prefix>_<variant>_<steps>steps.json."}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix):
+    def validate_inputs(cls, filename_prefix):
         if not re.fullmatch(r"[\w.\-]+", filename_prefix or ""):
             return f"filename_prefix {filename_prefix!r}: use letters, digits, '_', '-' and '.' only."
         if len(filename_prefix.encode("utf-8")) > MAX_PREFIX:
@@ -179,9 +177,10 @@ class MagCacheCalibrate:
             )
         return True
 
-    def apply(self, model, filename_prefix):
+    @classmethod
+    def execute(cls, model, filename_prefix) -> io.NodeOutput:
         with fail("Kandinsky 5 MagCache Calibrate"):
-            problem = self.VALIDATE_INPUTS(filename_prefix)
+            problem = cls.validate_inputs(filename_prefix)
             if problem is not True:
                 raise InputError(problem)
-            return (with_options(model, block_cache=CalibrationSetting(filename_prefix)),)
+            return io.NodeOutput(with_options(model, block_cache=CalibrationSetting(filename_prefix)))

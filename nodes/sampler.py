@@ -5,27 +5,23 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.settings import (
     GUIDANCE_MAX,
-    NABLA_MODES,
-    NABLA_TILE_PX,
-    NABLA_WHY,
     SCHEDULER_SCALE_MAX,
     STEPS_MAX,
-    NablaChoice,
     Problem,
     input_problems,
     raise_problems,
     resolve,
-    side_problems,
     text_width_problem,
 )
 from kandinsky_core.variants import FPS, MAX_SIZE, Variant
 
 from . import comfy_glue
-from .common import CATEGORY, fail, validation_result, widget_range_problem
+from .common import CATEGORY, K5_DIT, fail, validation_result, widget_range_problem
 from .model_options import options_of, patcher_of
 from .text import from_conditioning
 
@@ -44,96 +40,81 @@ def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool, text_l
     return int(step_peak_bytes(arch, dtype, (batch, 16, t, h, w), text_len, cfg, nabla) * ALLOCATOR_MARGIN)
 
 
-class Sampler:
-    DESCRIPTION = (
-        "Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with classifier-free guidance, "
-        "optional NABLA sparse attention, a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's "
-        "official setting."
-    )
-    CATEGORY = f"{CATEGORY}/sampling"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = (
-        "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with Kandinsky 5 VAE Decode, or "
-        "ComfyUI's VAE Decode with the HunyuanVideo VAE.",
-    )
-    FUNCTION = "sample"
+class Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5Sampler",
+            display_name="Kandinsky 5 Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with "
+            "classifier-free guidance, NABLA sparse attention where the variant uses it (or as Kandinsky 5 NABLA "
+            "sets it), a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's official setting.",
+            inputs=[
+                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT (or its LoRA and option nodes: NABLA, "
+                             "MagCache, Compile)."),
+                io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (ignored when guidance is 1)."),
+                io.Int.Input("width", default=768, min=0, max=MAX_SIZE, step=16, tooltip=
+                             "Width in pixels: a multiple of 16 (128 when NABLA is on). Lite/Pro SD: 768x512, 512x512, "
+                             "512x768; Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent "
+                             "/ edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."),
+                io.Int.Input("height", default=512, min=0, max=MAX_SIZE, step=16, tooltip=
+                             "Height in pixels: a multiple of 16 (128 when NABLA is on). 0 = from the input latent "
+                             "(see width)."),
+                io.Int.Input("length", default=121, min=1, max=481, step=4, tooltip=
+                             f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Videos/images per run."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True, tooltip=
+                             "Noise seed (CPU generator: the same seed gives the same result on any device)."),
+                io.Int.Input("steps", default=0, min=0, max=STEPS_MAX, tooltip=
+                             "Sampling steps. 0 = the variant's (50; distilled: 16)."),
+                io.Float.Input("guidance", default=-1.0, min=-1.0, max=GUIDANCE_MAX, step=0.1, tooltip=
+                               "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
+                               "1 turns CFG off (the negative prompt is not evaluated)."),
+                io.Float.Input("scheduler_scale", default=0.0, min=0.0, max=SCHEDULER_SCALE_MAX, step=0.5, tooltip=
+                               "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
+                               "official config says so)."),
+                io.Latent.Input("start_latent", optional=True, tooltip=
+                                "I2V: the start image from Kandinsky 5 VAE Encode, at width x height. Needed by I2V "
+                                "models, refused by the others."),
+                io.Latent.Input("edit_latent", optional=True, tooltip=
+                                "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at width x height. Needed by "
+                                "I2I models, refused by the others."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip=
+                                 "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with "
+                                 "Kandinsky 5 VAE Decode, or ComfyUI's VAE Decode with the HunyuanVideo VAE."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("K5_DIT", {"tooltip": "From Load Kandinsky 5 DiT."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt, from Kandinsky 5 Text Encode."}),
-                "negative": ("CONDITIONING", {"tooltip": "The negative prompt (ignored when guidance is 1)."}),
-                "width": ("INT", {"default": 768, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
-                          "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, 512x768; "
-                          "Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent / "
-                          "edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."}),
-                "height": ("INT", {"default": 512, "min": 0, "max": MAX_SIZE, "step": 16, "tooltip":
-                           "Height in pixels: a multiple of 16 (128 with NABLA). 0 = from the input latent (see "
-                           "width)."}),
-                "length": ("INT", {"default": 121, "min": 1, "max": 481, "step": 4, "tooltip":
-                           f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Videos/images per run."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
-                         "tooltip": "Noise seed (CPU generator: the same seed gives the same result on any device)."}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": STEPS_MAX, "tooltip":
-                          "Sampling steps. 0 = the variant's (50; distilled: 16)."}),
-                "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": GUIDANCE_MAX, "step": 0.1, "tooltip":
-                             "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
-                             "1 turns CFG off (the negative prompt is not evaluated)."}),
-                "scheduler_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": SCHEDULER_SCALE_MAX, "step": 0.5,
-                                    "tooltip":
-                                    "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
-                                    "official config says so)."}),
-                "nabla": (list(NABLA_MODES), {"default": "auto", "tooltip":
-                          "NABLA sparse attention. auto: on for the 10 s and HD variants trained with it; on / off "
-                          "force it. On needs width and height in multiples of 128."}),
-                "nabla_P": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
-                            "NABLA attention mass kept per block (0 = the variant's, e.g. 0.9; 1 = dense)."}),
-                "nabla_wT": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in latent frames, odd (0 = the variant's, 11)."}),
-                "nabla_wH": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in tiles along the height, odd (0 = the variant's, 3)."}),
-                "nabla_wW": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip":
-                             "NABLA sliding window in tiles along the width, odd (0 = the variant's, 3)."}),
-            },
-            "optional": {
-                "start_latent": ("LATENT", {"tooltip": "I2V: the start image from Kandinsky 5 VAE Encode, at width x "
-                                 "height. Needed by I2V models, refused by the others."}),
-                "edit_latent": ("LATENT", {"tooltip": "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at "
-                                "width x height. Needed by I2I models, refused by the others."}),
-            },
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length, nabla, guidance, scheduler_scale):
-        """Every problem the widgets alone show (the model is not known yet), one per line."""
+    def validate_inputs(cls, width, height, length, guidance, scheduler_scale):
+        """Every problem the widgets alone show (the model, and so NABLA, is not known yet), one per line."""
         problems = input_problems(width=width, height=height, length=length, guidance=guidance,
                                   scheduler_scale=scheduler_scale, steps=None)  # fmt: skip
         length_range = widget_range_problem(cls, length=length)
         if length_range and not any(p.input == "length" for p in problems):
             problems.append(Problem("length", length_range))
-        problems += NablaChoice(nabla).problems()
-        if nabla == "on" and width and not any(p.input in ("width", "height") for p in problems):
-            problems += side_problems(width, height, NABLA_TILE_PX, f"{NABLA_WHY}; or set nabla to off")
         return validation_result(problems)
 
-    def sample(
-        self, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
-        nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW, start_latent=None, edit_latent=None,
-    ):  # fmt: skip
+    @classmethod
+    def execute(
+        cls, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
+        start_latent=None, edit_latent=None,
+    ) -> io.NodeOutput:  # fmt: skip
         from kandinsky_core.sampling import dit_to_latent, flow_timesteps, latent_to_dit, make_noise
         from kandinsky_core.sampling import sample as run_sampler
 
         with fail("Kandinsky 5 Sampler"):
             v = model.variant
             width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
+            options = options_of(model)  # from the option nodes (NABLA, MagCache, Compile); nothing else is read
             s, problems = resolve(
                 v, width=width, height=height, length=length, steps=steps, guidance=guidance,
-                scheduler_scale=scheduler_scale, nabla=NablaChoice(nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW),
-                has_start=start_latent is not None, has_edit=edit_latent is not None,
+                scheduler_scale=scheduler_scale, nabla=options.nabla, has_start=start_latent is not None,
+                has_edit=edit_latent is not None,
             )  # fmt: skip
             cond = from_conditioning(positive, "positive")
             uncond = from_conditioning(negative, "negative") if s.cfg else None
@@ -152,7 +133,6 @@ class Sampler:
             cfg = uncond is not None
             text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
             estimate = memory_estimate(model, batch_size, *shape[2:], cfg, text_len, s.nabla)
-            options = options_of(model)
             comfy_glue.load(patcher_of(model), estimate)
             device = comfy_glue.load_device()
             dtype = model.model.compute_dtype
@@ -189,7 +169,7 @@ class Sampler:
             if cache_setting is not None:
                 cache_setting.done(block_cache, s.steps, cfg, v)
             # the VAE it belongs to, so that VAE Decode refuses the other one
-            return ({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae},)
+            return io.NodeOutput({"samples": dit_to_latent(x, v.latent_scale).float().cpu(), "kandinsky5_vae": v.vae})
 
 
 def warn_template(v: Variant, length: int, positive: list) -> str | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.sampling import TextConditioning
 
 from . import comfy_glue
-from .common import CATEGORY, fail
+from .common import CATEGORY, K5_DIT, K5_TEXT_ENCODERS, fail
 
 AUTO = "auto"
 TEMPLATES = ("video", "image2video", "image", "image_edit")
@@ -84,37 +85,36 @@ def qwen_layers(encoders) -> torch.nn.ModuleList:
     return encoders.qwen.model.language_model.layers
 
 
-class TextEncode:
-    DESCRIPTION = "Encodes the prompt and negative prompt with Qwen2.5-VL (under the variant's template) and CLIP-L."
-    CATEGORY = f"{CATEGORY}/conditioning"
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
-    OUTPUT_TOOLTIPS = ("The encoded prompt.", "The encoded negative prompt (unused when guidance is 1).")
-    FUNCTION = "encode"
+class TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5TextEncode",
+            display_name="Kandinsky 5 Text Encode",
+            category=f"{CATEGORY}/conditioning",
+            description="Encodes the prompt and negative prompt with Qwen2.5-VL (under the variant's template) and "
+            "CLIP-L.",
+            inputs=[
+                K5_TEXT_ENCODERS.Input("text_encoders", tooltip="From Load Kandinsky 5 Text Encoders."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="What to generate."),
+                io.String.Input("negative_prompt", multiline=True, default=NEGATIVE_DEFAULT, tooltip=
+                                "What to avoid (used with guidance > 1). The official video default is filled in; the "
+                                "image models use an empty one."),
+                io.Combo.Input("template", options=[AUTO, *TEMPLATES], default=AUTO, tooltip=TEMPLATE_TOOLTIP),
+                K5_DIT.Input("model", optional=True, tooltip=
+                             "The DiT, so that template=auto takes its variant's template."),
+                io.Image.Input("edit_image", optional=True, tooltip=
+                               "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="The encoded prompt."),
+                io.Conditioning.Output(display_name="negative", tooltip=
+                                       "The encoded negative prompt (unused when guidance is 1)."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text_encoders": ("K5_TEXT_ENCODERS", {"tooltip": "From Load Kandinsky 5 Text Encoders."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to generate."}),
-                "negative_prompt": (
-                    "STRING",
-                    {"multiline": True, "default": NEGATIVE_DEFAULT, "tooltip": "What to avoid (used with "
-                     "guidance > 1). The official video default is filled in; the image models use an empty one."},
-                ),
-                "template": ([AUTO, *TEMPLATES], {"default": AUTO, "tooltip": TEMPLATE_TOOLTIP}),
-            },
-            "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
-                "edit_image": (
-                    "IMAGE",
-                    {"tooltip": "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."},
-                ),
-            },
-        }  # fmt: skip
-
-    def encode(self, text_encoders, prompt, negative_prompt, template, model=None, edit_image=None):
+    def execute(cls, text_encoders, prompt, negative_prompt, template, model=None, edit_image=None) -> io.NodeOutput:
         with fail("Kandinsky 5 Text Encode"):
             if not prompt.strip():
                 raise InputError("prompt is empty. Describe what to generate in the prompt box.")
@@ -136,39 +136,40 @@ class TextEncode:
             ):
                 cond = enc.encode([prompt], kind, max_length, images=images).to("cpu")
                 neg = enc.encode([negative_prompt], kind, max_length, images=images).to("cpu")
-            return to_conditioning(cond, kind), to_conditioning(neg, kind)
+            return io.NodeOutput(to_conditioning(cond, kind), to_conditioning(neg, kind))
 
 
-class PromptExpansion:
-    DESCRIPTION = (
-        "Rewrites a short prompt into a detailed one with Qwen2.5-VL, as the official pipelines' expand_prompt does. "
-        "Needs Qwen's LM head (the Hugging Face text_encoder/ folder; ComfyUI's single file drops it)."
-    )
-    CATEGORY = f"{CATEGORY}/conditioning"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("prompt",)
-    OUTPUT_TOOLTIPS = ("The expanded prompt; connect it to Text Encode's prompt (convert the widget to an input).",)
-    FUNCTION = "expand"
+class PromptExpansion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5PromptExpansion",
+            display_name="Kandinsky 5 Prompt Expansion",
+            category=f"{CATEGORY}/conditioning",
+            description="Rewrites a short prompt into a detailed one with Qwen2.5-VL, as the official pipelines' "
+            "expand_prompt does. Needs Qwen's LM head (the Hugging Face text_encoder/ folder; ComfyUI's single file "
+            "drops it).",
+            inputs=[
+                K5_TEXT_ENCODERS.Input("text_encoders", tooltip="From Load Kandinsky 5 Text Encoders."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="The short prompt to expand."),
+                io.Combo.Input("template", options=[AUTO, *TEMPLATES], default=AUTO, tooltip=TEMPLATE_TOOLTIP),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Sampling seed of the rewrite."),
+                io.Int.Input("max_new_tokens", default=256, min=16, max=1024, tooltip=
+                             "Longest expansion in Qwen tokens."),
+                K5_DIT.Input("model", optional=True, tooltip=
+                             "The DiT, so that template=auto takes its variant's template."),
+                io.Image.Input("image", optional=True, tooltip=
+                               "I2V start image or I2I source image: Qwen looks at it."),
+            ],
+            outputs=[
+                io.String.Output(display_name="prompt", tooltip=
+                                 "The expanded prompt; connect it to Text Encode's prompt (convert the widget to an "
+                                 "input)."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "text_encoders": ("K5_TEXT_ENCODERS", {"tooltip": "From Load Kandinsky 5 Text Encoders."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The short prompt to expand."}),
-                "template": ([AUTO, *TEMPLATES], {"default": AUTO, "tooltip": TEMPLATE_TOOLTIP}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Sampling seed of the rewrite."}),
-                "max_new_tokens": (
-                    "INT", {"default": 256, "min": 16, "max": 1024, "tooltip": "Longest expansion in Qwen tokens."},
-                ),
-            },
-            "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that template=auto takes its variant's template."}),
-                "image": ("IMAGE", {"tooltip": "I2V start image or I2I source image: Qwen looks at it."}),
-            },
-        }  # fmt: skip
-
-    def expand(self, text_encoders, prompt, template, seed, max_new_tokens, model=None, image=None):
+    def execute(cls, text_encoders, prompt, template, seed, max_new_tokens, model=None, image=None) -> io.NodeOutput:
         with fail("Kandinsky 5 Prompt Expansion"):
             if not prompt.strip():
                 raise InputError("prompt is empty. Write a short prompt to expand.")
@@ -180,4 +181,4 @@ class PromptExpansion:
                 comfy_glue.cancellable(enc.qwen),  # every generated token runs the layers
             ):
                 text = enc.expand_prompt(prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens)
-            return (text,)
+            return io.NodeOutput(text)

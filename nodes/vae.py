@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 
 from . import comfy_glue
-from .common import CATEGORY, fail, validation_result, widget_range_problem
+from .common import ADVANCED, CATEGORY, K5_DIT, K5_VAE, fail, validation_result, widget_range_problem
 
 TILING = ("auto", "on", "off")
 
@@ -67,42 +68,46 @@ def hunyuan_decode_plan(vae, shape: tuple[int, ...], tiling: str, tiles) -> tupl
     return tiled, tiles, int(peak * ALLOCATOR_MARGIN)
 
 
-class VAEDecode:
-    DESCRIPTION = "Decodes a Kandinsky 5 (HunyuanVideo or FLUX) latent into frames, tiled to bound memory."
-    CATEGORY = f"{CATEGORY}/latent"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("Frames [N, H, W, 3] in 0..1 (all frames of every batch item), for Save Image / video nodes.",)
-    FUNCTION = "decode"
+class VAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5VAEDecode",
+            display_name="Kandinsky 5 VAE Decode",
+            category=f"{CATEGORY}/latent",
+            description="Decodes a Kandinsky 5 (HunyuanVideo or FLUX) latent into frames, tiled to bound memory.",
+            inputs=[
+                K5_VAE.Input("vae", tooltip="From Load Kandinsky 5 VAE."),
+                io.Latent.Input("samples", tooltip="From Kandinsky 5 Sampler (or any HunyuanVideo / FLUX latent)."),
+                io.Combo.Input("tiling", options=list(TILING), default="auto", tooltip=
+                               "auto: untiled when it fits the device, else the largest tiles that fit (HunyuanVideo; "
+                               "sizes below are ignored); on: the tile sizes below; off: untiled. Tiles are "
+                               "cross-faded; tiled output differs slightly."),
+                io.Int.Input("tile_px", **ADVANCED, default=256, min=64, max=2048, step=32, tooltip=
+                             "Spatial tile size in pixels."),
+                io.Int.Input("overlap_px", **ADVANCED, default=64, min=0, max=512, step=16, tooltip=
+                             "Spatial tile overlap in pixels (less than tile_px)."),
+                io.Int.Input("tile_frames", **ADVANCED, default=16, min=4, max=256, step=4, tooltip=
+                             "Temporal tile length in frames (HunyuanVideo only), a multiple of 4."),
+                io.Int.Input("overlap_frames", **ADVANCED, default=8, min=0, max=128, step=4, tooltip=
+                             "Temporal tile overlap in frames, a multiple of 4 and less than tile_frames."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip=
+                                "Frames [N, H, W, 3] in 0..1 (all frames of every batch item), for Save Image / video "
+                                "nodes."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE."}),
-                "samples": ("LATENT", {"tooltip": "From Kandinsky 5 Sampler (or any HunyuanVideo / FLUX latent)."}),
-                "tiling": (list(TILING), {"default": "auto", "tooltip": "auto: untiled when it fits the device, else "
-                           "the largest tiles that fit (HunyuanVideo; sizes below are ignored); on: the tile sizes "
-                           "below; off: untiled. Tiles are cross-faded; tiled output differs slightly."}),
-                "tile_px": ("INT", {"default": 256, "min": 64, "max": 2048, "step": 32, "tooltip":
-                            "Spatial tile size in pixels."}),
-                "overlap_px": ("INT", {"default": 64, "min": 0, "max": 512, "step": 16, "tooltip":
-                               "Spatial tile overlap in pixels (less than tile_px)."}),
-                "tile_frames": ("INT", {"default": 16, "min": 4, "max": 256, "step": 4, "tooltip":
-                                "Temporal tile length in frames (HunyuanVideo only), a multiple of 4."}),
-                "overlap_frames": ("INT", {"default": 8, "min": 0, "max": 128, "step": 4, "tooltip":
-                                   "Temporal tile overlap in frames, a multiple of 4 and less than tile_frames."}),
-            }
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, tile_px, overlap_px, tile_frames, overlap_frames):
+    def validate_inputs(cls, tile_px, overlap_px, tile_frames, overlap_frames):
         from kandinsky_core.hunyuan_vae import VAETiling, tiling_problem
 
         sizes = dict(tile_px=tile_px, overlap_px=overlap_px, tile_frames=tile_frames, overlap_frames=overlap_frames)
         return widget_range_problem(cls, **sizes) or tiling_problem(VAETiling(**sizes)) or True
 
-    def decode(self, vae, samples, tiling, tile_px, overlap_px, tile_frames, overlap_frames):
+    @classmethod
+    def execute(cls, vae, samples, tiling, tile_px, overlap_px, tile_frames, overlap_frames) -> io.NodeOutput:
         with fail("Kandinsky 5 VAE Decode"):
             z = samples["samples"]
             if z.ndim not in (4, 5) or z.shape[1] != 16:
@@ -136,42 +141,43 @@ class VAEDecode:
                 tile = None if tiled is False or (tiled == "auto" and max(z.shape[-2:]) * 8 <= 2048) else tile_px // 8
                 with comfy_glue.cancellable(model):
                     pixels = model.decode(z, tile=tile, overlap=max(1, overlap_px // 8)) if tile else model.decode(z)
-            return (pixels_to_image(pixels),)
+            return io.NodeOutput(pixels_to_image(pixels))
 
 
-class VAEEncode:
-    DESCRIPTION = "Encodes images into a Kandinsky 5 latent: the I2V start image or the I2I image to edit."
-    CATEGORY = f"{CATEGORY}/latent"
-    RETURN_TYPES = ("LATENT", "IMAGE")
-    RETURN_NAMES = ("latent", "image")
-    OUTPUT_TOOLTIPS = (
-        "One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) space.",
-        "The images as encoded (resized / cropped). I2I: connect to Text Encode's edit_image, so that Qwen sees the "
-        "image the official pipeline shows it.",
-    )
-    FUNCTION = "encode"
+class VAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="K5VAEEncode",
+            display_name="Kandinsky 5 VAE Encode",
+            category=f"{CATEGORY}/latent",
+            description="Encodes images into a Kandinsky 5 latent: the I2V start image or the I2I image to edit.",
+            inputs=[
+                K5_VAE.Input("vae", tooltip="From Load Kandinsky 5 VAE (the same VAE as for decoding)."),
+                io.Image.Input("images", tooltip="The start image (I2V) or the image to edit (I2I)."),
+                io.Int.Input("width", default=0, min=0, max=4096, step=16, tooltip=
+                             "Resize to cover this width and centre-crop. 0 = the size the official pipelines take "
+                             "from the image for the connected model (I2V: the whole image at the model's area, no "
+                             "crop; I2I: the nearest trained aspect, cover-cropped); with no model, the image's own "
+                             "size."),
+                io.Int.Input("height", default=0, min=0, max=4096, step=16, tooltip=
+                             "Resize height (with width). 0 = from the image (see width)."),
+                K5_DIT.Input("model", optional=True, tooltip=
+                             "The DiT, so that width = height = 0 sizes the image as the official pipeline of its "
+                             "variant does. Leave the sampler's width and height at 0 to follow."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip=
+                                 "One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) "
+                                 "space."),
+                io.Image.Output(display_name="image", tooltip=
+                                "The images as encoded (resized / cropped). I2I: connect to Text Encode's edit_image, "
+                                "so that Qwen sees the image the official pipeline shows it."),
+            ],
+        )  # fmt: skip
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("K5_VAE", {"tooltip": "From Load Kandinsky 5 VAE (the same VAE as for decoding)."}),
-                "images": ("IMAGE", {"tooltip": "The start image (I2V) or the image to edit (I2I)."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
-                          "Resize to cover this width and centre-crop. 0 = the size the official pipelines take from "
-                          "the image for the connected model (I2V: the whole image at the model's area, no crop; "
-                          "I2I: the nearest trained aspect, cover-cropped); with no model, the image's own size."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip":
-                           "Resize height (with width). 0 = from the image (see width)."}),
-            },
-            "optional": {
-                "model": ("K5_DIT", {"tooltip": "The DiT, so that width = height = 0 sizes the image as the official "
-                          "pipeline of its variant does. Leave the sampler's width and height at 0 to follow."}),
-            },
-        }  # fmt: skip
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
+    def validate_inputs(cls, width, height):
         from kandinsky_core.settings import NODE_WORDING, input_problems
 
         wording = dataclasses.replace(NODE_WORDING, both_sizes="0 for both to take the size from the image")
@@ -179,7 +185,8 @@ class VAEEncode:
             input_problems(width=width, height=height, steps=None, guidance=None, scheduler_scale=None, wording=wording)
         )
 
-    def encode(self, vae, images, width, height, model=None):
+    @classmethod
+    def execute(cls, vae, images, width, height, model=None) -> io.NodeOutput:
         with fail("Kandinsky 5 VAE Encode"):
             crop = True
             if width == height == 0 and model is not None and model.variant.task in ("i2v", "i2i"):
@@ -201,4 +208,4 @@ class VAEEncode:
                 latent = model.encode(x).float()
             if latent.ndim == 4:
                 latent = latent[:, :, None]
-            return {"samples": latent.cpu()}, pixels_to_image(pixels)
+            return io.NodeOutput({"samples": latent.cpu()}, pixels_to_image(pixels))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ _detected: dict[tuple[str, int, int], dict[str, Any]] = {}  # (path, mtime_ns, s
 def sampler_defaults(v: Variant) -> dict[str, Any]:
     """The Kandinsky 5 Sampler widget values that reproduce the variant's official settings. I2V / I2I: width and
     height 0, so that the sampler follows its input latent, which VAE Encode sized from the image."""
-    p = v.nabla
     from_image = v.task in ("i2v", "i2i")
     return {
         "width": 0 if from_image else v.default_width,
@@ -31,11 +31,6 @@ def sampler_defaults(v: Variant) -> dict[str, Any]:
         "steps": v.steps,
         "guidance": v.guidance,
         "scheduler_scale": v.scheduler_scale,
-        "nabla": "on" if p else "off",
-        "nabla_P": p.P if p else 0.0,
-        "nabla_wT": p.wT if p else 0,
-        "nabla_wH": p.wH if p else 0,
-        "nabla_wW": p.wW if p else 0,
     }
 
 
@@ -100,12 +95,12 @@ def payload() -> dict[str, Any]:
 
 
 def register_routes() -> bool:
-    """Add the route to ComfyUI's server when running inside ComfyUI; False (and nothing done) elsewhere."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    """Add the route to ComfyUI's server when running inside ComfyUI; False (and nothing done) elsewhere. ComfyUI's
+    main.py has imported its `server` before it loads custom nodes; importing it here would start ComfyUI's model
+    management when ComfyUI's source is merely on sys.path (the unit tests)."""
+    module = sys.modules.get("server")
+    prompt_server = getattr(module, "PromptServer", None)
+    server = getattr(prompt_server, "instance", None)
     if server is None:
         return False
     from aiohttp import web

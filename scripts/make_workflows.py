@@ -39,8 +39,8 @@ WORKFLOWS = REPO / "workflows"
 API = WORKFLOWS / "api"
 OBJECT_INFO = REPO / "tests" / "data" / "object_info.json"
 NODE_TYPES = (
-    "Kandinsky5LoadDiT", "Kandinsky5LoadTextEncoders", "Kandinsky5LoadVAE", "Kandinsky5TextEncode",
-    "Kandinsky5PromptExpansion", "Kandinsky5Sampler", "Kandinsky5VAEDecode", "Kandinsky5VAEEncode",
+    "K5LoadDiT", "K5LoadTextEncoders", "K5LoadVAE", "K5TextEncode",
+    "K5PromptExpansion", "K5Sampler", "K5VAEDecode", "K5VAEEncode",
     "LoadImage", "ImageScale", "SaveImage", "SaveAnimatedWEBP",
 )  # fmt: skip
 
@@ -63,20 +63,6 @@ def video_negative() -> str:
     return VIDEO_NEGATIVE
 
 
-# ComfyUI's repackaged single files, the ones its own Kandinsky 5 templates load (URLs as those templates give them);
-# our loaders read these layouts (tests/test_text_encoders.py, test_hunyuan_vae.py, test_flux_vae.py).
-SINGLE_FILES = {
-    "qwen": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
-             "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/text_encoders/"
-             "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
-    "clip": ("clip_l.safetensors", "text_encoders",
-             "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true"),
-    "hunyuan": ("hunyuan_video_vae_bf16.safetensors", "vae",
-                "https://huggingface.co/Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
-                "hunyuan_video_vae_bf16.safetensors"),
-    "flux": ("ae.safetensors", "vae",
-             "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
-}  # fmt: skip
 TASK_WORDS = {"t2v": "text to video", "i2v": "image to video", "t2i": "text to image", "i2i": "image editing"}
 
 
@@ -109,14 +95,9 @@ def ui_path(name: str) -> Path:
 
 
 def model_names(v: Variant) -> dict[str, str]:
-    """The loader choices: the DiT file `download --variant` places, and ComfyUI's single files for the rest."""
+    """The loader choices: the files `download --variant` places (ComfyUI's single files for all but the DiT)."""
     plan = {p.role: p for p in download.plan_downloads(v, Path("models"))}
-    return {
-        "dit": plan["dit"].dest.name,
-        "qwen": SINGLE_FILES["qwen"][0],
-        "clip": SINGLE_FILES["clip"][0],
-        "vae": SINGLE_FILES[v.vae][0],
-    }
+    return {role: plan[role].dest.name for role in ("dit", "qwen", "clip", "vae")}
 
 
 def model_entries(v: Variant) -> dict[str, list[dict]]:
@@ -124,11 +105,11 @@ def model_entries(v: Variant) -> dict[str, list[dict]]:
     Download of each entry (url) into its models folder (directory)."""
     dit = {"name": model_names(v)["dit"], "url": f"https://huggingface.co/{v.hf_repo}/resolve/main/{v.hf_filename}",
            "directory": "diffusion_models"}  # fmt: skip
-    entry = {role: {"name": n, "url": u, "directory": d} for role, (n, d, u) in SINGLE_FILES.items()}
+    entry = {role: {"name": f.name, "url": f.url, "directory": f.folder} for role, f in download.SINGLE_FILES.items()}
     return {
-        "Kandinsky5LoadDiT": [dit],
-        "Kandinsky5LoadTextEncoders": [entry["qwen"], entry["clip"]],
-        "Kandinsky5LoadVAE": [entry[v.vae]],
+        "K5LoadDiT": [dit],
+        "K5LoadTextEncoders": [entry["qwen"], entry["clip"]],
+        "K5LoadVAE": [entry[v.vae]],
     }
 
 
@@ -165,8 +146,8 @@ def note_text(v: Variant) -> str:
         "",
         f"`python -m kandinsky_core download --variant {v.name}`",
         "",
-        "(it fetches the DiT, and uses the single files above when they are there; without them it downloads the "
-        f"Hugging Face folders instead: [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}), "
+        "(it fetches the files above that are missing, the same ones. With `--folders` it fetches the Hugging Face "
+        f"folders instead: [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}), "
         f"[{download.CLIP_REPO}](https://huggingface.co/{download.CLIP_REPO}) and "
         + (f"[{download.FLUX_VAE_REPO}](https://huggingface.co/{download.FLUX_VAE_REPO}) vae/ (gated: accept the "
            "licence and log in first)" if v.vae == "flux" else
@@ -236,12 +217,11 @@ class Graph:
 
 
 def sampler_widgets(v: Variant) -> list:
+    """NABLA is not a sampler widget: the sampler takes the variant's (auto) unless a Kandinsky 5 NABLA node says
+    otherwise."""
     width, height = v.default_size
-    nabla = v.nabla
     return [
         width, height, v.max_frames if v.is_video else 1, 1, SEED, "fixed", v.steps, v.guidance, v.scheduler_scale,
-        "on" if nabla else "off", nabla.P if nabla else 0.0, nabla.wT if nabla else 0, nabla.wH if nabla else 0,
-        nabla.wW if nabla else 0,
     ]  # fmt: skip
 
 
@@ -251,14 +231,14 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     names = model_names(v)
     note = g.add("MarkdownNote", (-520, 0), (480, 640), [note_text(v)], title="Model links")
     note.update({"color": "#222", "bgcolor": "#000", "properties": {}})
-    dit = g.add("Kandinsky5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
-    te = g.add("Kandinsky5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
-    vae = g.add("Kandinsky5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
+    dit = g.add("K5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
+    te = g.add("K5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
+    vae = g.add("K5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
     for loader in (dit, te, vae):
         loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
-    enc = g.add("Kandinsky5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
-    sampler = g.add("Kandinsky5Sampler", (840, 0), (320, 470), sampler_widgets(v))
+    enc = g.add("K5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
+    sampler = g.add("K5Sampler", (840, 0), (320, 470), sampler_widgets(v))
     g.link(te, 0, enc, "text_encoders")
     g.link(dit, 0, enc, "model")
     g.link(dit, 0, sampler, "model")
@@ -266,7 +246,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     g.link(enc, 1, sampler, "negative")
     if v.task in ("i2v", "i2i"):
         image = g.add("LoadImage", (0, 480), (340, 320), [IMAGE, "image"])
-        encode = g.add("Kandinsky5VAEEncode", (380, 480), (320, 130), list(v.default_size))
+        encode = g.add("K5VAEEncode", (380, 480), (320, 130), list(v.default_size))
         g.link(vae, 0, encode, "vae")
         g.link(image, 0, encode, "images")
         g.link(encode, 0, sampler, "start_latent" if v.task == "i2v" else "edit_latent")
@@ -274,7 +254,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
             scale = g.add("ImageScale", (380, 660), (320, 130), ["bilinear", *v.default_size, "center"])
             g.link(image, 0, scale, "image")
             g.link(scale, 0, enc, "edit_image")
-    decode = g.add("Kandinsky5VAEDecode", (1200, 0), (320, 180), ["auto", 256, 64, 16, 8])
+    decode = g.add("K5VAEDecode", (1200, 0), (320, 180), ["auto", 256, 64, 16, 8])
     g.link(vae, 0, decode, "vae")
     g.link(sampler, 0, decode, "samples")
     prefix = f"kandinsky5/{v.name}"

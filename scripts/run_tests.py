@@ -7,7 +7,8 @@ Stages:
    `npm ci` in tests/browser for playwright-core.
 3. pytest on everything (unit tests, the integration suite and the browser test) against the newest release,
    the opt-in CPU compile tests included (torch.compile with inductor, compiled flex_attention).
-4. pytest on the node and interop integration tests (and Cancel during sampling) against the oldest release.
+4. pytest on the node unit tests (V3 nodes on that release's comfy_api), the node and interop integration tests
+   (and Cancel during sampling) against the oldest release.
 
 With CI=true a stage that cannot provide its prerequisite fails the run, and so does every test that then lacks it
 (tests/prerequisites.py); elsewhere such tests are skipped with a warning. The last line sums the pytest runs up as
@@ -32,6 +33,8 @@ RESULTS = REPO / ".cache" / "test-results"
 ARTIFACTS = REPO / ".cache" / "test-artifacts"
 BROWSER_DIR = REPO / "tests" / "browser"
 OLDEST_TESTS = [
+    "tests/test_nodes.py",  # the V3 nodes on the oldest release's comfy_api
+    "tests/test_node_ids.py",
     "tests/integration/test_comfyui.py",
     "tests/integration/test_interop.py",
     # v0.3.64 checks for Cancel only between nodes: our own check between DiT blocks is what stops sampling there

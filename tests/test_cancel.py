@@ -64,11 +64,11 @@ def test_text_encode_stops_within_one_layer(tmp_path, monkeypatch):
     te = tiny_text_encoders(tmp_path)
     cancel = Cancel(monkeypatch, (te.encoders.qwen, te.encoders.clip), at=1)
     with pytest.raises(Interrupted):
-        text.TextEncode().encode(te, "a fox", "blurry", "video")
+        text.TextEncode.execute(te, "a fox", "blurry", "video")
     assert cancel.pressed and cancel.finished_after == 0
     cancel.remove()
     monkeypatch.setattr(comfy_glue, "check_interrupted", lambda: None)
-    pos, _ = text.TextEncode().encode(te, "a fox", "blurry", "video")  # the next run works
+    pos, _ = text.TextEncode.execute(te, "a fox", "blurry", "video")  # the next run works
     assert pos[0][0].ndim == 3
 
 
@@ -78,7 +78,7 @@ def test_prompt_expansion_stops_within_one_token(tmp_path, monkeypatch):
     layers = len(te.encoders.qwen.model.language_model.layers)
     cancel = Cancel(monkeypatch, (te.encoders.qwen,), at=3 * layers)  # during the third forward pass
     with pytest.raises(Interrupted):
-        text.PromptExpansion().expand(te, "a fox", "video", 0, 64)
+        text.PromptExpansion.execute(te, "a fox", "video", 0, 64)
     assert cancel.pressed and cancel.finished_after == 0
 
 
@@ -87,7 +87,7 @@ def test_sampling_stops_within_one_dit_block(request, monkeypatch):
     from tiny import make_tiny_dit_file
 
     make_tiny_dit_file(fake.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
     cancel = Cancel(monkeypatch, (model.model,), at=2)
     with pytest.raises(Interrupted):
         run_sampler_node(model, steps=10)
@@ -101,9 +101,9 @@ def test_vae_decode_stops_within_one_block_of_one_tile(request, monkeypatch, til
     import tiny_vae
 
     tiny_vae.write_diffusers_folder(fake.root / "vae" / "HunyuanVideo" / "vae", seed=0)
-    (vae,) = loaders.LoadVAE().load("HunyuanVideo/vae/", "fp32")
+    (vae,) = loaders.LoadVAE.execute("HunyuanVideo/vae/", "fp32")
     latent = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     cancel = Cancel(monkeypatch, (vae.vae,), at=2)
     with pytest.raises(Interrupted):
-        vae_node.VAEDecode().decode(vae, {"samples": latent}, tiling, 64, 16, 8, 4)
+        vae_node.VAEDecode.execute(vae, {"samples": latent}, tiling, 64, 16, 8, 4)
     assert cancel.pressed and cancel.finished_after == 0

@@ -112,7 +112,7 @@ def test_offline_generate_names_missing_files_and_command(tmp_path, capsys, monk
         capsys,
     )
     assert rc == 2
-    assert "4 file(s)" in err and f"download --variant t2v-lite-sft-5s --models-dir {models}" in err
+    assert "6 file(s)" in err and f"download --variant t2v-lite-sft-5s --models-dir {models}" in err
     assert str(models / "diffusion_models" / "kandinsky5lite_t2v_sft_5s.safetensors") in err
 
 

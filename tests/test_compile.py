@@ -181,7 +181,7 @@ def test_recompile_limit_is_reported_as_a_fallback_not_run_eager_silently(caplog
     assert state.eager_calls > 0
 
 
-def test_compile_node_max_autotune_runs_without_cuda_graphs():
+def test_compile_node_max_autotune_runs_without_cuda_graphs(comfy_api):
     from tiny import TINY_ARCHS, make_tiny_dit
 
     from nodes.compile import CompileSetting

@@ -170,7 +170,7 @@ def test_encode_template_follows_the_number_of_frames(variant, frames, expected)
     assert encode_template(variant, frames) == expected
 
 
-def test_template_tooltip_says_i2v_uses_video():
+def test_template_tooltip_says_i2v_uses_video(comfy_api):
     from nodes.text import TEMPLATE_TOOLTIP
 
     assert "video for T2V and I2V" in TEMPLATE_TOOLTIP and "image2video for I2V" not in TEMPLATE_TOOLTIP
@@ -193,7 +193,7 @@ class SpyVAE(torch.nn.Module):
 
 
 @pytest.fixture
-def encode_node(monkeypatch):
+def encode_node(monkeypatch, comfy_api):
     from nodes import comfy_glue
     from nodes import vae as vae_node
 
@@ -204,7 +204,7 @@ def encode_node(monkeypatch):
 
     def encode(image: torch.Tensor, variant: str | None, width: int = 0, height: int = 0):
         model = None if variant is None else types.SimpleNamespace(variant=pipeline.get_variant(variant))
-        latent, encoded = vae_node.VAEEncode().encode(vae, image, width, height, model=model)
+        latent, encoded = vae_node.VAEEncode.execute(vae, image, width, height, model=model)
         pixels = spy.seen[-1][:, :, 0]
         # the second output is the image as encoded (for Text Encode's edit_image)
         torch.testing.assert_close(encoded, ((pixels + 1) / 2).permute(0, 2, 3, 1))
@@ -247,7 +247,7 @@ def test_vae_encode_node_without_a_model_keeps_the_old_meaning(tmp_path, encode_
     assert red_edges(((pixels[0] + 1) * 127.5).round().to(torch.uint8)) == [False, False, True, True]
 
 
-def test_sampler_zero_size_follows_the_input_latent_else_the_variant_default():
+def test_sampler_zero_size_follows_the_input_latent_else_the_variant_default(comfy_api):
     from nodes import sampler as sampler_node
 
     v = pipeline.get_variant("i2v-lite-5s")
@@ -255,12 +255,12 @@ def test_sampler_zero_size_follows_the_input_latent_else_the_variant_default():
     assert sampler_node.follow_size(v, 0, 0, latent) == (832, 464)
     assert sampler_node.follow_size(v, 0, 0, None) == v.default_size
     assert sampler_node.follow_size(v, 512, 512, latent) == (512, 512)
-    assert sampler_node.Sampler.VALIDATE_INPUTS(0, 0, 121, "auto", -1.0, 0.0) is True
-    assert "give both" in sampler_node.Sampler.VALIDATE_INPUTS(0, 512, 121, "auto", -1.0, 0.0)
-    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(0, 0, 4, "auto", -1.0, 0.0)
+    assert sampler_node.Sampler.validate_inputs(0, 0, 121, -1.0, 0.0) is True
+    assert "give both" in sampler_node.Sampler.validate_inputs(0, 512, 121, -1.0, 0.0)
+    assert "length=4" in sampler_node.Sampler.validate_inputs(0, 0, 4, -1.0, 0.0)
 
 
-def test_sampler_warns_when_a_one_frame_video_run_was_encoded_under_video():
+def test_sampler_warns_when_a_one_frame_video_run_was_encoded_under_video(comfy_api):
     from nodes import sampler as sampler_node
     from nodes import text
 

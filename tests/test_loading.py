@@ -311,3 +311,20 @@ def test_fp8_storage_keeps_small_weights_accurate(tmp_path):
            for k, v in make_inputs(arch, grid=(2, 4, 4)).items()}  # fmt: skip
     whole = float((fp8(**inp).float() - full(**inp).float()).norm() / full(**inp).float().norm())
     assert whole < 0.03, whole
+
+
+def test_detection_says_when_it_had_to_guess():
+    """Variants with the same tensors that the file name does not tell apart: the result names them all, the one
+    taken with its settings, and how to choose; an official file name leaves no guess."""
+    renamed = detect_variant(real_header("t2v-lite-sft-5s"), filename="my_favourite_dit.safetensors")
+    lite = [n for n, v in VARIANTS.items() if v.family == "lite" and v.is_video]
+    assert set(renamed.tied) == set(lite)
+    assert renamed.guess is not None
+    assert f"fit {len(lite)} variants" in renamed.guess and "t2v-lite-distilled16steps-5s" in renamed.guess
+    assert "took t2v-lite-sft-5s (50 steps, guidance 5)" in renamed.guess and "pick it in variant" in renamed.guess
+    partly = detect_variant(real_header("t2v-lite-sft-5s"), filename="k5_lite_t2v_10s.safetensors")
+    assert set(partly.tied) == {"t2v-lite-sft-10s", "t2v-lite-pretrain-10s", "t2v-lite-nocfg-10s",
+                                "t2v-lite-distilled16steps-10s"}  # fmt: skip
+    for name in ("t2v-lite-distilled16steps-5s", "i2v-lite-5s", "t2i-lite"):
+        official = detect_variant(real_header(name), filename=_expected_filename(name))
+        assert official.guess is None and official.tied == ()

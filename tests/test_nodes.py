@@ -1,4 +1,5 @@
-"""The node layer without ComfyUI: fake `folder_paths` / `comfy.*` / `latent_preview` modules record what the nodes
+"""The node layer without a running ComfyUI: the nodes are V3 nodes built on ComfyUI's real `comfy_api` (from the
+ComfyUI source, tests/conftest.py); fake `folder_paths` / `comfy.*` / `latent_preview` modules record what the nodes
 ask of ComfyUI, and the nodes run on tiny real-weight files against kandinsky_core called directly.
 (The real ComfyUI runs in tests/integration.)"""
 
@@ -14,15 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from node_ids_expected import EXPECTED_IDS
+from prerequisites import require_comfy_api
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
-from kandinsky_core import variants
-from kandinsky_core.errors import InputError, WeightsError
-from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample
-from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_glue, common, files, loaders, text
-from nodes import sampler as sampler_node
-from nodes import vae as vae_node
-from nodes.model_options import options_of
+require_comfy_api(module_level=True)  # before the node layer is imported
+
+from comfy_api.latest import io  # noqa: E402
+
+from kandinsky_core import variants  # noqa: E402
+from kandinsky_core.errors import InputError, WeightsError  # noqa: E402
+from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample  # noqa: E402
+from nodes import NODES, comfy_glue, common, files, loaders, node_ids, text  # noqa: E402
+from nodes import sampler as sampler_node  # noqa: E402
+from nodes import vae as vae_node  # noqa: E402
+from nodes.model_options import options_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,42 +184,74 @@ def conditioning(seed: int, length: int = 4) -> TextConditioning:
 # Node definitions
 
 
-def test_every_node_is_registered_with_display_name_category_and_tooltips():
-    assert len(NODE_CLASS_MAPPINGS) == 12
-    for key, cls in NODE_CLASS_MAPPINGS.items():
-        assert key.startswith("Kandinsky5") and "Kandinsky 5" in NODE_DISPLAY_NAME_MAPPINGS[key]
-        assert cls.CATEGORY.startswith("Kandinsky 5/") and cls.DESCRIPTION
-        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+def test_every_node_is_a_v3_node_with_its_id_display_name_category_and_output_tooltips(comfy):
+    assert all(issubclass(cls, io.ComfyNode) for cls in NODES)
+    schemas = {cls: cls.GET_SCHEMA() for cls in NODES}  # ComfyUI's own checks of a schema (unique input ids, ...)
+    assert {s.node_id: s.display_name for s in schemas.values()} == EXPECTED_IDS
+    assert set(node_ids()) == set(EXPECTED_IDS) and len(NODES) == len(EXPECTED_IDS)
+    for schema in schemas.values():
+        assert schema.category.startswith("Kandinsky 5/") and schema.description, schema.node_id
+        for out in schema.outputs:
+            assert out.display_name and out.tooltip, f"{schema.node_id}: output {out.display_name} has no tooltip"
 
 
-def test_every_input_has_a_tooltip_and_reaches_the_function(comfy):
-    for key, cls in NODE_CLASS_MAPPINGS.items():
-        spec = cls.INPUT_TYPES()
-        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
-        for section in ("required", "optional"):
-            for name, (_, *options) in spec.get(section, {}).items():
-                assert options and options[0].get("tooltip"), f"{key}.{name} has no tooltip"
-                assert name in params, f"{key}.{name} is not a parameter of {cls.FUNCTION}"
-                if section == "optional":
-                    assert params[name].default is None
-        validate = getattr(cls, "VALIDATE_INPUTS", None)
-        if validate is not None:  # ComfyUI passes only widget values, by name
-            assert set(inspect.signature(validate).parameters) <= set(spec["required"])
+def test_the_extension_lists_every_node(comfy):
+    import asyncio
+
+    from comfy_api.latest import ComfyExtension
+
+    from nodes import Kandinsky5Extension
+
+    assert isinstance(Kandinsky5Extension(), ComfyExtension)
+    assert asyncio.run(Kandinsky5Extension().get_node_list()) == NODES
 
 
-def test_pack_imports_without_comfyui_and_without_transformers():
+def test_every_input_has_a_tooltip_and_reaches_execute(comfy):
+    for cls in NODES:
+        schema = cls.define_schema()
+        params = inspect.signature(cls.execute).parameters
+        for i in schema.inputs:
+            assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
+            assert i.id in params, f"{schema.node_id}.{i.id} is not a parameter of execute"
+            if i.optional:
+                assert params[i.id].default is None
+        assert set(params) == {i.id for i in schema.inputs}, schema.node_id
+        if "validate_inputs" in vars(cls):  # ComfyUI passes only widget values, by name
+            required = {i.id for i in schema.inputs if not i.optional}
+            assert set(inspect.signature(cls.validate_inputs).parameters) <= required, schema.node_id
+
+
+def test_vae_decode_tile_sizes_are_advanced_inputs_where_comfyui_has_them(comfy):
+    """v0.33.0's Int.Input takes advanced=True (the frontend folds such widgets away); v0.3.64's does not, and the node
+    still loads there with plain widgets (run on both by `make test`)."""
+    has_advanced = "advanced" in inspect.signature(io.Int.Input.__init__).parameters
+    spec = {i.id: i.as_dict() for i in vae_node.VAEDecode.define_schema().inputs}
+    for name in ("tile_px", "overlap_px", "tile_frames", "overlap_frames"):
+        assert spec[name].get("advanced") is (True if has_advanced else None), name
+    assert "advanced" not in spec["tiling"]
+
+
+def test_pack_registers_its_nodes_through_comfy_entrypoint_without_loading_models():
+    """ComfyUI imports the pack as a package and calls comfy_entrypoint(); the pack offers no NODE_CLASS_MAPPINGS
+    (ComfyUI would take that older API first). Importing loads neither transformers nor ComfyUI's model code."""
+    from prerequisites import comfyui_source
+
     code = (
-        "import importlib.util, sys\n"
+        "import asyncio, importlib.util, sys\n"
+        f"sys.path.append({str(comfyui_source())!r})\n"
         f"spec = importlib.util.spec_from_file_location('k5pack', {str(REPO / '__init__.py')!r},"
         f" submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['k5pack'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 12, m.NODE_CLASS_MAPPINGS\n"
-        "heavy = [n for n in ('transformers', 'comfy', 'folder_paths', 'safetensors.torch') if n in sys.modules]\n"
+        "assert not hasattr(m, 'NODE_CLASS_MAPPINGS')\n"
+        "ext = asyncio.run(m.comfy_entrypoint())\n"
+        "print(sorted(c.GET_SCHEMA().node_id for c in asyncio.run(ext.get_node_list())))\n"
+        "heavy = [n for n in ('transformers', 'comfy.model_management', 'comfy.sd') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     env = dict(os.environ, PYTHONPATH="")
     r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(sorted(EXPECTED_IDS))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,22 +261,20 @@ def test_pack_imports_without_comfyui_and_without_transformers():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ((768, 512, 121, "auto"), None),
-        ((100, 512, 121, "auto"), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
-        ((768, 520, 5, "auto"), "height=520 must be a multiple of 16"),
-        ((768, 512, 120, "auto"), "length=120 frames must be 4k+1"),
-        ((768, 576, 5, "on"), "height=576 must be a multiple of 128 px between 128 and 4096 (NABLA"),
-        ((768, 512, 1, "on"), None),
+        ((768, 512, 121), None),
+        ((100, 512, 121), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
+        ((768, 520, 5), "height=520 must be a multiple of 16"),
+        ((768, 512, 120), "length=120 frames must be 4k+1"),
+        ((768, 512, 1), None),
     ],
 )
-def test_sampler_validation_of_the_widgets(args, expected):
-    width, height, length, nabla = args
-    got = sampler_node.Sampler.VALIDATE_INPUTS(width, height, length, nabla, -1.0, 0.0)
+def test_sampler_validation_of_the_widgets(comfy, args, expected):
+    got = sampler_node.Sampler.validate_inputs(*args, -1.0, 0.0)
     assert got is True if expected is None else expected in got
 
 
-def test_sampler_validation_lists_every_problem_of_the_node():
-    got = sampler_node.Sampler.VALIDATE_INPUTS(100, 520, 120, "auto", float("nan"), 99.0)
+def test_sampler_validation_lists_every_problem_of_the_node(comfy):
+    got = sampler_node.Sampler.validate_inputs(100, 520, 120, float("nan"), 99.0)
     lines = got.split("\n")
     assert [line.split("=")[0] for line in lines] == ["width", "height", "length", "guidance", "scheduler_scale"], got
 
@@ -321,29 +358,28 @@ def test_load_dit_validation_refuses_other_files_and_wrong_variants(comfy):
 
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     vae_file = tiny_flux_vae.write_tiny_flux_vae(comfy.root / "diffusion_models", "bfl")
-    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "auto") is True
-    assert loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-lite-sft-5s") is True
-    msg = loaders.LoadDiT.VALIDATE_INPUTS(vae_file.name, "auto")
+    assert loaders.LoadDiT.validate_inputs(TINY_NAME, "auto") is True
+    assert loaders.LoadDiT.validate_inputs(TINY_NAME, "t2v-lite-sft-5s") is True
+    msg = loaders.LoadDiT.validate_inputs(vae_file.name, "auto")
     assert "not a Kandinsky 5 DiT" in msg and "image VAE" in msg
-    msg = loaders.LoadDiT.VALIDATE_INPUTS(TINY_NAME, "t2v-pro-sft-5s-sd")
+    msg = loaders.LoadDiT.validate_inputs(TINY_NAME, "t2v-pro-sft-5s-sd")
     assert "does not fit" in msg and "t2v-lite-sft-5s" in msg
-    assert "not in models/diffusion_models" in loaders.LoadDiT.VALIDATE_INPUTS("nope.safetensors", "auto")
+    assert "not in models/diffusion_models" in loaders.LoadDiT.validate_inputs("nope.safetensors", "auto")
     assert loaders.vae_kind(vae_file) == "flux"
 
 
 def run_sampler_node(model, **overrides):
     kw = dict(
         width=64, height=32, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0,
-        nabla="auto", nabla_P=0.0, nabla_wT=0, nabla_wH=0, nabla_wW=0,
     )  # fmt: skip
     kw.update(overrides)
     pos, neg = text.to_conditioning(conditioning(1), "video"), text.to_conditioning(conditioning(2), "video")
-    return sampler_node.Sampler().sample(model, pos, neg, **kw)[0]["samples"]
+    return sampler_node.Sampler.execute(model, pos, neg, **kw)[0]["samples"]
 
 
 def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
     assert model.variant.name == "t2v-lite-sft-5s" and model.patcher.model.inner is model.model
     latent = run_sampler_node(model)
 
@@ -366,7 +402,7 @@ def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
 
 def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    (model,) = loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")
+    (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
     comfy.interrupt_at = 1
     with pytest.raises(Interrupted):
         run_sampler_node(model, steps=10)
@@ -374,8 +410,6 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     comfy.interrupt_at = None
     with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: length=6 frames must be 4k\+1"):
         run_sampler_node(model, length=6)
-    with pytest.raises(InputError, match="multiple of 128 px.*NABLA"):
-        run_sampler_node(model, nabla="on")
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
     with pytest.raises(InputError, match="start_latent is given but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
@@ -384,8 +418,8 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     lines = str(e.value).splitlines()
     assert lines[0].startswith("Kandinsky 5 Sampler: length=6 frames") and lines[1].startswith("start_latent is given")
     assert [p.input for p in e.value.problems] == ["length", "start_image"] and len(lines) == 2
-    assert sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 5, "auto", -1.0, 0.0) is True
-    assert "length=4" in sampler_node.Sampler.VALIDATE_INPUTS(64, 32, 4, "auto", -1.0, 0.0)
+    assert sampler_node.Sampler.validate_inputs(64, 32, 5, -1.0, 0.0) is True
+    assert "length=4" in sampler_node.Sampler.validate_inputs(64, 32, 4, -1.0, 0.0)
 
 
 def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
@@ -393,19 +427,19 @@ def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
 
     tiny_vae.write_diffusers_folder(comfy.root / "vae" / "HunyuanVideo" / "vae", seed=0)
     assert files.list_models("vae", folders=True)[0] == "HunyuanVideo/vae/"
-    (vae,) = loaders.LoadVAE().load("HunyuanVideo/vae/", "fp32")
+    (vae,) = loaders.LoadVAE.execute("HunyuanVideo/vae/", "fp32")
     assert vae.kind == "hunyuan"
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(1, 16, 2, 4, 6, generator=g)
-    (image,) = vae_node.VAEDecode().decode(vae, {"samples": latent}, "off", 256, 64, 16, 8)
+    (image,) = vae_node.VAEDecode.execute(vae, {"samples": latent}, "off", 256, 64, 16, 8)
     want = vae.vae.decode(latent, tiled=False).clamp(-1, 1)
     assert image.shape == (5, 32, 48, 3)
     torch.testing.assert_close(image, ((want + 1) / 2)[0].permute(1, 2, 3, 0))
 
     pictures = torch.rand(1, 40, 60, 3, generator=g)  # resized to cover 48x32 and centre-cropped
-    encoded, image = vae_node.VAEEncode().encode(vae, pictures, 48, 32)
+    encoded, image = vae_node.VAEEncode.execute(vae, pictures, 48, 32)
     assert encoded["samples"].shape == (1, 16, 1, 4, 6) and image.shape == (1, 32, 48, 3)
-    assert vae_node.VAEEncode.VALIDATE_INPUTS(48, 0) != True  # noqa: E712
+    assert vae_node.VAEEncode.validate_inputs(48, 0) != True  # noqa: E712
 
 
 def test_dit_operations_use_comfy_manual_cast_with_our_rmsnorm_as_fallback(comfy, monkeypatch):
@@ -444,8 +478,8 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
         (te / folder / "config.json").write_text("{}")
         (te / folder / "model.safetensors").write_bytes(b"")
     (te / "clip_l.safetensors").write_bytes(b"")
-    loaders.LoadTextEncoders().load("qwen/", "clip/", "default")
-    loaders.LoadTextEncoders().load("qwen/", "clip_l.safetensors", "default")
+    loaders.LoadTextEncoders.execute("qwen/", "clip/", "default")
+    loaders.LoadTextEncoders.execute("qwen/", "clip_l.safetensors", "default")
     assert calls[0] == (te / "qwen", te / "clip", None)
     assert calls[1] == (te / "qwen", te / "clip_l.safetensors", str(comfy.root / "comfy"))
     assert comfy.loads == []  # loading a node's model only registers it; ComfyUI loads it when it is used
@@ -457,7 +491,7 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
 
 def tiny_model(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    return loaders.LoadDiT().load(TINY_NAME, "auto", "fp32", "auto")[0]
+    return loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")[0]
 
 
 def core_sample(model, steps, block_cache=None):
@@ -474,7 +508,7 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
     from nodes.magcache import MagCacheNode
 
     model = tiny_model(comfy)
-    (cached_model,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
+    (cached_model,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
     # a clone of the patcher carries the option; the input model is unchanged
     assert cached_model.patcher is not model.patcher and cached_model.patcher.model is model.patcher.model
     assert options_of(model).block_cache is None and options_of(cached_model).block_cache is not None
@@ -497,7 +531,7 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
 
     monkeypatch.setattr(sys.modules["folder_paths"], "get_output_directory", lambda: str(tmp_path / "out"), False)
     model = tiny_model(comfy)
-    (calibrating,) = MagCacheCalibrate().apply(model, "k5cal")
+    (calibrating,) = MagCacheCalibrate.execute(model, "k5cal")
     latent = run_sampler_node(calibrating, steps=4)
     torch.testing.assert_close(latent, run_sampler_node(model, steps=4), rtol=0, atol=0)  # nothing skipped
 
@@ -507,9 +541,9 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
     core_sample(model, 4, calibration)
     assert data["ratios"] == list(calibration.ratios()) and len(data["ratios"]) == 6
     for text_form in (path.read_text(), json.dumps(data["ratios"]), ", ".join(str(r) for r in data["ratios"])):
-        (m,) = MagCacheNode().apply(model, 0.12, 2, 0.2, text_form)
+        (m,) = MagCacheNode.execute(model, 0.12, 2, 0.2, text_form)
         assert options_of(m).block_cache.params.ratios == tuple(data["ratios"])
-    assert "letters, digits" in MagCacheCalibrate.VALIDATE_INPUTS("../x")
+    assert "letters, digits" in MagCacheCalibrate.validate_inputs("../x")
 
 
 def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
@@ -518,11 +552,11 @@ def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
     model = dataclasses.replace(tiny_model(comfy), variant=variants.VARIANTS["t2v-lite-distilled16steps-5s"])
     with pytest.raises(InputError, match=r"^Kandinsky 5 MagCache: ratios: t2v-lite-distilled16steps-5s has no "
                        r"official MagCache ratios.*Kandinsky 5 MagCache Calibrate"):  # fmt: skip
-        MagCacheNode().apply(model, 0.12, 2, 0.2, "")
+        MagCacheNode.execute(model, 0.12, 2, 0.2, "")
     with pytest.raises(InputError, match="is not a list of numbers"):
-        MagCacheNode().apply(model, 0.12, 2, 0.2, "1.0, fast")
+        MagCacheNode.execute(model, 0.12, 2, 0.2, "1.0, fast")
     with pytest.raises(InputError, match="retention=1.5 is not allowed"):
-        MagCacheNode().apply(model, 0.12, 2, 1.5, "1.0, 1.0")
+        MagCacheNode.execute(model, 0.12, 2, 1.5, "1.0, 1.0")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,7 +568,7 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
     from nodes.compile import Compile, CompileSetting
 
     model = tiny_model(comfy)
-    (compiling,) = Compile().apply(model, "default", "eager")
+    (compiling,) = Compile.execute(model, "default", "eager")
     assert options_of(compiling).compile == CompileSetting("default", "eager")
     assert options_of(model).compile is None and compiling.patcher.model is model.patcher.model  # input unchanged
     torch._dynamo.reset()
@@ -546,7 +580,7 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
     torch.testing.assert_close(latent, plain, rtol=0, atol=0)
     assert compile_state(model.model) is None  # eager again for the other users of the loaded DiT
     with pytest.raises(InputError, match=r"^Kandinsky 5 Compile: mode 'fast' / backend 'inductor': allowed modes"):
-        Compile().apply(model, "fast", "inductor")
+        Compile.execute(model, "fast", "inductor")
 
 
 def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
@@ -556,7 +590,7 @@ def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
     used = []
     real = CompileSetting.applied
     monkeypatch.setattr(CompileSetting, "applied", lambda self, dit: used.append(dit) or real(self, dit))
-    (compiling,) = Compile().apply(model, "default", "eager")
+    (compiling,) = Compile.execute(model, "default", "eager")
     torch._dynamo.reset()
     latent = run_sampler_node(compiling, steps=2)
     torch._dynamo.reset()
@@ -638,13 +672,13 @@ def test_lora_node_patches_a_clone_as_kandinsky_core_merges_stacks_and_shows_the
     model = tiny_model(comfy)
     a = write_lora(comfy.root / "loras" / "a" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
     b = write_lora(comfy.root / "loras" / "b" / "model.safetensors", TINY_T2V, LORA_MODULES[:2], 2, trigger="")
-    assert LoadLoRA.VALIDATE_INPUTS("a/model.safetensors") is True
-    assert "not in models/loras" in LoadLoRA.VALIDATE_INPUTS("nope.safetensors")
-    res = LoadLoRA().apply(model, "a/model.safetensors", 0.7)
-    one, trigger = res["result"]
-    assert trigger == "k5style" and res["ui"] == {"text": ["k5style"]}
+    assert LoadLoRA.validate_inputs("a/model.safetensors") is True
+    assert "not in models/loras" in LoadLoRA.validate_inputs("nope.safetensors")
+    res = LoadLoRA.execute(model, "a/model.safetensors", 0.7)
+    one, trigger = res.result
+    assert trigger == "k5style" and res.ui == {"text": ["k5style"]}
     assert model.patcher.patches == {} and one.patcher is not model.patcher and one.variant is model.variant
-    two = LoadLoRA().apply(one, "b/model.safetensors", -1.5)["result"][0]
+    two = LoadLoRA.execute(one, "b/model.safetensors", -1.5).result[0]
     assert [len(p) for p in one.patcher.patches.values()] == [1, 1, 1]
     assert sorted(len(p) for p in two.patcher.patches.values()) == [1, 2, 2]
 
@@ -668,9 +702,9 @@ def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
     from nodes.lora import LoadLoRA
 
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
-    model = loaders.LoadDiT().load(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    model = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
     path = write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
-    out = LoadLoRA().apply(model, "model.safetensors", 1.0)["result"][0]
+    out = LoadLoRA.execute(model, "model.safetensors", 1.0).result[0]
     m = LORA_MODULES[0]
     layer = model.model.get_submodule(m)
     assert layer.weight.dtype == torch.float8_e4m3fn
@@ -692,11 +726,11 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
                f"base_model.model.{m}.lora_B.default.weight": torch.zeros(4096, 2)},
               str(comfy.root / "loras" / "pro.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match=r"^Load Kandinsky 5 LoRA: lora_name: .*model_dim 4096 \(Kandinsky 5 Pro\)"):
-        LoadLoRA().apply(model, "pro.safetensors", 1.0)
+        LoadLoRA.execute(model, "pro.safetensors", 1.0)
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)},
               str(comfy.root / "loras" / "flux.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
-        LoadLoRA().apply(model, "flux.safetensors", 1.0)
+        LoadLoRA.execute(model, "flux.safetensors", 1.0)
     assert model.patcher.patches == {}
 
 
@@ -707,10 +741,65 @@ def test_lora_node_keeps_every_option_and_options_keep_the_lora(comfy):
 
     model = tiny_model(comfy)
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
-    (cached,) = MagCacheNode().apply(model, 0.5, 2, 0.0, "")
-    (compiled,) = Compile().apply(cached, "default", "eager")
-    out = LoadLoRA().apply(compiled, "model.safetensors", 1.0)["result"][0]
+    (cached,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
+    (compiled,) = Compile.execute(cached, "default", "eager")
+    out = LoadLoRA.execute(compiled, "model.safetensors", 1.0).result[0]
     assert options_of(out) == options_of(compiled) and out.patcher.patches
-    (again,) = MagCacheNode().apply(out, 0.12, 2, 0.2, "")
+    (again,) = MagCacheNode.execute(out, 0.12, 2, 0.2, "")
     assert again.patcher.patches == out.patcher.patches and options_of(again).compile == options_of(out).compile
     assert options_of(model) == options_of(model).__class__() and model.patcher.patches == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kandinsky 5 NABLA: a model option the Sampler takes NABLA from
+
+
+def nabla_node(model, mode: str, **tuning):
+    """Kandinsky 5 NABLA as ComfyUI calls it: the DynamicCombo's dict where ComfyUI has one, else plain inputs."""
+    from nodes import nabla
+
+    if nabla.DYNAMIC:
+        return nabla.Nabla.execute(model, {"mode": mode, **tuning})[0]
+    return nabla.Nabla.execute(model, mode, **tuning)[0]
+
+
+def test_nabla_node_sets_the_option_and_the_sampler_takes_nabla_from_it(comfy):
+    from kandinsky_core.nabla import NablaParams
+    from kandinsky_core.settings import NablaChoice
+
+    model = tiny_model(comfy)  # t2v-lite-sft-5s: dense by default (auto)
+    sparse = nabla_node(model, "on", P=0.1, wT=1, wH=1, wW=1)
+    assert options_of(sparse).nabla == NablaChoice("on", 0.1, 1, 1, 1)
+    assert options_of(model).nabla == NablaChoice() and sparse.patcher.model is model.patcher.model  # input unchanged
+    assert options_of(nabla_node(model, "off", P=0.5)).nabla == NablaChoice("off")  # P only counts when on
+    with pytest.raises(InputError, match=r"(?s)^Kandinsky 5 Sampler: width=64 must be a multiple of 128 px.*"
+                       r"or set mode to off in Kandinsky 5 NABLA.*height=32 must be a multiple of 128"):  # fmt: skip
+        run_sampler_node(sparse)
+    size = dict(width=256, height=256)
+    latent = run_sampler_node(sparse, **size)
+    v = model.variant
+    want = sample(
+        model.model, make_noise((1, 16, 2, 32, 32), 3), conditioning(1), conditioning(2), steps=3,
+        guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
+        nabla=NablaParams(0.1, 1, 1, 1),
+    )  # fmt: skip
+    torch.testing.assert_close(latent, dit_to_latent(want, v.latent_scale), rtol=0, atol=0)
+    dense = run_sampler_node(model, **size)
+    assert (dense - latent).abs().max() > 1e-3  # NABLA really was on: the comparison can fail
+    torch.testing.assert_close(run_sampler_node(nabla_node(model, "auto"), **size), dense, rtol=0, atol=0)
+    with pytest.raises(InputError, match="^Kandinsky 5 NABLA: NABLA window wT=4 is not allowed"):
+        nabla_node(model, "on", wT=4)
+
+
+def test_nabla_node_shows_p_and_windows_only_when_on_where_comfyui_can(comfy):
+    from nodes import nabla
+
+    inputs = nabla.Nabla.define_schema().inputs
+    if nabla.DYNAMIC:  # v0.33.0: a DynamicCombo whose "on" option holds P and the windows
+        (model, mode) = inputs
+        options = {o.key: [i.id for i in o.inputs] for o in mode.options}
+        assert options == {"auto": [], "on": ["P", "wT", "wH", "wW"], "off": []}
+        assert all(i.tooltip for o in mode.options for i in o.inputs)
+    else:  # v0.3.64: plain inputs, optional
+        assert [i.id for i in inputs] == ["model", "mode", "P", "wT", "wH", "wW"]
+        assert all(i.optional for i in inputs[2:])

@@ -217,6 +217,31 @@ def test_expand_prompt_feeds_the_expansion_to_the_encoder(models_dir, monkeypatc
     assert encoded == [[expanded[0][3]], [""]]  # expansion, then the (empty) image negative prompt
 
 
+@pytest.mark.parametrize("variant", ["i2v-lite-5s", "i2i-lite"])
+def test_prompt_expansion_is_on_by_default_and_sees_the_image_as_given(models_dir, tmp_path, monkeypatch, variant):
+    """The official I2V / I2I pipelines expand the prompt by default (expand_prompts=True) and show Qwen the input
+    image as given (get_first_frame_from_image returns the original PIL image; I2I quarters it itself), not the
+    image resized to the output size."""
+    seen = []
+    real_expand = text_encoders.TextEncoders.expand_prompt
+
+    def expand_spy(self, prompt, kind, image=None, **kw):
+        seen.append((kind, None if image is None else tuple(image.shape)))
+        return real_expand(self, prompt, kind, image=image, **kw)
+
+    monkeypatch.setattr(text_encoders.TextEncoders, "expand_prompt", expand_spy)
+    path = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(path)
+    video = variant == "i2v-lite-5s"
+    extra = ["--frames", "5"] if video else []
+    out = "out.mp4" if video else "out.png"
+    generate(models_dir, tmp_path / out, variant, "--image", str(path), *extra)
+    assert seen == [(variants.VARIANTS[variant].text_template, (3, 90, 150))]
+    seen.clear()
+    generate(models_dir, tmp_path / f"plain-{out}", variant, "--image", str(path), "--no-expand-prompt", *extra)
+    assert seen == []
+
+
 @pytest.mark.parametrize("frames, template", [(1, "image"), (5, "video")])
 def test_one_frame_of_a_video_model_is_encoded_under_the_image_template(models_dir, monkeypatch, frames, template):
     """generation_utils.generate_sample: duration 1 -> type_of_content "image", else "video" (both prompts)."""

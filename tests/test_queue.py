@@ -178,7 +178,7 @@ def test_ui_workflow_runs_with_overrides_and_downloads_outputs(fake, tmp_path, c
     ]
     fake.history = success_history()
     args = ["--server", fake.url, "--prompt", "a cat", "--negative", "dogs", "--seed", "7", "--output-dir"]
-    args += [str(tmp_path / "out"), "--set", "Kandinsky5Sampler.steps=3", "--set", "2.dit_name=tiny.safetensors"]
+    args += [str(tmp_path / "out"), "--set", "K5Sampler.steps=3", "--set", "2.dit_name=tiny.safetensors"]
     code, out, err = run(capsys, str(UI), *args)
     assert code == 0, err
     sent = fake.posted[0]
@@ -264,12 +264,12 @@ def test_node_errors_are_printed(fake, capsys):
         "node_errors": {"2": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
                                           "details": "dit_name: 'nope.safetensors' not in []",
                                           "extra_info": {}}] * 2,
-                              "dependent_outputs": ["10"], "class_type": "Kandinsky5LoadDiT"}},
+                              "dependent_outputs": ["10"], "class_type": "K5LoadDiT"}},
     }  # fmt: skip
     code, _, err = run(capsys, str(API), "--server", fake.url, "--set", "2.dit_name=nope.safetensors")
     assert code == 2
     assert "ComfyUI refused the workflow (400)" in err and "Prompt outputs failed validation" in err
-    line = "node 2 (Kandinsky5LoadDiT): Value not in list (dit_name: 'nope.safetensors' not in [])"
+    line = "node 2 (K5LoadDiT): Value not in list (dit_name: 'nope.safetensors' not in [])"
     assert err.count(line) == 1  # said twice by the server (as custom validation does per input), printed once
 
 
@@ -277,13 +277,13 @@ def test_execution_error_is_printed(fake, capsys):
     fake.events = [
         progress(1, 2),
         {"type": "execution_error", "data": {
-            "prompt_id": PROMPT_ID, "node_id": "6", "node_type": "Kandinsky5Sampler", "exception_type": "InputError",
+            "prompt_id": PROMPT_ID, "node_id": "6", "node_type": "K5Sampler", "exception_type": "InputError",
             "exception_message": "Kandinsky 5 Sampler: start_latent is missing", "traceback": ["..."],
         }},
     ]  # fmt: skip
     code, _, err = run(capsys, str(API), "--server", fake.url)
     assert code == 2
-    assert "ComfyUI failed while running node 6 Kandinsky 5 Sampler (Kandinsky5Sampler)" in err
+    assert "ComfyUI failed while running node 6 Kandinsky 5 Sampler (K5Sampler)" in err
     assert "InputError: Kandinsky 5 Sampler: start_latent is missing" in err
 
 
@@ -293,7 +293,7 @@ def test_execution_error_is_printed(fake, capsys):
         (["--set", "steps=3"], "expected NODE.INPUT=VALUE"),
         (["--set", "NoSuchNode.steps=3"], "no node has id, title or type 'NoSuchNode'"),
         (["--set", "6.model=3"], "is connected to another node"),
-        (["--set", "Kandinsky5Sampler.stpes=3"], "node 6 (Kandinsky5Sampler) has no input 'stpes'. Its inputs: width"),
+        (["--set", "K5Sampler.stpes=3"], "node 6 (K5Sampler) has no input 'stpes'. Its inputs: width"),
         (["--timeout", "0"], "--timeout 0"),
         (["--server", "ftp://x"], "is not an http(s) URL"),
     ],
@@ -319,9 +319,9 @@ def test_bad_workflow_files(tmp_path, capsys):
 
 def test_set_keeps_types():
     api = json.loads(API.read_text())
-    queue.apply_overrides(api, sets=["Kandinsky5Sampler.guidance=2", "6.nabla=on", "2.dit_name=123", "6.steps=4"])
+    queue.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
     s = api["6"]["inputs"]
     assert s["guidance"] == 2.0 and isinstance(s["guidance"], float)
-    assert s["nabla"] == "on" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
+    assert api["5"]["inputs"]["template"] == "image" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
     queue.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
     assert s["width"] == 128

@@ -275,7 +275,7 @@ def test_guidance_below_one_still_applies_cfg(guidance, one_step, two_steps):
     ("grid", "batch", "cfg", "text_len"),
     [((3, 8, 12), 1, True, 7), ((5, 16, 16), 1, False, 12), ((2, 16, 24), 2, True, 5)],
 )
-def test_step_memory_estimate_matches_a_measured_sampling_step(grid, batch, cfg, text_len):
+def test_step_memory_estimate_matches_a_measured_sampling_step(grid, batch, cfg, text_len, comfy_api):
     """The Sampler asks ComfyUI for step_peak_bytes (measured on meta tensors): it must match the peak of a real
     one-step `sample` on the CPU (every tensor alive at once counted by kandinsky_core.memory's tracker), CFG
     included: its two branches run one after the other, so CFG costs one more velocity, not twice the activations

@@ -9,13 +9,16 @@ import sys
 import types
 
 import pytest
+from prerequisites import require_comfy_api
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
-from kandinsky_core import variants
-from kandinsky_core.settings import NablaChoice, resolve
-from kandinsky_core.variants import VARIANTS
-from nodes import web_api
-from nodes.sampler import Sampler
+require_comfy_api(module_level=True)  # before the node layer is imported
+
+from kandinsky_core import variants  # noqa: E402
+from kandinsky_core.settings import resolve  # noqa: E402
+from kandinsky_core.variants import VARIANTS  # noqa: E402
+from nodes import web_api  # noqa: E402
+from nodes.sampler import Sampler  # noqa: E402
 
 
 def _payload() -> dict:
@@ -53,23 +56,26 @@ def test_every_variant_is_served_with_its_table_numbers(models):
     "name, expected",
     [
         # by hand from the official configs (configs/k5_*.yaml) and README, not from our table
-        ("t2v-lite-sft-5s", (50, 5.0, 10.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-lite-sft-10s", (50, 5.0, 10.0, "on", 0.9, 768, 512, 241)),
-        ("t2v-lite-distilled16steps-5s", (16, 1.0, 5.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-lite-nocfg-5s", (50, 1.0, 10.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-pro-sft-10s-hd", (50, 5.0, 10.0, "on", 0.7, 1280, 768, 241)),
-        ("t2v-pro-sft-5s-hd", (50, 5.0, 10.0, "on", 0.8, 1280, 768, 121)),
-        ("i2v-pro-5s-hd", (50, 5.0, 5.0, "on", 0.8, 0, 0, 121)),  # 0x0: the size of the start latent
-        ("i2i-lite", (50, 3.5, 3.0, "off", 0.0, 0, 0, 1)),
-        ("t2i-lite", (50, 3.5, 3.0, "off", 0.0, 1024, 1024, 1)),
+        ("t2v-lite-sft-5s", (50, 5.0, 10.0, None, 768, 512, 121)),
+        ("t2v-lite-sft-10s", (50, 5.0, 10.0, 0.9, 768, 512, 241)),
+        ("t2v-lite-distilled16steps-5s", (16, 1.0, 5.0, None, 768, 512, 121)),
+        ("t2v-lite-nocfg-5s", (50, 1.0, 10.0, None, 768, 512, 121)),
+        ("t2v-pro-sft-10s-hd", (50, 5.0, 10.0, 0.7, 1280, 768, 241)),
+        ("t2v-pro-sft-5s-hd", (50, 5.0, 10.0, 0.8, 1280, 768, 121)),
+        ("i2v-pro-5s-hd", (50, 5.0, 5.0, 0.8, 0, 0, 121)),  # 0x0: the size of the start latent
+        ("i2i-lite", (50, 3.5, 3.0, None, 0, 0, 1)),
+        ("t2i-lite", (50, 3.5, 3.0, None, 1024, 1024, 1)),
     ],
 )
 def test_sampler_defaults_are_the_official_settings(models, name, expected):
-    d = _payload()["variants"][name]["defaults"]
-    keys = ("steps", "guidance", "scheduler_scale", "nabla", "nabla_P", "width", "height", "length")
-    assert tuple(d[k] for k in keys) == expected
-    if d["nabla"] == "on":
-        assert (d["nabla_wT"], d["nabla_wH"], d["nabla_wW"]) == (11, 3, 3)
+    served = _payload()["variants"][name]
+    d = served["defaults"]
+    keys = ("steps", "guidance", "scheduler_scale", "width", "height", "length")
+    steps, guidance, sched, nabla_p, *size = expected
+    assert tuple(d[k] for k in keys) == (steps, guidance, sched, *size)
+    # NABLA is no Sampler widget: the Sampler takes it from the model (auto = the variant's, shown to the front end)
+    assert not any(k.startswith("nabla") for k in d)
+    assert served["nabla"] == (None if nabla_p is None else {"P": nabla_p, "wT": 11, "wH": 3, "wW": 3})
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -78,17 +84,15 @@ def test_filled_values_run_as_the_variants_own_settings(models, name):
     (0 / -1 / auto = the variant's) resolve, and pass the node's and the table's size checks."""
     v = VARIANTS[name]
     d = _payload()["variants"][name]["defaults"]
-    nabla = NablaChoice(d["nabla"], d["nabla_P"], d["nabla_wT"], d["nabla_wH"], d["nabla_wW"])
     has = {"has_start": v.task == "i2v", "has_edit": v.task == "i2i"}
     filled, problems = resolve(
         v, width=d["width"], height=d["height"], length=d["length"], steps=d["steps"], guidance=d["guidance"],
-        scheduler_scale=d["scheduler_scale"], nabla=nabla, **has,
+        scheduler_scale=d["scheduler_scale"], **has,
     )  # fmt: skip
-    assert problems == []
+    assert problems == []  # NABLA auto (no Kandinsky 5 NABLA node): the variant's, and the size fits its tiles
     assert filled == resolve(v, width=0, height=0, length=d["length"], steps=0, guidance=-1.0, scheduler_scale=0.0,
                              **has)[0]  # fmt: skip
-    assert Sampler.VALIDATE_INPUTS(d["width"], d["height"], d["length"], d["nabla"], d["guidance"],
-                                   d["scheduler_scale"]) is True  # fmt: skip
+    assert Sampler.validate_inputs(d["width"], d["height"], d["length"], d["guidance"], d["scheduler_scale"]) is True
     if v.task in ("i2v", "i2i"):  # 0x0: the sampler takes the input latent's size (sized from the image)
         assert (d["width"], d["height"]) == (0, 0)
 
@@ -127,5 +131,8 @@ def test_detection_is_cached_until_the_file_changes(models, monkeypatch):
 
 
 def test_no_route_outside_comfyui(monkeypatch):
-    monkeypatch.setitem(sys.modules, "server", None)  # `import server` fails as it does without ComfyUI
+    monkeypatch.delitem(sys.modules, "server", raising=False)  # ComfyUI's main.py has not imported its server
+    assert web_api.register_routes() is False
+    assert "server" not in sys.modules  # not imported either (ComfyUI's source may be on sys.path, as in the tests)
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=None)))
     assert web_api.register_routes() is False

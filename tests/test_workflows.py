@@ -13,6 +13,7 @@ from workflow_script import load_make_workflows
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.queue import ui_to_api, widget_names
+from kandinsky_core.settings import resolve
 from kandinsky_core.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_check_fails_on_a_stale_twin(monkeypatch, tmp_path, capsys):
     copy_workflows(tmp_path)
     twin = tmp_path / "api" / "t2i-lite.json"
     graph = json.loads(twin.read_text())
-    graph[one(graph, "Kandinsky5Sampler")[0]]["inputs"]["steps"] = 49  # edited by hand
+    graph[one(graph, "K5Sampler")[0]]["inputs"]["steps"] = 49  # edited by hand
     twin.write_text(json.dumps(graph, indent=2) + "\n")
     (tmp_path / "api" / "old-variant.json").write_text("{}")
     monkeypatch.setattr(script, "WORKFLOWS", tmp_path)
@@ -153,38 +154,35 @@ def test_twins_are_the_conversion_of_the_ui_files():
 def test_defaults_equal_the_variants_table(name):
     v = VARIANTS[name]
     g = api(name)
-    _, dit = one(g, "Kandinsky5LoadDiT")
+    _, dit = one(g, "K5LoadDiT")
     assert dit["inputs"]["variant"] == name
     assert dit["inputs"]["dit_name"] == v.hf_filename.split("/")[-1]  # download.py puts it in diffusion_models/
-    _, te = one(g, "Kandinsky5LoadTextEncoders")  # ComfyUI's single files, what its users already hold
+    _, te = one(g, "K5LoadTextEncoders")  # ComfyUI's single files, what its users already hold
     assert te["inputs"]["qwen_name"] == "qwen_2.5_vl_7b_fp8_scaled.safetensors"
     assert te["inputs"]["clip_name"] == "clip_l.safetensors"
-    _, vae = one(g, "Kandinsky5LoadVAE")
+    _, vae = one(g, "K5LoadVAE")
     expected_vae = {"hunyuan": "hunyuan_video_vae_bf16.safetensors", "flux": "ae.safetensors"}[v.vae]
     assert vae["inputs"]["vae_name"] == expected_vae
-    _, enc = one(g, "Kandinsky5TextEncode")
+    _, enc = one(g, "K5TextEncode")
     assert enc["inputs"]["template"] == v.text_template
     assert enc["inputs"]["prompt"].strip()
     negative = enc["inputs"]["negative_prompt"]
     assert negative.startswith("Static, 2D cartoon") if v.is_video else negative == ""
-    sid, s = one(g, "Kandinsky5Sampler")
+    sid, s = one(g, "K5Sampler")
     i = s["inputs"]
     assert (i["width"], i["height"]) == v.default_size and (i["width"], i["height"]) in v.resolutions
     assert i["length"] == (v.max_frames if v.is_video else 1)
     assert (i["steps"], i["guidance"], i["scheduler_scale"]) == (v.steps, v.guidance, v.scheduler_scale)
-    if v.nabla is None:
-        assert i["nabla"] == "off"
-    else:
-        assert i["nabla"] == "on"
-        assert (i["nabla_P"], i["nabla_wT"], i["nabla_wH"], i["nabla_wW"]) == (
-            v.nabla.P, v.nabla.wT, v.nabla.wH, v.nabla.wW,
-        )  # fmt: skip
+    # NABLA is the variant's (the Sampler's auto, no Kandinsky 5 NABLA node): the size fits its tiles
+    assert not any(k.startswith("nabla") for k in i) and not by_type(g, "K5Nabla")
+    assert resolve(v, width=i["width"], height=i["height"], length=i["length"], has_start=v.task == "i2v",
+                   has_edit=v.task == "i2i")[1] == []  # fmt: skip
     assert i["batch_size"] == 1 and isinstance(i["seed"], int)
-    did = dit and one(g, "Kandinsky5LoadDiT")[0]
+    did = dit and one(g, "K5LoadDiT")[0]
     assert i["model"] == [did, 0] and enc["inputs"]["model"] == [did, 0]
-    eid = one(g, "Kandinsky5TextEncode")[0]
+    eid = one(g, "K5TextEncode")[0]
     assert i["positive"] == [eid, 0] and i["negative"] == [eid, 1]
-    decid, dec = one(g, "Kandinsky5VAEDecode")
+    decid, dec = one(g, "K5VAEDecode")
     assert dec["inputs"]["samples"] == [sid, 0]
     if v.is_video:
         _, save = one(g, "SaveAnimatedWEBP")
@@ -202,14 +200,14 @@ def test_image_inputs_go_through_vae_encode(name):
     g = api(name)
     lid, load = one(g, "LoadImage")
     assert load["inputs"]["image"] == "example.png"
-    eid, encode = one(g, "Kandinsky5VAEEncode")
+    eid, encode = one(g, "K5VAEEncode")
     assert encode["inputs"]["images"] == [lid, 0] and (encode["inputs"]["width"], encode["inputs"]["height"]) == (
         v.default_size
     )
-    sampler = one(g, "Kandinsky5Sampler")[1]["inputs"]
+    sampler = one(g, "K5Sampler")[1]["inputs"]
     key, other = ("start_latent", "edit_latent") if v.task == "i2v" else ("edit_latent", "start_latent")
     assert sampler[key] == [eid, 0] and other not in sampler
-    text = one(g, "Kandinsky5TextEncode")[1]["inputs"]
+    text = one(g, "K5TextEncode")[1]["inputs"]
     if v.task == "i2i":  # Qwen sees the image at the output size (resized to cover, centre-cropped)
         sid, scale = one(g, "ImageScale")
         assert text["edit_image"] == [sid, 0] and scale["inputs"]["image"] == [lid, 0]
@@ -223,29 +221,29 @@ def test_text_variants_have_no_image_inputs():
     for name, v in VARIANTS.items():
         if v.task in ("t2v", "t2i"):
             g = api(name)
-            assert not by_type(g, "LoadImage") and not by_type(g, "Kandinsky5VAEEncode")
-            s = one(g, "Kandinsky5Sampler")[1]["inputs"]
+            assert not by_type(g, "LoadImage") and not by_type(g, "K5VAEEncode")
+            s = one(g, "K5Sampler")[1]["inputs"]
             assert "start_latent" not in s and "edit_latent" not in s
 
 
 def test_known_official_numbers():
     """A few values checked by hand against the official configs (independent of the table's code)."""
-    s = one(api("t2v-lite-distilled16steps-5s"), "Kandinsky5Sampler")[1]["inputs"]
-    assert (s["steps"], s["guidance"], s["scheduler_scale"], s["nabla"], s["length"]) == (16, 1.0, 5.0, "off", 121)
-    s = one(api("t2v-pro-sft-10s-hd"), "Kandinsky5Sampler")[1]["inputs"]
-    assert (s["width"], s["height"], s["length"], s["nabla"], s["nabla_P"]) == (1280, 768, 241, "on", 0.7)
-    s = one(api("i2v-pro-5s-hd"), "Kandinsky5Sampler")[1]["inputs"]
-    assert (s["scheduler_scale"], s["nabla_P"]) == (5.0, 0.8)
-    s = one(api("t2i-lite"), "Kandinsky5Sampler")[1]["inputs"]
+    s = one(api("t2v-lite-distilled16steps-5s"), "K5Sampler")[1]["inputs"]
+    assert (s["steps"], s["guidance"], s["scheduler_scale"], s["length"]) == (16, 1.0, 5.0, 121)
+    s = one(api("t2v-pro-sft-10s-hd"), "K5Sampler")[1]["inputs"]
+    assert (s["width"], s["height"], s["length"]) == (1280, 768, 241)
+    s = one(api("i2v-pro-5s-hd"), "K5Sampler")[1]["inputs"]
+    assert s["scheduler_scale"] == 5.0
+    s = one(api("t2i-lite"), "K5Sampler")[1]["inputs"]
     assert (s["width"], s["height"], s["length"], s["guidance"], s["scheduler_scale"]) == (1024, 1024, 1, 3.5, 3.0)
-    assert one(api("t2v-lite-nocfg-10s"), "Kandinsky5Sampler")[1]["inputs"]["guidance"] == 1.0
+    assert one(api("t2v-lite-nocfg-10s"), "K5Sampler")[1]["inputs"]["guidance"] == 1.0
 
 
 HF = "https://huggingface.co/"
 SINGLE_URLS = {  # as ComfyUI's own Kandinsky 5 templates (comfyui_workflow_templates) and Comfy-Org give them
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": HF + "Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/"
     "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
-    "clip_l.safetensors": HF + "comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true",
+    "clip_l.safetensors": HF + "comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
     "hunyuan_video_vae_bf16.safetensors": HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/vae/"
     "hunyuan_video_vae_bf16.safetensors",
     "ae.safetensors": HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors",
@@ -258,8 +256,8 @@ def test_every_loader_carries_its_models_for_the_download_button(name):
     holds that name; every file a loader loads has its entry, with a Hugging Face URL ending in the file name."""
     v = VARIANTS[name]
     w = ui(name)
-    loaders = {n["type"]: n for n in w["nodes"] if n["type"].startswith("Kandinsky5Load")}
-    assert set(loaders) == {"Kandinsky5LoadDiT", "Kandinsky5LoadTextEncoders", "Kandinsky5LoadVAE"}
+    loaders = {n["type"]: n for n in w["nodes"] if n["type"].startswith("K5Load")}
+    assert set(loaders) == {"K5LoadDiT", "K5LoadTextEncoders", "K5LoadVAE"}
     for node in w["nodes"]:
         models = node["properties"].get("models")
         if node["type"] not in loaders:
@@ -271,14 +269,14 @@ def test_every_loader_carries_its_models_for_the_download_button(name):
         for m in models:
             assert set(m) == {"name", "url", "directory"}
             assert m["url"].startswith(HF) and m["url"].split("?")[0].endswith("/" + m["name"])
-    dit = loaders["Kandinsky5LoadDiT"]["properties"]["models"]
+    dit = loaders["K5LoadDiT"]["properties"]["models"]
     assert dit == [{"name": v.hf_filename.split("/")[-1], "url": f"{HF}{v.hf_repo}/resolve/main/{v.hf_filename}",
                     "directory": "diffusion_models"}]  # fmt: skip
-    te = loaders["Kandinsky5LoadTextEncoders"]["properties"]["models"]
+    te = loaders["K5LoadTextEncoders"]["properties"]["models"]
     assert [(m["name"], m["directory"], m["url"]) for m in te] == [
         (n, "text_encoders", SINGLE_URLS[n]) for n in ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "clip_l.safetensors")
     ]
-    (vae,) = loaders["Kandinsky5LoadVAE"]["properties"]["models"]
+    (vae,) = loaders["K5LoadVAE"]["properties"]["models"]
     vae_file = "ae.safetensors" if v.vae == "flux" else "hunyuan_video_vae_bf16.safetensors"
     assert (vae["name"], vae["directory"], vae["url"]) == (vae_file, "vae", SINGLE_URLS[vae_file])
 
@@ -360,10 +358,10 @@ def test_widget_order_follows_the_frontend():
     assert widget_names(CORE_INFO["KSampler"]) == ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"]
     assert widget_names(CORE_INFO["Noise"]) == ["noise_seed", None, "strength", None, "count", "seed", None]
     # our sampler's seed declares control_after_generate; Prompt Expansion's seed gets one by its name
-    assert widget_names(OBJECT_INFO["Kandinsky5Sampler"])[3:6] == ["batch_size", "seed", None]
+    assert widget_names(OBJECT_INFO["K5Sampler"])[3:6] == ["batch_size", "seed", None]
     assert widget_names(OBJECT_INFO["LoadImage"]) == ["image", None]  # the upload button serialises "image"
     expansion = ["prompt", "template", "seed", None, "max_new_tokens"]
-    assert widget_names(OBJECT_INFO["Kandinsky5PromptExpansion"]) == expansion
+    assert widget_names(OBJECT_INFO["K5PromptExpansion"]) == expansion
 
 
 def test_ui_to_api_on_a_frontend_style_graph():

@@ -19,13 +19,11 @@ const FLAGS = [
 // Official numbers, by hand from the authors' configs (not from our variants table):
 // k5_lite_t2v_5s_sft_sd.yaml, k5_lite_t2v_5s_distil_sd.yaml, k5_pro_t2v_10s_sft_hd.yaml, k5_lite_t2i_sft_hd.yaml.
 const OFFICIAL = {
-  "t2v-lite-sft-5s": { steps: 50, guidance: 5, scheduler_scale: 10, nabla: "off", width: 768, height: 512, length: 121 },
-  "t2v-lite-distilled16steps-5s": { steps: 16, guidance: 1, scheduler_scale: 5, nabla: "off", length: 121 },
-  "t2v-pro-sft-10s-hd": {
-    steps: 50, guidance: 5, scheduler_scale: 10, nabla: "on", nabla_P: 0.7, nabla_wT: 11, nabla_wH: 3, nabla_wW: 3,
-    width: 1280, height: 768, length: 241,
-  },
-  "t2i-lite": { steps: 50, guidance: 3.5, scheduler_scale: 3, nabla: "off", width: 1024, height: 1024, length: 1 },
+// NABLA is no sampler widget: the sampler takes it from the model (auto = the variant's; Kandinsky 5 NABLA sets it).
+  "t2v-lite-sft-5s": { steps: 50, guidance: 5, scheduler_scale: 10, width: 768, height: 512, length: 121 },
+  "t2v-lite-distilled16steps-5s": { steps: 16, guidance: 1, scheduler_scale: 5, length: 121 },
+  "t2v-pro-sft-10s-hd": { steps: 50, guidance: 5, scheduler_scale: 10, width: 1280, height: 768, length: 241 },
+  "t2i-lite": { steps: 50, guidance: 3.5, scheduler_scale: 3, width: 1024, height: 1024, length: 1 },
 };
 
 // A small UI-format workflow (what Load / drag-and-drop take): loaders -> encode -> sampler -> decode -> SaveImage.
@@ -38,17 +36,17 @@ function smallWorkflow() {
   return {
     last_node_id: 7, last_link_id: 9, version: 0.4, config: {}, extra: {}, groups: [],
     nodes: [
-      node(1, "Kandinsky5LoadDiT", [20, 40], [F.dit_t2v, "auto", "fp32", "auto"], [], [out("model", "K5_DIT", [1, 2])]),
-      node(2, "Kandinsky5LoadTextEncoders", [20, 230], [F.qwen, F.clip, "fp32"], [],
+      node(1, "K5LoadDiT", [20, 40], [F.dit_t2v, "auto", "fp32", "auto"], [], [out("model", "K5_DIT", [1, 2])]),
+      node(2, "K5LoadTextEncoders", [20, 230], [F.qwen, F.clip, "fp32"], [],
         [out("text_encoders", "K5_TEXT_ENCODERS", [3])]),
-      node(3, "Kandinsky5LoadVAE", [20, 400], [F.vae, "fp32"], [], [out("vae", "K5_VAE", [4])]),
-      node(4, "Kandinsky5TextEncode", [380, 40], ["a red fox running through snow", "blurry, low quality", "auto"],
+      node(3, "K5LoadVAE", [20, 400], [F.vae, "fp32"], [], [out("vae", "K5_VAE", [4])]),
+      node(4, "K5TextEncode", [380, 40], ["a red fox running through snow", "blurry, low quality", "auto"],
         [inp("text_encoders", "K5_TEXT_ENCODERS", 3), inp("model", "K5_DIT", 1)],
         [{ ...out("positive", "CONDITIONING", [5]) }, { name: "negative", type: "CONDITIONING", links: [6], slot_index: 1 }]),
-      node(5, "Kandinsky5Sampler", [760, 40], [768, 512, 121, 1, 0, "fixed", 0, -1, 0, "auto", 0, 0, 0, 0],
+      node(5, "K5Sampler", [760, 40], [768, 512, 121, 1, 0, "fixed", 0, -1, 0, "auto", 0, 0, 0, 0],
         [inp("model", "K5_DIT", 2), inp("positive", "CONDITIONING", 5), inp("negative", "CONDITIONING", 6)],
         [out("latent", "LATENT", [7])]),
-      node(6, "Kandinsky5VAEDecode", [1140, 40], ["auto", 256, 64, 16, 8],
+      node(6, "K5VAEDecode", [1140, 40], ["auto", 256, 64, 16, 8],
         [inp("vae", "K5_VAE", 4), inp("samples", "LATENT", 7)], [out("IMAGE", "IMAGE", [8])]),
       node(7, "SaveImage", [1140, 300], ["k5_browser"], [inp("images", "IMAGE", 8)], []),
     ],
@@ -175,8 +173,8 @@ try {
     const find = (type) => window.app.graph.nodes.find((n) => n.type === type);
     const w = (node, name) => node.widgets.find((x) => x.name === name);
     window.__k5 = {
-      loader: () => find("Kandinsky5LoadDiT"),
-      sampler: () => find("Kandinsky5Sampler"),
+      loader: () => find("K5LoadDiT"),
+      sampler: () => find("K5Sampler"),
       set(type, name, value) {
         const node = find(type);
         const widget = w(node, name);
@@ -196,7 +194,7 @@ try {
   const setAll = async (type, values) => {
     for (const [k, v] of Object.entries(values)) await set(type, k, v);
   };
-  const readSampler = () => page.evaluate(() => window.__k5.read("Kandinsky5Sampler"));
+  const readSampler = () => page.evaluate(() => window.__k5.read("K5Sampler"));
   const warnings = () => page.evaluate(() => {
     const s = window.__k5.sampler();
     window.kandinsky5.refreshSampler(s);
@@ -208,7 +206,7 @@ try {
 
   if (process.env.K5_WORKFLOW) {
     // Read back what was loaded: the sampler holds the workflow's values, labelled and not flagged.
-    const loaded = workflow.nodes.find((n) => n.type === "Kandinsky5Sampler").widgets_values;
+    const loaded = workflow.nodes.find((n) => n.type === "K5Sampler").widgets_values;
     const s0 = await readSampler();
     assert.deepEqual([s0.width, s0.height, s0.length, s0.steps], [loaded[0], loaded[1], loaded[2], loaded[6]]);
     const w0 = await warnings();
@@ -218,61 +216,61 @@ try {
   }
 
   // The bundled files may name models this test server does not have: point the loaders at the tiny ones.
-  await setAll("Kandinsky5LoadTextEncoders", { qwen_name: F.qwen, clip_name: F.clip });
-  await setAll("Kandinsky5LoadVAE", { vae_name: F.vae });
-  await set("Kandinsky5LoadDiT", "variant", "auto");
+  await setAll("K5LoadTextEncoders", { qwen_name: F.qwen, clip_name: F.clip });
+  await setAll("K5LoadVAE", { vae_name: F.vae });
+  await set("K5LoadDiT", "variant", "auto");
 
   // 1. Choosing a DiT file fills the sampler with its (detected) variant's settings.
-  await set("Kandinsky5LoadDiT", "dit_name", F.dit_t2i);
+  await set("K5LoadDiT", "dit_name", F.dit_t2i);
   expectDefaults(await readSampler(), "t2i-lite");
   assert.equal((await warnings()).variant, "t2i-lite");
-  await set("Kandinsky5LoadDiT", "dit_name", F.dit_t2v);
+  await set("K5LoadDiT", "dit_name", F.dit_t2v);
   expectDefaults(await readSampler(), "t2v-lite-sft-5s");
   results.after_dit_choice = await readSampler();
 
   // 2. Choosing a variant does too; NABLA on with the variant's P for a NABLA-trained HD variant.
-  await set("Kandinsky5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
+  await set("K5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
   expectDefaults(await readSampler(), "t2v-pro-sft-10s-hd");
   let w = await warnings();
   assert.deepEqual(w.warnings, [], `defaults must not be flagged: ${w.warnings}`);
   assert.match(w.label, /241 frames = 10\.0 s/);
 
   // A variant that does not fit the file is flagged on the loader (the server refuses it when queued).
-  await set("Kandinsky5LoadDiT", "variant", "t2i-lite");
+  await set("K5LoadDiT", "variant", "t2i-lite");
   const loaderFlag = await page.evaluate(() => window.__k5.loader().k5Warnings);
   assert.ok(loaderFlag.some((x) => /variant t2i-lite does not fit kandinsky5lite_t2v_sft_5s/.test(x)), loaderFlag.join("; "));
-  await set("Kandinsky5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
+  await set("K5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
   const edits = () => page.evaluate(() => window.__k5.sampler().properties.k5_user_edited ?? []);
   assert.deepEqual(await edits(), [], "loading a workflow and filling defaults are not user edits");
 
   // 3. A value the user changed stays when the variant changes; the others follow the variant.
-  await set("Kandinsky5Sampler", "steps", 7);
-  await set("Kandinsky5LoadDiT", "variant", "t2v-lite-distilled16steps-5s");
+  await set("K5Sampler", "steps", 7);
+  await set("K5LoadDiT", "variant", "t2v-lite-distilled16steps-5s");
   let s = await readSampler();
   assert.equal(s.steps, 7, "a user's steps survive a variant change");
   assert.deepEqual(await edits(), ["steps"]);
   assert.equal(s.guidance, 1);
   assert.equal(s.scheduler_scale, 5);
-  assert.equal(s.nabla, "off");
+  assert.equal(s.nabla, undefined, "the sampler has no NABLA widget");
   results.user_edit_kept = s;
 
-  // 4. Sizes that do not fit NABLA's 128-px tiles, or the variant's sizes, are flagged on the node.
-  await set("Kandinsky5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
-  await set("Kandinsky5Sampler", "width", 1040);
+  // 4. Sizes that do not fit NABLA's 128-px tiles (the variant's NABLA: auto), or the variant's sizes, are flagged.
+  await set("K5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
+  await set("K5Sampler", "width", 1040);
   w = await warnings();
   assert.ok(w.warnings.some((x) => /NABLA needs multiples of 128 px/.test(x) && /1024 or 1152/.test(x)), w.warnings.join("; "));
-  await set("Kandinsky5Sampler", "nabla", "off");
-  w = await warnings();
-  assert.ok(!w.warnings.some((x) => /NABLA/.test(x)), "NABLA off: no tile warning");
   assert.ok(w.warnings.some((x) => /1040x768 is not a t2v-pro-sft-10s-hd size/.test(x)), w.warnings.join("; "));
-  await set("Kandinsky5Sampler", "width", 1280);
+  await set("K5Sampler", "width", 1024);
+  w = await warnings();
+  assert.ok(!w.warnings.some((x) => /NABLA/.test(x)), "1024 fits the tiles: no NABLA warning");
+  await set("K5Sampler", "width", 1280);
   assert.deepEqual((await warnings()).warnings, []);
-  await set("Kandinsky5Sampler", "length", 121);
+  await set("K5Sampler", "length", 121);
   assert.match((await warnings()).label, /121 frames = 5\.0 s/);
 
   // 5. Back to the runnable tiny T2V model at a tiny size: flagged (not a trained size) but queued anyway.
-  await set("Kandinsky5LoadDiT", "variant", "auto");
-  await setAll("Kandinsky5Sampler", { width: 96, height: 64, length: 5, steps: 2, nabla: "auto" });
+  await set("K5LoadDiT", "variant", "auto");
+  await setAll("K5Sampler", { width: 96, height: 64, length: 5, steps: 2 });
   w = await warnings();
   assert.equal(w.variant, "t2v-lite-sft-5s");
   assert.ok(w.warnings.some((x) => /96x64 is not a t2v-lite-sft-5s size/.test(x)), w.warnings.join("; "));
@@ -290,7 +288,7 @@ try {
   await page.screenshot({ path: results.screenshot, clip });
 
   const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
-  const sampler = Object.values(prompt).find((n) => n.class_type === "Kandinsky5Sampler");
+  const sampler = Object.values(prompt).find((n) => n.class_type === "K5Sampler");
   assert.equal(sampler.inputs.steps, 2);
   assert.equal(sampler.inputs.width, 96);
 

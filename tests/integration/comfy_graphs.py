@@ -8,14 +8,14 @@ NEGATIVE = "blurry, low quality"
 def loaders(dit: str, vae: str, qwen: str, clip: str, variant: str = "auto") -> dict:
     return {
         "1": {
-            "class_type": "Kandinsky5LoadDiT",
+            "class_type": "K5LoadDiT",
             "inputs": {"dit_name": dit, "variant": variant, "weight_dtype": "fp32", "attention": "auto"},
         },
         "2": {
-            "class_type": "Kandinsky5LoadTextEncoders",
+            "class_type": "K5LoadTextEncoders",
             "inputs": {"qwen_name": qwen, "clip_name": clip, "dtype": "fp32"},
         },
-        "3": {"class_type": "Kandinsky5LoadVAE", "inputs": {"vae_name": vae, "dtype": "fp32"}},
+        "3": {"class_type": "K5LoadVAE", "inputs": {"vae_name": vae, "dtype": "fp32"}},
     }
 
 
@@ -49,7 +49,7 @@ def text2x(
     """Load DiT / text encoders / VAE -> Text Encode -> Sampler -> VAE Decode -> SaveImage (node 7)."""
     g = loaders(dit, vae, qwen, clip, variant)
     g["4"] = {
-        "class_type": "Kandinsky5TextEncode",
+        "class_type": "K5TextEncode",
         "inputs": {
             "text_encoders": ["2", 0],
             "prompt": prompt,
@@ -58,10 +58,10 @@ def text2x(
             "model": ["1", 0],
         },
     }
-    g["5"] = {"class_type": "Kandinsky5Sampler", "inputs": sampler_inputs(width, height, length, seed, steps)}
+    g["5"] = {"class_type": "K5Sampler", "inputs": sampler_inputs(width, height, length, seed, steps)}
     g["5"]["inputs"].update(sampler_extra)
     g["6"] = {
-        "class_type": "Kandinsky5VAEDecode",
+        "class_type": "K5VAEDecode",
         "inputs": {
             "vae": ["3", 0],
             "samples": ["5", 0],
@@ -80,7 +80,7 @@ def with_start_image(g: dict, image: str, width: int, height: int) -> dict:
     """I2V: LoadImage (node 8) -> Kandinsky 5 VAE Encode (node 9) -> the sampler's start_latent."""
     g["8"] = {"class_type": "LoadImage", "inputs": {"image": image}}
     g["9"] = {
-        "class_type": "Kandinsky5VAEEncode",
+        "class_type": "K5VAEEncode",
         "inputs": {"vae": ["3", 0], "images": ["8", 0], "width": width, "height": height},
     }
     g["5"]["inputs"]["start_latent"] = ["9", 0]
@@ -92,7 +92,7 @@ def with_edit_image(g: dict, image: str, width: int, height: int) -> dict:
     Text Encode's edit_image (Qwen sees it with the image_edit template)."""
     g["8"] = {"class_type": "LoadImage", "inputs": {"image": image}}
     g["9"] = {
-        "class_type": "Kandinsky5VAEEncode",
+        "class_type": "K5VAEEncode",
         "inputs": {"vae": ["3", 0], "images": ["8", 0], "width": width, "height": height},
     }
     g["5"]["inputs"]["edit_latent"] = ["9", 0]

@@ -149,7 +149,7 @@ def test_qwen_of_the_wrong_width_is_named_with_the_fix(comfyui):
 
 def test_magcache_calibrate_prefix_too_long_for_a_file_name_is_refused_at_validation(comfyui):
     g = t2v(comfyui)
-    g["10"] = {"class_type": "Kandinsky5MagCacheCalibrate", "inputs": {"model": ["1", 0], "filename_prefix": "p" * 300}}
+    g["10"] = {"class_type": "K5MagCacheCalibrate", "inputs": {"model": ["1", 0], "filename_prefix": "p" * 300}}
     g["5"]["inputs"]["model"] = ["10", 0]
     errors = validation_errors(comfyui, g)
     assert "10:" in errors and "filename_prefix is 300 characters long: at most 160" in errors, errors
@@ -254,7 +254,7 @@ def test_odd_entries_in_the_models_folder_are_named_for_what_they_are(comfyui, k
 def test_negative_magcache_ratio_is_refused_at_validation_with_its_own_message(comfyui):
     g = t2v(comfyui)
     inputs = {"model": ["1", 0], "threshold": 0.12, "K": 2, "retention": 0.2, "ratios": "1.0, -0.5, 1.0"}
-    g["10"] = {"class_type": "Kandinsky5MagCache", "inputs": inputs}
+    g["10"] = {"class_type": "K5MagCache", "inputs": inputs}
     g["5"]["inputs"]["model"] = ["10", 0]
     errors = validation_errors(comfyui, g)
     assert "10:" in errors and "MagCache ratios must be a non-empty list of numbers >= 0" in errors, errors
@@ -330,7 +330,7 @@ def test_cancel_stops_text_encode_within_a_layer(comfyui):
 def test_cancel_stops_prompt_expansion_within_a_token(comfyui):
     g = graphs.loaders(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP)
     del g["3"]
-    g["4"] = {"class_type": "Kandinsky5PromptExpansion",
+    g["4"] = {"class_type": "K5PromptExpansion",
               "inputs": {"text_encoders": ["2", 0], "prompt": f"a fox {time.monotonic()}", "template": "video",
                          "seed": 1, "max_new_tokens": 64}}  # fmt: skip
     g["7"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}

@@ -32,7 +32,7 @@ def _bundled_workflow() -> Path | None:
         return None if chosen == "none" else Path(chosen)
     for path in sorted((REPO / "workflows").glob("*.json")):  # "Kandinsky 5 - 01 T2V Lite distilled ..." first
         text = path.read_text()
-        if "T2V Lite" in path.name and "Kandinsky5Sampler" in text and '"nodes"' in text:
+        if "T2V Lite" in path.name and "K5Sampler" in text and '"nodes"' in text:
             return path
     return None
 
@@ -100,7 +100,7 @@ def test_extension_in_headless_chromium(request, tmp_path):
         # The loaders' properties.models: the frontend's missing-models panel lists each file this server lacks (the
         # released DiT, ComfyUI's VAE file) with a Download button; the tiny single-file text encoders are present.
         lines = results["missing_models"]
-        dit = next(n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "Kandinsky5LoadDiT")
+        dit = next(n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "K5LoadDiT")
         for name in (dit["widgets_values"][0], "hunyuan_video_vae_bf16.safetensors"):
             assert name in lines and lines[lines.index(name) + 1] == "Download", (name, lines)
         assert not any("qwen_2.5_vl_7b_fp8_scaled" in x or "clip_l.safetensors" in x for x in lines), lines

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_server import CLIP, FLUX_VAE, FRAMES, HUNYUAN_VAE, PACK, QWEN, H, W
+from node_ids_expected import EXPECTED_IDS
 from PIL import Image
 
 from kandinsky_core import pipeline
@@ -21,17 +22,6 @@ from kandinsky_core.download import ModelPaths
 pytestmark = pytest.mark.integration
 
 PROMPT = "a red fox running through fresh snow"
-NODES = (
-    "Kandinsky5LoadDiT",
-    "Kandinsky5LoadTextEncoders",
-    "Kandinsky5LoadVAE",
-    "Kandinsky5LoadLoRA",
-    "Kandinsky5TextEncode",
-    "Kandinsky5PromptExpansion",
-    "Kandinsky5Sampler",
-    "Kandinsky5VAEDecode",
-    "Kandinsky5VAEEncode",
-)
 
 
 def dit_name(comfyui, variant: str) -> str:
@@ -62,24 +52,51 @@ def assert_frames_match(got: np.ndarray, want: torch.Tensor) -> None:
     assert want.std() > 5  # not a blank output that would match anything
 
 
-def test_every_node_is_listed_with_tooltips(comfyui):
+V3_ONLY_KEYS = ("api_node", "deprecated", "experimental")  # what ComfyUI lists for every V3 node (a V1 node: if set)
+
+
+def test_every_node_is_a_v3_node_listed_with_its_id_and_tooltips(comfyui):
     status, info = comfyui.request("/object_info")
     assert status == 200
-    for name in NODES:
-        assert name in info, f"{name} missing from /object_info"
-        node = info[name]
-        assert node["category"].startswith("Kandinsky 5")
-        assert node["display_name"].startswith(("Kandinsky 5", "Load Kandinsky 5"))
-        assert node["description"]
+    ours = {name: node for name, node in info.items() if node["python_module"] == f"custom_nodes.{PACK}"}
+    # exactly our IDs come from our pack: none is dropped for a core ID, none registered by another module
+    assert {name: node["display_name"] for name, node in ours.items()} == EXPECTED_IDS
+    for name, node in ours.items():
+        assert node["name"] == name and node["category"].startswith("Kandinsky 5/") and node["description"]
+        assert all(node.get(key) is False for key in V3_ONLY_KEYS), f"{name} is not listed as a V3 node"
         for section in ("required", "optional"):
             for input_name, spec in node["input"].get(section, {}).items():
                 options = spec[1] if len(spec) > 1 else {}
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
-        assert all(node["output_tooltips"]), f"{name} lacks output tooltips"
-    dit_files = info["Kandinsky5LoadDiT"]["input"]["required"]["dit_name"][0]
+                assert not isinstance(spec[0], list), f"{name}.{input_name} is a V1 combo"
+        assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), name
+    # no module but ours lists a node under one of our display names (a second pack with the old IDs would)
+    others = {n: node["python_module"] for n, node in info.items() if n not in ours}
+    assert not [n for n, node in info.items() if n not in ours and node["display_name"] in EXPECTED_IDS.values()]
+    assert not set(EXPECTED_IDS) & set(others)
+    # VAE Decode's tile sizes are advanced inputs where this release's comfy_api has them (v0.33.0), plain on v0.3.64
+    import inspect
+
+    from comfy_api.latest import io
+
+    has_advanced = "advanced" in inspect.signature(io.Int.Input.__init__).parameters
+    tile_px = info["K5VAEDecode"]["input"]["required"]["tile_px"][1]
+    assert tile_px.get("advanced") is (True if has_advanced else None)
+    dit_files = info["K5LoadDiT"]["input"]["required"]["dit_name"][1]["options"]
     assert dit_name(comfyui, "t2v-lite-sft-5s") in dit_files
-    assert QWEN in info["Kandinsky5LoadTextEncoders"]["input"]["required"]["qwen_name"][0]
-    assert HUNYUAN_VAE in info["Kandinsky5LoadVAE"]["input"]["required"]["vae_name"][0]
+    assert QWEN in info["K5LoadTextEncoders"]["input"]["required"]["qwen_name"][1]["options"]
+    assert HUNYUAN_VAE in info["K5LoadVAE"]["input"]["required"]["vae_name"][1]["options"]
+
+
+def test_core_node_ids_read_from_the_source_are_the_ones_the_server_registers(comfyui):
+    """tests/test_node_ids.py reads core's IDs from ComfyUI's source with ast: every core node of the live server is
+    among them, so the disjointness checked there covers all of core."""
+    from test_node_ids import node_ids
+
+    status, info = comfyui.request("/object_info")
+    core = {n for n, node in info.items() if not node["python_module"].startswith("custom_nodes.")}
+    assert len(core) > 300
+    assert core <= node_ids.core_ids(Path(os.environ["COMFYUI_DIR"]))
 
 
 def test_quick_test_for_ci_imports_the_pack_without_failure(comfyui):
@@ -272,7 +289,7 @@ def test_i2v_model_without_start_image_is_an_execution_error(comfyui):
     g = graphs.text2x(dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
     g["7"]["inputs"]["filename_prefix"] = "never_written"
     err = execution_error(comfyui, g)
-    assert err["node_id"] == "5" and err["node_type"] == "Kandinsky5Sampler"
+    assert err["node_id"] == "5" and err["node_type"] == "K5Sampler"
     assert err["exception_type"].endswith("InputError")
     assert "start_latent" in err["exception_message"] and "VAE Encode" in err["exception_message"]
     assert not list((comfyui.base / "output").glob("never_written*"))
@@ -291,7 +308,7 @@ def test_missing_tokenizer_is_an_execution_error_naming_the_loader(comfyui):
         dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, "qwen_without_tokenizer/", CLIP, PROMPT, W, H, 1, seed=0
     )
     err = execution_error(comfyui, g)
-    assert err["node_id"] == "2" and err["node_type"] == "Kandinsky5LoadTextEncoders"
+    assert err["node_id"] == "2" and err["node_type"] == "K5LoadTextEncoders"
     assert "Load Kandinsky 5 Text Encoders" in err["exception_message"]
     assert "No Qwen2.5-VL tokenizer found" in err["exception_message"]
 
@@ -302,7 +319,7 @@ def test_prompt_expansion_matches_kandinsky_core(comfyui):
     g = graphs.loaders(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP)
     del g["3"]
     g["4"] = {
-        "class_type": "Kandinsky5PromptExpansion",
+        "class_type": "K5PromptExpansion",
         "inputs": {"text_encoders": ["2", 0], "prompt": "a fox", "template": "auto", "seed": 5, "max_new_tokens": 16,
                    "model": ["1", 0]},
     }  # fmt: skip

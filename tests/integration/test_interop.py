@@ -61,9 +61,9 @@ def decode_both(g: dict, latent_link: list) -> dict:
     g["n_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}}
     g["n_dec"] = {"class_type": "VAEDecode", "inputs": {"samples": latent_link, "vae": ["n_vae", 0]}}
     g["n_out"] = {"class_type": "SaveImage", "inputs": {"images": ["n_dec", 0], "filename_prefix": "native"}}
-    g["k_vae"] = {"class_type": "Kandinsky5LoadVAE", "inputs": {"vae_name": VAE_FILE, "dtype": "fp32"}}
+    g["k_vae"] = {"class_type": "K5LoadVAE", "inputs": {"vae_name": VAE_FILE, "dtype": "fp32"}}
     g["k_dec"] = {
-        "class_type": "Kandinsky5VAEDecode",
+        "class_type": "K5VAEDecode",
         "inputs": {
             "vae": ["k_vae", 0],
             "samples": latent_link,

@@ -76,7 +76,7 @@ def graph(dit: str, loras: list[tuple[str, float]], seed: int, prefix: str) -> d
     source = ["1", 0]
     for i, (name, strength) in enumerate(loras):
         node = str(20 + i)
-        g[node] = {"class_type": "Kandinsky5LoadLoRA", "inputs": {"model": source, "lora_name": name,
+        g[node] = {"class_type": "K5LoadLoRA", "inputs": {"model": source, "lora_name": name,
                                                                    "strength": strength}}  # fmt: skip
         source = [node, 0]
     g["5"]["inputs"]["model"] = source

@@ -42,13 +42,13 @@ def speed_graph(comfyui, prefix: str, nodes: dict, model: list, weight_dtype: st
     )  # fmt: skip
     g["L"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "speed_plain"}}
     g.update(nodes)
-    g["s5"] = {"class_type": "Kandinsky5Sampler", "inputs": {**g["5"]["inputs"], "model": model}}
+    g["s5"] = {"class_type": "K5Sampler", "inputs": {**g["5"]["inputs"], "model": model}}
     if weight_dtype != "fp32":  # its own Load DiT "s1", and bf16 text encoders as kandinsky_core uses with fp8
         g["s1"] = {**g["1"], "inputs": {**g["1"]["inputs"], "weight_dtype": weight_dtype}}
         g["s2"] = {**g["2"], "inputs": {**g["2"]["inputs"], "dtype": "bf16"}}
         g["s4"] = {**g["4"], "inputs": {**g["4"]["inputs"], "text_encoders": ["s2", 0], "model": ["s1", 0]}}
         g["s5"]["inputs"].update(positive=["s4", 0], negative=["s4", 1])
-    g["s6"] = {"class_type": "Kandinsky5VAEDecode", "inputs": {**g["6"]["inputs"], "samples": ["s5", 0]}}
+    g["s6"] = {"class_type": "K5VAEDecode", "inputs": {**g["6"]["inputs"], "samples": ["s5", 0]}}
     g["s7"] = {"class_type": "SaveImage", "inputs": {"images": ["s6", 0], "filename_prefix": prefix}}
     g["sL"] = {"class_type": "SaveLatent", "inputs": {"samples": ["s5", 0], "filename_prefix": prefix}}
     return g
@@ -91,7 +91,7 @@ def reused_calls(log: str) -> list[tuple[int, int]]:
 
 def magcache_node(threshold: float) -> dict:
     inputs = {"model": ["1", 0], "threshold": threshold, "K": 2, "retention": 0.2, "ratios": ""}
-    return {"mc": {"class_type": "Kandinsky5MagCache", "inputs": inputs}}
+    return {"mc": {"class_type": "K5MagCache", "inputs": inputs}}
 
 
 def test_magcache_threshold_zero_skips_nothing_and_is_exact(comfyui):
@@ -117,7 +117,7 @@ def test_magcache_on_matches_kandinsky_core_and_its_error_is_bounded(comfyui, ti
 
 def test_magcache_calibrate_measures_the_ratios_without_changing_the_result(comfyui, tiny_variants):
     inputs = {"model": ["1", 0], "filename_prefix": "speed_cal"}
-    nodes = {"cal": {"class_type": "Kandinsky5MagCacheCalibrate", "inputs": inputs}}
+    nodes = {"cal": {"class_type": "K5MagCacheCalibrate", "inputs": inputs}}
     out, log = run(comfyui, speed_graph(comfyui, "speed_cal_frames", nodes, ["cal", 0]))
     assert torch.equal(out["speed"][1], out["plain"][1])
     written = json.loads((comfyui.base / "output" / f"speed_cal_{VARIANT}_{STEPS}steps.json").read_text())
@@ -133,7 +133,7 @@ def test_compile_matches_the_plain_run_within_float_noise(comfyui):
     """torch.compile (inductor, C++ on the CPU) really compiles here (no fallback warning in the server log) and
     the sampled latent equals the eager one within float noise (measured: max 1.2e-5)."""
     inputs = {"model": ["1", 0], "mode": "default", "backend": "inductor"}
-    nodes = {"co": {"class_type": "Kandinsky5Compile", "inputs": inputs}}
+    nodes = {"co": {"class_type": "K5Compile", "inputs": inputs}}
     out, log = run(comfyui, speed_graph(comfyui, "speed_compile", nodes, ["co", 0]))
     assert "torch.compile failed" not in log, log[-3000:]
     print(f"Compile vs plain: latent max {float((out['speed'][1] - out['plain'][1]).abs().max()):.2e}")

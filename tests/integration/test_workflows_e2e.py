@@ -79,19 +79,19 @@ def tiny_graph(comfyui, object_info: dict, variant: str, prefix: str) -> dict:
     nabla = v.nabla is not None
     width, height = (128, 128) if nabla else (96, 64)
     sets = [
-        f"Kandinsky5LoadDiT.dit_name={tiny_name(comfyui, variant)}",
-        f"Kandinsky5LoadDiT.variant={TINY_FOR_TASK[v.task]}",
-        "Kandinsky5LoadDiT.weight_dtype=fp32",
-        "Kandinsky5LoadTextEncoders.dtype=fp32",
-        "Kandinsky5LoadVAE.dtype=fp32",
-        f"Kandinsky5LoadVAE.vae_name={tiny_vae(variant)}",
-        f"Kandinsky5Sampler.width={width}",
-        f"Kandinsky5Sampler.height={height}",
-        f"Kandinsky5Sampler.length={FRAMES if v.is_video else 1}",
-        f"Kandinsky5Sampler.steps={STEPS}",
+        f"K5LoadDiT.dit_name={tiny_name(comfyui, variant)}",
+        f"K5LoadDiT.variant={TINY_FOR_TASK[v.task]}",
+        "K5LoadDiT.weight_dtype=fp32",
+        "K5LoadTextEncoders.dtype=fp32",
+        "K5LoadVAE.dtype=fp32",
+        f"K5LoadVAE.vae_name={tiny_vae(variant)}",
+        f"K5Sampler.width={width}",
+        f"K5Sampler.height={height}",
+        f"K5Sampler.length={FRAMES if v.is_video else 1}",
+        f"K5Sampler.steps={STEPS}",
     ]
     if v.task in ("i2v", "i2i"):
-        sets += [f"Kandinsky5VAEEncode.width={width}", f"Kandinsky5VAEEncode.height={height}"]
+        sets += [f"K5VAEEncode.width={width}", f"K5VAEEncode.height={height}"]
     if v.task == "i2i":
         sets += [f"ImageScale.width={width}", f"ImageScale.height={height}"]
     apply_overrides(g, sets=sets)
@@ -150,8 +150,8 @@ def test_workflow_validates_against_object_info(comfyui, object_info, example_im
     assert graph == json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())  # the twin, from the live server
     # the released files are not on the test server: the DiT choice is swapped for a tiny file of the same task
     stand_in = tiny_name(comfyui, name) or comfyui.models["dit"]["t2i-lite"].name
-    set_input(graph, "Kandinsky5LoadDiT", "dit_name", stand_in)
-    set_input(graph, "Kandinsky5LoadVAE", "vae_name", tiny_vae(name), parse=False)
+    set_input(graph, "K5LoadDiT", "dit_name", stand_in)
+    set_input(graph, "K5LoadVAE", "vae_name", tiny_vae(name), parse=False)
     assert check_against_object_info(graph, object_info) == []
 
 
@@ -207,10 +207,10 @@ def queue_cli(comfyui, *args: str, timeout: float = 300) -> subprocess.Completed
 
 
 def cli_sets(comfyui, variant: str) -> list[str]:
-    sets = [f"Kandinsky5LoadDiT.dit_name={tiny_name(comfyui, variant)}", f"Kandinsky5LoadDiT.variant={variant}"]
-    sets += ["Kandinsky5Sampler.width=96", "Kandinsky5Sampler.height=64", f"Kandinsky5Sampler.steps={STEPS}"]
-    sets += [f"Kandinsky5Sampler.length={FRAMES if VARIANTS[variant].is_video else 1}"]
-    sets += [f"Kandinsky5LoadVAE.vae_name={tiny_vae(variant)}"]
+    sets = [f"K5LoadDiT.dit_name={tiny_name(comfyui, variant)}", f"K5LoadDiT.variant={variant}"]
+    sets += ["K5Sampler.width=96", "K5Sampler.height=64", f"K5Sampler.steps={STEPS}"]
+    sets += [f"K5Sampler.length={FRAMES if VARIANTS[variant].is_video else 1}"]
+    sets += [f"K5LoadVAE.vae_name={tiny_vae(variant)}"]
     return [x for s in sets for x in ("--set", s)]
 
 
@@ -241,20 +241,20 @@ def test_queue_runs_an_api_workflow(comfyui, tmp_path):
 
 def test_queue_reports_a_refused_workflow(comfyui, tmp_path):
     r = queue_cli(comfyui, str(WORKFLOWS / "api" / "t2i-lite.json"), "--output-dir", str(tmp_path),
-                  *cli_sets(comfyui, "t2i-lite"), "--set", "Kandinsky5Sampler.width=100")  # fmt: skip
+                  *cli_sets(comfyui, "t2i-lite"), "--set", "K5Sampler.width=100")  # fmt: skip
     assert r.returncode == 2, r.stdout + r.stderr
     assert "ComfyUI refused the workflow (400)" in r.stderr
-    assert "Kandinsky5Sampler" in r.stderr and "width" in r.stderr and "100" in r.stderr
+    assert "K5Sampler" in r.stderr and "width" in r.stderr and "100" in r.stderr
     assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())
 
 
 def test_queue_reports_an_execution_error(comfyui, tmp_path):
     sets = cli_sets(comfyui, "t2v-lite-sft-5s")
-    sets[1] = f"Kandinsky5LoadDiT.dit_name={tiny_name(comfyui, 'i2v-lite-5s')}"
-    sets[3] = "Kandinsky5LoadDiT.variant=i2v-lite-5s"  # an I2V model in a text-to-video workflow: no start image
+    sets[1] = f"K5LoadDiT.dit_name={tiny_name(comfyui, 'i2v-lite-5s')}"
+    sets[3] = "K5LoadDiT.variant=i2v-lite-5s"  # an I2V model in a text-to-video workflow: no start image
     r = queue_cli(comfyui, str(ui_path("t2v-lite-sft-5s")), "--output-dir", str(tmp_path), *sets)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "ComfyUI failed while running node" in r.stderr and "Kandinsky5Sampler" in r.stderr
+    assert "ComfyUI failed while running node" in r.stderr and "K5Sampler" in r.stderr
     assert "start" in r.stderr.lower() and "Traceback" not in r.stderr
 
 
