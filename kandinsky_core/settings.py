@@ -49,7 +49,7 @@ class Problem:
         return self.message
 
 
-class SettingsError(InputError):
+class SettingsInputError(InputError):
     """Every problem found at once; the message lists them all, one per line."""
 
     def __init__(self, problems: list[Problem] | tuple[Problem, ...] | str) -> None:
@@ -63,7 +63,7 @@ class SettingsError(InputError):
 
 def raise_problems(problems: list[Problem]) -> None:
     if problems:
-        raise SettingsError(problems)
+        raise SettingsInputError(problems)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def fail(node: str) -> Iterator[None]:
     except KandinskyError as e:
         if getattr(e, "node", None):
             raise
-        err = copy.copy(e)  # the same class and attributes (e.g. SettingsError.problems), the message prefixed
+        err = copy.copy(e)  # the same class and attributes (SettingsInputError.problems), the message prefixed
         err.args = (f"{node}: {e}",)
         err.node = node
         raise err from e

