@@ -17,13 +17,13 @@ WEB_DIRECTORY = "./js"
 
 if __package__:  # ComfyUI imports the pack as a package. pytest imports this file as a plain module when the
     # checkout's folder name is not an identifier (e.g. comfyui-kandinsky5): then there is nothing to register.
-    from .nodes import Kandinsky5Extension
+    from .nodes import K5Extension
     from .nodes.web_api import register_routes
 
     register_routes()  # GET /kandinsky5/variants for js/kandinsky5.js (a no-op outside ComfyUI)
 
-    async def comfy_entrypoint() -> Kandinsky5Extension:
-        return Kandinsky5Extension()
+    async def comfy_entrypoint() -> K5Extension:
+        return K5Extension()
 
     __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
 else:

@@ -4,13 +4,14 @@ Module names follow the BFL / ComfyUI `ae.safetensors` layout (`encoder.down.0.b
 so that file loads as is; the diffusers `AutoencoderKL` layout (the `vae/` folder of black-forest-labs/FLUX.1-dev,
 which the official Kandinsky download uses) is renamed on load.
 
-Latents leave `encode` unscaled. The DiT works on `latent * SCALING_FACTOR` with no shift, as the official image
-pipeline does; `SHIFT_FACTOR` is the value FLUX itself uses and is here for interop only.
+Latents leave `encode` unscaled. The DiT works on `latent * variants.FLUX_LATENT_SCALE` (0.3611) with no shift, as
+the official image pipeline does (it multiplies by `vae.config.scaling_factor` only). BFL's FLUX, diffusers'
+FLUX.1-dev `vae/config.json` and ComfyUI's `latent_formats.Flux` pair that scale with a shift of 0.1159, which
+Kandinsky 5 does not apply; a folder's `scaling_factor` / `shift_factor` are therefore not read.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -21,17 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .errors import InputError, MissingFilesError, WeightsError
+from .errors import InputError, WeightsError
 from .vae_tiling import tiled_map_2d
-
-SCALING_FACTOR = 0.3611
-SHIFT_FACTOR = 0.1159
-
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+from .weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
 
 @dataclass(frozen=True)
@@ -43,8 +38,6 @@ class FluxVAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 16
     norm_groups: int = 32
-    scaling_factor: float = SCALING_FACTOR
-    shift_factor: float = SHIFT_FACTOR
 
     @property
     def downscale(self) -> int:
@@ -324,9 +317,10 @@ def load_flux_vae(
     The architecture is `config` if given, else the folder's `config.json`, else the real FLUX.1 config.
     Loading is strict: any missing, unexpected or mis-shaped weight raises `WeightsError`.
     """
-    weights_file, folder_config = _resolve_files(Path(path))
-    cfg = config or folder_config or FLUX_VAE_CONFIG
-    state = _read_safetensors(weights_file)
+    weights_file, raw, state = read_weights(Path(path), _WHAT, _USE, diffusers_class="AutoencoderKL")
+    if not config and raw is not None:
+        config = _config_from_diffusers(raw, weights_file.parent / "config.json")
+    cfg = config or FLUX_VAE_CONFIG
     state = _to_bfl_layout(state, weights_file)
     _check_latent_channels(state, cfg, weights_file)
 
@@ -338,42 +332,11 @@ def load_flux_vae(
     return model.eval().requires_grad_(False)
 
 
-def _resolve_files(path: Path) -> tuple[Path, FluxVAEConfig | None]:
-    if not path.exists():
-        raise MissingFilesError(
-            f"FLUX VAE: {path} does not exist. Expected `ae.safetensors` (models/vae) or a diffusers `vae/` folder "
-            "from black-forest-labs/FLUX.1-dev."
-        )
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise WeightsError(
-                f"FLUX VAE: {path.name} is not a .safetensors file; only safetensors weights are loaded "
-                "(pickled .bin/.pt/.ckpt files can run code). Use `ae.safetensors` or the diffusers safetensors file."
-            )
-        return path, None
-    folder = path / "vae" if (path / "vae").is_dir() else path
-    weights = folder / DIFFUSERS_WEIGHTS_NAME
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:10]
-        raise MissingFilesError(
-            f"FLUX VAE: no {DIFFUSERS_WEIGHTS_NAME} in {folder} (found: {found or 'nothing'}). Only safetensors "
-            "weights are loaded; download the `vae/` folder of black-forest-labs/FLUX.1-dev or use `ae.safetensors`."
-        )
-    config_file = folder / "config.json"
-    return weights, _config_from_diffusers(config_file) if config_file.is_file() else None
+_WHAT = "FLUX VAE"
+_USE = "Use the FLUX.1 VAE: `ae.safetensors` (models/vae) or the `vae/` folder of black-forest-labs/FLUX.1-dev."
 
 
-def _config_from_diffusers(config_file: Path) -> FluxVAEConfig:
-    try:
-        raw = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise WeightsError(f"FLUX VAE: cannot read {config_file}: {err}. Re-download the `vae/` folder.") from err
-    cls = raw.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise WeightsError(
-            f"FLUX VAE: {config_file} describes a `{cls}`, not the FLUX `AutoencoderKL`. "
-            "Point this input at the `vae/` folder of black-forest-labs/FLUX.1-dev (or `ae.safetensors`)."
-        )
+def _config_from_diffusers(raw: dict, config_file: Path) -> FluxVAEConfig:
     try:
         widths = [int(c) for c in raw["block_out_channels"]]
         ch = widths[0]
@@ -388,26 +351,12 @@ def _config_from_diffusers(config_file: Path) -> FluxVAEConfig:
             num_res_blocks=int(raw["layers_per_block"]),
             z_channels=int(raw["latent_channels"]),
             norm_groups=int(raw.get("norm_num_groups", 32)),
-            scaling_factor=float(raw.get("scaling_factor") or SCALING_FACTOR),
-            shift_factor=float(raw.get("shift_factor") or 0.0),
         )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise WeightsError(
             f"FLUX VAE: {config_file} is not a usable AutoencoderKL config ({err!r}). Re-download the `vae/` folder."
         ) from err
 
-
-def _read_safetensors(file: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(
-            f"FLUX VAE: cannot read {file} as safetensors ({err}). The file is truncated or not safetensors; "
-            "re-download it."
-        ) from err
-
-
-_PREFIXES = ("vae.", "first_stage_model.", "ae.")
 
 # diffusers AutoencoderKL name -> BFL name. `{up}` is replaced by the mirrored up-level index.
 _DIFFUSERS_RULES: list[tuple[re.Pattern[str], str]] = [
@@ -432,10 +381,7 @@ _UP_INDEX = re.compile(r"\{up(\d+)\}")
 
 
 def _to_bfl_layout(state: dict[str, Tensor], file: Path) -> dict[str, Tensor]:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "decoder.") or k.startswith(prefix + "encoder.") for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            break
+    state = strip_vae_prefix(state)
     if any(v.ndim == 5 for v in state.values()):
         raise WeightsError(
             f"FLUX VAE: {file.name} holds 3D (video) convolutions: it looks like a video VAE such as the "
@@ -447,7 +393,8 @@ def _to_bfl_layout(state: dict[str, Tensor], file: Path) -> dict[str, Tensor]:
     if any(k.startswith(("encoder.down.", "decoder.up.", "decoder.mid.")) for k in state):
         return state
     raise WeightsError(
-        f"FLUX VAE: {file.name} {_describe(state)} Use the FLUX.1 VAE: `ae.safetensors` or FLUX.1-dev `vae/`."
+        f"FLUX VAE: {file.name} is not a FLUX VAE: no `encoder.down` / `decoder.up` weights; it looks like "
+        f"{what_is_it(state).text} (first keys: {listing(list(state), 5)}). {_USE}"
     )
 
 
@@ -465,25 +412,6 @@ def _rename_diffusers(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-_TEXT_ENCODER_MARKS = ("embed_tokens", "model.layers.", "language_model.", "text_model.", "visual.blocks.")
-
-
-def _describe(state: dict[str, Tensor]) -> str:
-    keys = list(state)
-    joined = "\n".join(keys)
-    if "visual_transformer_blocks." in joined or "text_transformer_blocks." in joined:
-        looks = "a Kandinsky 5 DiT (diffusion model); load it with the Kandinsky model loader"
-    elif "double_blocks." in joined or "transformer_blocks." in joined:
-        looks = "a diffusion transformer, not a VAE"
-    elif any(s in joined for s in _TEXT_ENCODER_MARKS):
-        looks = "a text encoder (Qwen2.5-VL / CLIP), not a VAE"
-    elif not keys:
-        looks = "an empty file"
-    else:
-        looks = f"an unknown model (first keys: {keys[:5]})"
-    return f"is not a FLUX VAE: no `encoder.down` / `decoder.up` weights; it looks like {looks}."
-
-
 def _check_latent_channels(state: dict[str, Tensor], cfg: FluxVAEConfig, file: Path) -> None:
     conv_in = state.get("decoder.conv_in.weight")
     if conv_in is None or conv_in.ndim != 4 or conv_in.shape[1] == cfg.z_channels:
@@ -497,21 +425,14 @@ def _check_latent_channels(state: dict[str, Tensor], cfg: FluxVAEConfig, file: P
 
 
 def _check_keys(model: nn.Module, state: dict[str, Tensor], file: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != expected[k]
-    ]
-    if not (missing or unexpected or wrong):
+    diff = compare_shapes(model.state_dict(), state)
+    if not diff:
         return
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
-            parts.append(f"{len(items)} {label}: {items[:8]}{more}")
+    parts = [
+        f"{len(items)} {label}: {listing(items)}"
+        for label, items in (("missing", diff.missing), ("unexpected", diff.unexpected), ("wrong shape", diff.wrong))
+        if items
+    ]
     raise WeightsError(
         f"FLUX VAE: {file.name} does not match the FLUX VAE architecture ({'; '.join(parts)}). The file is "
         "incomplete or a different VAE; use `ae.safetensors` or the FLUX.1-dev `vae/` folder."

@@ -1,85 +1,40 @@
-"""HunyuanVideo 3D causal VAE (the video VAE of Kandinsky 5): encoder, decoder, tiling and loading.
+"""HunyuanVideo 3D causal VAE (the video VAE of Kandinsky 5): encode / decode, tiling and its memory plan, loading.
 
 Pixels `[B, 3, F, H, W]` in -1..1 with F = 4k + 1 <-> latents `[B, 16, k + 1, H/8, W/8]`, unscaled (the DiT's
-0.476986 scaling happens in sampling.py). Convolutions are causal in time: frame t only sees frames <= t, the
-first frame is padded by replication, and the first frame is compressed alone (hence 4k + 1).
+scaling by variants.HUNYUAN_LATENT_SCALE, this VAE's config scaling_factor 0.476986, happens in sampling.py).
+Convolutions are causal in time: frame t only sees frames <= t, the first frame is padded by replication, and the
+first frame is compressed alone (hence 4k + 1).
 Numerically this is diffusers' AutoencoderKLHunyuanVideo; weights load from either key layout users have.
 
-Our parameter names follow the original latent-diffusion layout ComfyUI uses (`encoder.down.{i}.block.{j}`,
-`mid.attn_1`, `norm_out`), with the attention projections as linear layers (2D weights).
+The networks and the config are in hunyuan_vae_layers.py (importable from here too). Our parameter names follow the
+original latent-diffusion layout ComfyUI uses (`encoder.down.{i}.block.{j}`, `mid.attn_1`, `norm_out`), with the
+attention projections as linear layers (2D weights).
 """
 
 import copy
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from kandinsky_core.errors import InputError, WeightsError
+from kandinsky_core.hunyuan_vae_layers import (  # HunyuanVAEConfig, HUNYUAN_VAE_CONFIG are imported from here too
+    HUNYUAN_VAE_CONFIG,
+    TORCH_OPS,
+    Decoder,
+    Encoder,
+    HunyuanVAEConfig,
+)
 from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
 from kandinsky_core.vae_tiling import blend_chunks_1d, tile_spans, tiled_map_2d
-
-SCALING_FACTOR = 0.476986
-
-TORCH_OPS = SimpleNamespace(Conv3d=nn.Conv3d, Linear=nn.Linear, GroupNorm=nn.GroupNorm)
-
-
-@dataclass(frozen=True)
-class HunyuanVAEConfig:
-    """The VAE's shape. The default is the released HunyuanVideo VAE (hunyuanvideo-community/HunyuanVideo)."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 16
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    spatial_compression: int = 8
-    temporal_compression: int = 4
-    mid_attention: bool = True
-
-    @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "HunyuanVAEConfig":
-        return cls(
-            in_channels=config.get("in_channels", 3),
-            out_channels=config.get("out_channels", 3),
-            latent_channels=config.get("latent_channels", 16),
-            block_out_channels=tuple(config.get("block_out_channels", (128, 256, 512, 512))),
-            layers_per_block=config.get("layers_per_block", 2),
-            norm_num_groups=config.get("norm_num_groups", 32),
-            spatial_compression=config.get("spatial_compression_ratio", 8),
-            temporal_compression=config.get("temporal_compression_ratio", 4),
-            mid_attention=config.get("mid_block_add_attention", True),
-        )
-
-    def level_strides(self) -> list[tuple[int, int, int]]:
-        """(time, height, width) resampling factor of each resolution level, (1, 1, 1) where none.
-
-        As released: spatial resampling at the first log2(spatial) levels, temporal at the log2(temporal)
-        levels just before the last one.
-        """
-        n = len(self.block_out_channels)
-        n_space, n_time = int(math.log2(self.spatial_compression)), int(math.log2(self.temporal_compression))
-        strides = []
-        for i in range(n):
-            s = 2 if i < n_space else 1
-            t = 2 if n - 1 - n_time <= i < n - 1 else 1
-            strides.append((t, s, s))
-        return strides
-
-
-HUNYUAN_VAE_CONFIG = HunyuanVAEConfig()
+from kandinsky_core.weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
 
 @dataclass(frozen=True)
@@ -98,172 +53,6 @@ class VAETiling:
     overlap_frames: int = 8
 
 
-class CausalConv3d(nn.Module):
-    """3D convolution padded causally in time (replicating the first frame) and 'same' in space."""
-
-    def __init__(self, ops, c_in: int, c_out: int, kernel: int = 3, stride: tuple[int, int, int] = (1, 1, 1)):
-        super().__init__()
-        self.pad = (kernel // 2, kernel // 2, kernel // 2, kernel // 2, kernel - 1, 0)
-        self.conv = ops.Conv3d(c_in, c_out, kernel, stride=stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if any(self.pad):
-            x = F.pad(x, self.pad, mode="replicate")
-        return self.conv(x)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, ops, c_in: int, c_out: int, groups: int):
-        super().__init__()
-        self.norm1 = ops.GroupNorm(groups, c_in, eps=1e-6)
-        self.conv1 = CausalConv3d(ops, c_in, c_out)
-        self.norm2 = ops.GroupNorm(groups, c_out, eps=1e-6)
-        self.conv2 = CausalConv3d(ops, c_out, c_out)
-        self.nin_shortcut = CausalConv3d(ops, c_in, c_out, kernel=1) if c_in != c_out else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class CausalAttention(nn.Module):
-    """Single-head self-attention over all positions, where a frame only attends to itself and earlier frames."""
-
-    def __init__(self, ops, channels: int, groups: int):
-        super().__init__()
-        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
-        self.q = ops.Linear(channels, channels)
-        self.k = ops.Linear(channels, channels)
-        self.v = ops.Linear(channels, channels)
-        self.proj_out = ops.Linear(channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        _, _, t, h, w = x.shape
-        tokens = rearrange(self.norm(x), "b c t h w -> b (t h w) c")
-        q, k, v = (rearrange(proj(tokens), "b s c -> b 1 s c") for proj in (self.q, self.k, self.v))
-        # Frame by frame instead of a (THW)^2 mask: queries of frame i see keys of frames 0..i.
-        frame = h * w
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q[:, :, i * frame : (i + 1) * frame], k[:, :, : (i + 1) * frame], v[:, :, : (i + 1) * frame]
-                )
-                for i in range(t)
-            ],
-            dim=2,
-        )
-        out = self.proj_out(rearrange(out, "b 1 s c -> b s c"))
-        return x + rearrange(out, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
-
-
-class MidBlock(nn.Module):
-    def __init__(self, ops, channels: int, groups: int, attention: bool):
-        super().__init__()
-        self.block_1 = ResnetBlock(ops, channels, channels, groups)
-        self.attn_1 = CausalAttention(ops, channels, groups) if attention else None
-        self.block_2 = ResnetBlock(ops, channels, channels, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.block_1(x)
-        if self.attn_1 is not None:
-            x = self.attn_1(x)
-        return self.block_2(x)
-
-
-class Downsample(nn.Module):
-    def __init__(self, ops, channels: int, stride: tuple[int, int, int]):
-        super().__init__()
-        self.conv = CausalConv3d(ops, channels, channels, stride=stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest upsampling then a causal conv; the first frame is only upsampled in space (it stays one frame)."""
-
-    def __init__(self, ops, channels: int, factor: tuple[int, int, int]):
-        super().__init__()
-        self.factor = factor
-        self.conv = CausalConv3d(ops, channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.factor[0] == 1 or x.shape[2] == 1:
-            x = F.interpolate(x, scale_factor=(1, *self.factor[1:]), mode="nearest")
-        else:
-            first = F.interpolate(x[:, :, :1], scale_factor=(1, *self.factor[1:]), mode="nearest")
-            rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
-            x = torch.cat([first, rest], dim=2)
-        return self.conv(x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, config: HunyuanVAEConfig, ops):
-        super().__init__()
-        chans, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = CausalConv3d(ops, config.in_channels, chans[0])
-        self.down = nn.ModuleList()
-        c_in = chans[0]
-        for i, stride in enumerate(config.level_strides()):
-            level = nn.Module()
-            level.block = nn.ModuleList(
-                ResnetBlock(ops, c_in if j == 0 else chans[i], chans[i], groups) for j in range(config.layers_per_block)
-            )
-            if stride != (1, 1, 1):
-                level.downsample = Downsample(ops, chans[i], stride)
-            self.down.append(level)
-            c_in = chans[i]
-        self.mid = MidBlock(ops, chans[-1], groups, config.mid_attention)
-        self.norm_out = ops.GroupNorm(groups, chans[-1], eps=1e-6)
-        self.conv_out = CausalConv3d(ops, chans[-1], 2 * config.latent_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                x = block(x)
-            if hasattr(level, "downsample"):
-                x = level.downsample(x)
-        x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, config: HunyuanVAEConfig, ops):
-        super().__init__()
-        chans, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = CausalConv3d(ops, config.latent_channels, chans[-1])
-        self.mid = MidBlock(ops, chans[-1], groups, config.mid_attention)
-        # up[i] works at the resolution of encoder level i, so it runs in reverse order.
-        levels = []
-        c_in = chans[-1]
-        for i, factor in enumerate(config.level_strides()):
-            c_out = chans[-1 - i]
-            level = nn.Module()
-            level.block = nn.ModuleList(
-                ResnetBlock(ops, c_in if j == 0 else c_out, c_out, groups) for j in range(config.layers_per_block + 1)
-            )
-            if factor != (1, 1, 1):
-                level.upsample = Upsample(ops, c_out, factor)
-            levels.append(level)
-            c_in = c_out
-        self.up = nn.ModuleList(reversed(levels))
-        self.norm_out = ops.GroupNorm(groups, chans[0], eps=1e-6)
-        self.conv_out = CausalConv3d(ops, chans[0], config.out_channels)
-
-    def forward(self, z: Tensor) -> Tensor:
-        x = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                x = block(x)
-            if hasattr(level, "upsample"):
-                x = level.upsample(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
-
-
 Tiled = bool | Literal["auto"]
 
 # Rough count of full-resolution, first-level-width activations alive at once in an untiled encode.
@@ -273,8 +62,6 @@ _CPU_BUDGET = 4 * 2**30
 
 class HunyuanVideoVAE(nn.Module):
     """The HunyuanVideo VAE. `encode` gives the posterior mean (or a sample), `decode` pixels clamped to -1..1."""
-
-    SCALING_FACTOR = SCALING_FACTOR
 
     def __init__(self, config: HunyuanVAEConfig = HUNYUAN_VAE_CONFIG, operations=TORCH_OPS):
         super().__init__()
@@ -628,8 +415,11 @@ def _check_tiling(tiling: VAETiling, cfg: HunyuanVAEConfig) -> None:
 
 # Loading.
 
-_DIFFUSERS_CONFIG = "config.json"
-_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_WHAT = "HunyuanVideo VAE"
+_USE = (
+    "Use the HunyuanVideo VAE: hunyuan_video_vae_bf16.safetensors (models/vae) or the vae/ folder of "
+    "hunyuanvideo-community/HunyuanVideo."
+)
 
 
 def load_hunyuan_vae(
@@ -645,82 +435,35 @@ def load_hunyuan_vae(
 
     `config` overrides the folder's config.json / the released config (tests use tiny ones). Loading is strict.
     """
-    path = Path(path)
-    if path.is_dir():
-        weights, config = _diffusers_folder(path, config)
-    elif path.is_file():
-        weights = path
-    else:
-        raise WeightsError(
-            f"HunyuanVideo VAE: {path} does not exist. Point to the VAE .safetensors file or vae/ folder."
-        )
-    state = _read_safetensors(weights)
+    weights, raw, state = read_weights(
+        Path(path), _WHAT, _USE, diffusers_class="AutoencoderKLHunyuanVideo", require_config=True
+    )
     state = to_our_layout(state, weights)
-    config = config or HUNYUAN_VAE_CONFIG
+    config = config or (HunyuanVAEConfig.from_diffusers(raw) if raw is not None else HUNYUAN_VAE_CONFIG)
 
     conv_in = state["decoder.conv_in.conv.weight"]
     if conv_in.shape[1] != config.latent_channels:
         raise WeightsError(
-            f"{weights} is not the HunyuanVideo VAE: it looks like {describe_weights(state)}, but Kandinsky 5 "
+            f"{weights} is not the HunyuanVideo VAE: it looks like {what_is_it(state).text}, but Kandinsky 5 "
             f"needs {config.latent_channels}. Use hunyuan_video_vae_bf16.safetensors (HunyuanVideo 1.0)."
         )
     with torch.device("meta"):
         model = HunyuanVideoVAE(config, operations)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    diff = compare_shapes(model.state_dict(), state)
+    if diff.missing or diff.unexpected:
         raise WeightsError(
             f"HunyuanVideo VAE {weights}: keys do not match the model (config {config.block_out_channels}, "
-            f"{config.latent_channels} latent channels). Missing: {_listing(missing)}. Unexpected: "
-            f"{_listing(unexpected)}. Use the HunyuanVideo VAE file (e.g. hunyuan_video_vae_bf16.safetensors)."
+            f"{config.latent_channels} latent channels). Missing: {listing(diff.missing)}. Unexpected: "
+            f"{listing(diff.unexpected)}. Use the HunyuanVideo VAE file (e.g. hunyuan_video_vae_bf16.safetensors)."
         )
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
-    ]
-    if wrong:
+    if diff.wrong:
         raise WeightsError(
-            f"HunyuanVideo VAE {weights}: tensor shapes differ from the HunyuanVideo VAE: {_listing(wrong)}. "
+            f"HunyuanVideo VAE {weights}: tensor shapes differ from the HunyuanVideo VAE: {listing(diff.wrong)}. "
             "This file is a different VAE (another size or latent channel count)."
         )
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _diffusers_folder(path: Path, config: HunyuanVAEConfig | None) -> tuple[Path, HunyuanVAEConfig]:
-    if not (path / _DIFFUSERS_CONFIG).is_file() and (path / "vae" / _DIFFUSERS_CONFIG).is_file():
-        path = path / "vae"
-    config_file, weights = path / _DIFFUSERS_CONFIG, path / _DIFFUSERS_WEIGHTS
-    if not config_file.is_file() or not weights.is_file():
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise WeightsError(
-            f"HunyuanVideo VAE folder {path} needs {_DIFFUSERS_CONFIG} and {_DIFFUSERS_WEIGHTS} (found {found}). "
-            "Download the vae/ folder of hunyuanvideo-community/HunyuanVideo, or use a single .safetensors file. "
-            "Only safetensors weights are loaded."
-        )
-    raw = json.loads(config_file.read_text())
-    if raw.get("_class_name", "AutoencoderKLHunyuanVideo") != "AutoencoderKLHunyuanVideo":
-        raise WeightsError(
-            f"{config_file} describes a {raw.get('_class_name')}, not the HunyuanVideo VAE "
-            "(AutoencoderKLHunyuanVideo). Point to the HunyuanVideo vae/ folder."
-        )
-    return weights, config or HunyuanVAEConfig.from_diffusers(raw)
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if path.suffix != ".safetensors":
-        raise WeightsError(
-            f"HunyuanVideo VAE: {path.name} is not a .safetensors file; only safetensors weights are loaded "
-            "(pickled .pt/.bin/.ckpt files can run code). Use hunyuan_video_vae_bf16.safetensors."
-        )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"HunyuanVideo VAE: cannot read {path} as safetensors ({err}). Re-download it.") from err
 
 
 # Key layouts. "diffusers": diffusers' AutoencoderKLHunyuanVideo, which is also the original Tencent layout
@@ -740,13 +483,11 @@ def detect_layout(keys: set[str]) -> str | None:
 
 def to_our_layout(state: dict[str, Tensor], source: Path | str = "state dict") -> dict[str, Tensor]:
     """Rename a HunyuanVideo VAE state dict (either layout, optional 'vae.'/'first_stage_model.' prefix) to ours."""
-    for prefix in ("vae.", "first_stage_model."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = strip_vae_prefix(state)
     layout = detect_layout(set(state))
     if layout is None:
         raise WeightsError(
-            f"{source} is not a HunyuanVideo VAE: it looks like {describe_weights(state)}. "
+            f"{source} is not a HunyuanVideo VAE: it looks like {what_is_it(state).text}. "
             "Use the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors or the diffusers vae/ folder)."
         )
     if layout == "diffusers":
@@ -784,42 +525,3 @@ def _diffusers_name(key: str, n_levels: int) -> str:
     for pattern, repl in _DIFFUSERS_RENAMES:
         key = re.sub(pattern, repl, key)
     return key[1:]
-
-
-def describe_weights(state: dict[str, Tensor]) -> str:
-    """A short guess of what a state dict is, for error messages."""
-    keys = set(state)
-
-    def has(*parts: str) -> bool:
-        return any(all(p in k for p in parts) for k in keys)
-
-    if has("visual_transformer_blocks") or has("text_transformer_blocks") or has("time_embeddings"):
-        return "a Kandinsky 5 DiT (diffusion model)"
-    if has("double_blocks") or has("single_blocks") or has("transformer_blocks"):
-        return "a diffusion transformer (DiT), not a VAE"
-    if has("decoder.conv_in.conv.weight"):
-        w = state.get("decoder.conv_in.conv.weight")
-        if w is not None and w.ndim == 5 and w.shape[1] != 16:
-            return f"a 3D video VAE with {w.shape[1]} latent channels (e.g. HunyuanVideo 1.5), not HunyuanVideo's 16"
-        return "a 3D video VAE of another architecture"
-    if has("decoder.upsamples") or has("decoder.middle"):
-        return "a Wan video VAE"
-    conv_in = state.get("decoder.conv_in.weight")
-    if conv_in is not None and conv_in.ndim == 4:
-        return f"a 2D image VAE ({conv_in.shape[1]} latent channels, e.g. FLUX or Stable Diffusion)"
-    if has("decoder.") and has("encoder."):
-        return "an autoencoder of another architecture"
-    if has("model.layers.") or has("text_model.") or has("language_model") or has("embed_tokens"):
-        return "a text encoder"
-    if has("lora_"):
-        return "a LoRA"
-    if not keys:
-        return "an empty file"
-    return f"an unknown model (first keys: {_listing(sorted(keys), 3)})"
-
-
-def _listing(items: list[str], limit: int = 8) -> str:
-    if not items:
-        return "none"
-    shown = ", ".join(items[:limit])
-    return shown + (f" ... ({len(items)} in all)" if len(items) > limit else "")

@@ -1,167 +1,41 @@
-"""Safetensors reading, DiT variant detection, strict loading, weight dtypes and fp8 storage.
+"""The DiT's weight files: variant detection, strict loading, weight dtypes and fp8 storage.
 
-Only safetensors are read (never pickles). Detection works from the header alone, so a 40 GB file costs
-nothing to recognise.
+Detection works from the safetensors header alone (weights.read_safetensors_header), so a 40 GB file costs nothing
+to recognise. What every weights reader shares (headers, prefixes, fp8, "what is this file") is in weights.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import InputError, MissingFilesError, TruncatedFileError, WeightsError
+from .errors import InputError, WeightsError
 from .model import Kandinsky5DiT
 from .variants import VARIANTS, DiTArch, Variant, get_variant
+from .weights import (  # read_safetensors_header, to_scaled_fp8 and FP8_DTYPE are imported from here too
+    FP8_DTYPE,
+    compare_shapes,
+    is_quant_aux,
+    listing,
+    open_safetensors,
+    read_safetensors_header,
+    shape_of,
+    split_prefix,
+    to_scaled_fp8,
+    what_is_it,
+)
 
-Header = dict[str, tuple[str, tuple[int, ...]]]
-
-_MAX_HEADER = 100 * 1024 * 1024  # the format caps the JSON header at 100 MB
-# bits per element of the safetensors dtypes (the format's names)
-_DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
 # Prefixes other tools put in front of the official names (ComfyUI checkpoints and exports, Lightning, ...).
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "dit.", "transformer.")
-FP8_DTYPE = torch.float8_e4m3fn
-
-
-def _describe_magic(head: bytes) -> str:
-    if head[:2] == b"PK":
-        return "a zip archive (a PyTorch .pt/.ckpt pickle checkpoint?)"
-    if head[:4] == b"GGUF":
-        return "a GGUF file (quantised weights for llama.cpp-style loaders)"
-    if head[:1] == b"\x80":
-        return "a Python pickle (an old PyTorch checkpoint?)"
-    if head[:1] in (b"{", b"<", b"#"):
-        return "a text file (JSON/HTML/config, perhaps an error page saved instead of the weights)"
-    return "something that is not a safetensors file"
-
-
-def read_safetensors_header(path: str | Path) -> Header:
-    """{tensor name: (dtype string, shape)} from the header only; raises WeightsError for broken files."""
-    path = Path(path)
-    if path.is_dir():
-        raise WeightsError(
-            f"{str(path)!r} is a folder, not a weights file. Pick the .safetensors file itself "
-            "(for a DiT, e.g. model/kandinsky5lite_t2v_sft_5s.safetensors)."
-        )
-    if not path.is_file():
-        raise MissingFilesError(f"Weights file {str(path)!r} does not exist. Check the path or download it first.")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(
-                f"{path.name!r} is {size} bytes long: too short to be a safetensors file (expected an 8-byte header "
-                "length, then a JSON header and the tensor data). The download is probably incomplete: fetch it again."
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or n < 2:
-            raise WeightsError(
-                f"{path.name!r} is not a safetensors file: it starts like {_describe_magic(head)} (its first 8 bytes "
-                f"would announce a {n}-byte header). Only .safetensors weights are supported; convert or re-download."
-            )
-        if 8 + n > size:
-            raise TruncatedFileError(
-                f"{path.name!r} is truncated or not a safetensors file: the header length is {n} bytes but the file "
-                f"has only {size - 8} bytes after it. Re-download the file."
-            )
-        raw = f.read(n)
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(
-            f"{path.name!r} is not a valid safetensors file: its header is not JSON ({e}). "
-            f"The file starts like {_describe_magic(head)}. Re-download or convert it to safetensors."
-        ) from None
-    out: Header = {}
-    data_end = 0
-    for name, info in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            start, end = int(start), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(
-                f"{path.name!r} has a malformed safetensors header entry for {name!r}: {info!r}. Re-download the file."
-            ) from None
-        if dtype not in _DTYPE_BITS:
-            raise WeightsError(
-                f"{path.name!r}: tensor {name!r} has the dtype {dtype!r}, which safetensors does not define (known: "
-                f"{', '.join(_DTYPE_BITS)}). The file is corrupt or not safetensors: re-download it."
-            )
-        if not 0 <= start <= end or (end - start) * 8 != math.prod(shape) * _DTYPE_BITS[dtype]:
-            raise WeightsError(
-                f"{path.name!r}: tensor {name!r} has data offsets {[start, end]} that do not fit its shape "
-                f"{list(shape)} and dtype {dtype}. The file is corrupt: re-download it."
-            )
-        out[name] = (dtype, shape)
-        data_end = max(data_end, int(end))
-    if 8 + n + data_end > size:
-        raise TruncatedFileError(
-            f"{path.name!r} is truncated: its tensors need {8 + n + data_end} bytes but the file has {size}. "
-            "The download was interrupted: delete it and download again."
-        )
-    return out
-
-
-def _shape(v) -> tuple[int, ...]:
-    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
-        return tuple(v[1])
-    if hasattr(v, "shape"):
-        return tuple(v.shape)
-    return tuple(v)
 
 
 def strip_prefix(names) -> tuple[str, dict[str, str]]:
     """(prefix found, {stripped name: original name}) for a DiT saved under a wrapper prefix."""
-    names = list(names)
-    for p in _PREFIXES:
-        if any(n.startswith(p + "text_embeddings.") for n in names):
-            return p, {n[len(p) :]: n for n in names if n.startswith(p)}
-    return "", {n: n for n in names}
-
-
-def _sample_keys(names, k: int = 6) -> str:
-    names = sorted(names)
-    more = f" ... ({len(names)} tensors)" if len(names) > k else ""
-    return ", ".join(names[:k]) + more
-
-
-def _what_is_it(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    names = list(shapes)
-    if not names:
-        return "an empty safetensors file (no tensors)"
-    if any(re.search(r"lora_[AB]|lora_(up|down)|\.alpha$|lora\.", n) for n in names):
-        return "a LoRA (low-rank adapter), not a full model; load it with a LoRA loader on top of the DiT"
-    bare = [re.sub(r"^(first_stage_model|vae|autoencoder)\.", "", n) for n in names]
-    if any(n.startswith(("encoder.", "decoder.")) for n in bare):
-        conv5d = any(len(s) == 5 for s in shapes.values())
-        if conv5d:
-            return "a video VAE (3D convolutions, e.g. the HunyuanVideo VAE): load it as the VAE, not as the DiT"
-        return "an image VAE (2D convolutions, e.g. the FLUX VAE): load it as the VAE, not as the DiT"
-    if any(re.match(r"(model\.)?(language_model\.)?(layers\.\d+|embed_tokens)", n) for n in names) or any(
-        n.startswith(("visual.blocks", "model.visual.", "lm_head")) for n in names
-    ):
-        return "a Qwen / LLM text encoder (model.layers.*, embed_tokens): load it as the text encoder, not as the DiT"
-    if any(n.startswith(("text_model.", "vision_model.")) or ".text_model." in n for n in names):
-        return "a CLIP model (text_model.*): load it as the CLIP text encoder, not as the DiT"
-    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in names):
-        return "a FLUX-style DiT, not a Kandinsky 5 model"
-    if any(n.startswith(("blocks.", "transformer_blocks.")) for n in names):
-        return "a diffusion transformer of another family (e.g. Wan or HunyuanVideo), not Kandinsky 5"
-    return "an unknown model"
+    return split_prefix(names, _PREFIXES, ("text_embeddings.",))
 
 
 @dataclass(frozen=True)
@@ -275,13 +149,14 @@ def _matches(v: Variant, key: str, value: str) -> bool:
 def _file_facts(header_or_shapes: Mapping, fname: str) -> tuple[str, dict]:
     """(prefix, architecture facts) of a DiT file; WeightsError saying what the file is if it is no K5 DiT."""
     prefix, rename = strip_prefix(header_or_shapes.keys())
-    shapes = {k: _shape(header_or_shapes[orig]) for k, orig in rename.items()}
+    shapes = {k: shape_of(header_or_shapes[orig]) for k, orig in rename.items()}
     if "text_embeddings.in_layer.weight" not in shapes or "visual_embeddings.in_layer.weight" not in shapes:
-        all_shapes = {k: _shape(v) for k, v in header_or_shapes.items()}
+        guess = what_is_it(header_or_shapes)
+        looks = f"{guess.text}; {guess.use}, not as the DiT" if guess.use and guess.kind != "dit" else guess.text
         raise WeightsError(
-            f"{fname!r} is not a Kandinsky 5 DiT: it looks like {_what_is_it(all_shapes)}. "
+            f"{fname!r} is not a Kandinsky 5 DiT: it looks like {looks}. "
             f"A Kandinsky 5 DiT has tensors such as text_embeddings.in_layer.weight and visual_transformer_blocks.*; "
-            f"this file has: {_sample_keys(all_shapes)}. Pick a kandinsky5*.safetensors DiT file."
+            f"this file has: {listing(sorted(header_or_shapes), 6)}. Pick a kandinsky5*.safetensors DiT file."
         )
     try:
         return prefix, _arch_from_shapes(shapes)
@@ -375,63 +250,49 @@ def load_dit(
         model = Kandinsky5DiT(v.arch, dtype=dtype, operations=operations, compute_dtype=dtype)
     expected = model.state_dict()
     _, rename = strip_prefix(header.keys())
-    missing = sorted(set(expected) - set(rename))
-    unexpected = sorted(set(rename) - set(expected)) + sorted(set(header) - set(rename.values()))
-    if any(n.endswith((".scale_weight", ".weight_scale", "scaled_fp8")) for n in unexpected):
+    diff = compare_shapes(expected, {name: header[orig] for name, orig in rename.items()})
+    missing, unexpected = diff.missing, diff.unexpected + sorted(set(header) - set(rename.values()))
+    scales = [n for n in unexpected if is_quant_aux(n)]
+    if scales:
         raise WeightsError(
             f"{path.name!r} is a scaled-fp8 export (it has per-tensor scale tensors such as "
-            f"{next(n for n in unexpected if 'scale' in n)}), which this loader does not read. Use the official "
-            "bf16 checkpoint and choose fp8 storage (fp8=True / the weight dtype option) instead."
+            f"{next((n for n in scales if 'scale' in n), scales[0])}), which this loader does not read. Use the "
+            "official bf16 checkpoint and choose fp8 storage (fp8=True / the weight dtype option) instead."
         )
     if missing or unexpected:
         raise WeightsError(
             f"{path.name!r} does not fit the {v.name} DiT: "
-            + (f"missing {len(missing)} tensors ({_sample_keys(missing, 8)}); " if missing else "")
-            + (f"unexpected {len(unexpected)} tensors ({_sample_keys(unexpected, 8)}); " if unexpected else "")
+            + (f"missing {len(missing)} tensors ({listing(missing)}); " if missing else "")
+            + (f"unexpected {len(unexpected)} tensors ({listing(unexpected)}); " if unexpected else "")
             + "the file is incomplete or from another model. Use the official checkpoint for this variant."
         )
-    for name, ref in expected.items():
-        if tuple(ref.shape) != header[rename[name]][1]:
-            raise WeightsError(
-                f"{path.name!r}: tensor {name} has shape {header[rename[name]][1]}, the {v.name} DiT needs "
-                f"{tuple(ref.shape)}. The file belongs to another variant; let auto-detection pick it."
-            )
-
-    from safetensors import SafetensorError, safe_open
+    if diff.wrong:
+        raise WeightsError(
+            f"{path.name!r}: tensors have other shapes than the {v.name} DiT needs ({listing(diff.wrong, 4)}). "
+            "The file belongs to another variant; let auto-detection pick it."
+        )
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     state: dict[str, torch.Tensor] = {}
     # One tensor at a time, converted on arrival: peak memory is the model plus one tensor.
-    scales: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name, orig in rename.items():
-                t = f.get_tensor(orig)
-                target = _target_dtype(name, t.dtype, dtype, fp8)
-                if target == FP8_DTYPE and t.dtype != FP8_DTYPE:
-                    t, scales[name] = to_scaled_fp8(t)
-                elif t.dtype != target:
-                    t = t.to(target)
-                elif t.device.type == "cpu":
-                    # safetensors maps CPU tensors straight from the file, at any byte offset: an owned copy is aligned
-                    # as every other tensor is, so the same weights give the same numbers wherever they are copied
-                    t = t.clone()
-                state[name] = t
-    except SafetensorError as e:
-        raise WeightsError(f"{path.name!r} cannot be read as safetensors ({e}). It is corrupt: re-download it.") from e
+    fp8_scales: dict[str, torch.Tensor] = {}
+    with open_safetensors(path, f"DiT {v.name}", device=str(device)) as f:
+        for name, orig in rename.items():
+            t = f.get_tensor(orig)
+            target = _target_dtype(name, t.dtype, dtype, fp8)
+            if target == FP8_DTYPE and t.dtype != FP8_DTYPE:
+                t, fp8_scales[name] = to_scaled_fp8(t)
+            elif t.dtype != target:
+                t = t.to(target)
+            elif t.device.type == "cpu":
+                # safetensors maps CPU tensors straight from the file, at any byte offset: an owned copy is aligned
+                # as every other tensor is, so the same weights give the same numbers wherever they are copied
+                t = t.clone()
+            state[name] = t
     model.load_state_dict(state, strict=True, assign=True)
-    for name, scale in scales.items():
+    for name, scale in fp8_scales.items():
         # not in the state dict: the model keeps the checkpoint's keys; layers multiply it back at use
         model.get_submodule(name.rsplit(".", 1)[0]).register_buffer("weight_scale", scale, persistent=False)
     return model.eval().requires_grad_(False), v
-
-
-def to_scaled_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weight / scale, float32 0-dim scale) with the tensor's largest magnitude at float8's largest
-    finite value: a plain cast flushes typical weights (std ~0.01, many below float8's smallest normal 2**-6) into
-    its coarse subnormal range (5.7% output error at std 0.01)."""
-    amax = weight.abs().max().float()
-    scale = (amax / torch.finfo(FP8_DTYPE).max).clamp(min=torch.finfo(torch.float32).tiny)
-    return (weight.float() / scale).to(FP8_DTYPE), scale

@@ -119,6 +119,17 @@ def _arch_flags(dit: Any) -> tuple[bool, bool]:
     return bool(getattr(arch, "visual_cond", False)), bool(getattr(arch, "instruct", False))
 
 
+def empty_conditioning(dit: Any, x: Tensor) -> Tensor | None:
+    """The conditioning channels a DiT with image inputs (I2V `visual_cond`, I2I `instruct`) takes next to the latent
+    x [B, 16, T, H, W] when no image is given: 16 zero latent channels and a zero mask, [B, 17, T, H, W]; None for a
+    DiT without them. `torch.cat([x, extra], dim=1)` is the DiT's input."""
+    visual_cond, instruct = _arch_flags(dit)
+    if not (visual_cond or instruct):
+        return None
+    B, _, T, H, W = x.shape
+    return torch.zeros((B, LATENT_CHANNELS + 1, T, H, W), dtype=x.dtype, device=x.device)
+
+
 def _check_inputs(
     noise: Tensor,
     cond: TextConditioning,
@@ -216,14 +227,12 @@ def sample(
     dts = torch.diff(times).to(device)
 
     x = noise.clone()
-    extra = None
+    extra = empty_conditioning(dit, x)
     if visual_cond:
-        extra = torch.zeros((B, LATENT_CHANNELS + 1, T, H, W), dtype=x.dtype, device=device)
         if first_frame_latent is not None:
             first_frame_latent = first_frame_latent.to(device=device, dtype=x.dtype).expand(B, -1, -1, -1, -1)
             extra[:, LATENT_CHANNELS:, :1] = 1
     elif instruct:
-        extra = torch.zeros((B, LATENT_CHANNELS + 1, T, H, W), dtype=x.dtype, device=device)
         if edit_latent is not None:
             extra[:, :LATENT_CHANNELS] = edit_latent.to(device=device, dtype=x.dtype)
             extra[:, LATENT_CHANNELS:] = 1

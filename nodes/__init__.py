@@ -32,7 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
 ]
 
 
-class Kandinsky5Extension(ComfyExtension):
+class K5Extension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)
 

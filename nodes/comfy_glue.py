@@ -254,19 +254,20 @@ def step_callback(
 
 
 def lora_patches(patcher: Any, lora: Any) -> dict[str, Any]:
-    """ComfyUI weight patches for a kandinsky_core.lora.LoraFile, keyed by the patcher's state-dict keys. Each is a
+    """ComfyUI weight patches for a kandinsky_core.lora.LoraFile, keyed by the patcher's state-dict keys
+    (`diffusion_model.<module>.weight`, those of a Kandinsky 5 MODEL). Each is a
     comfy.weight_adapter adapter that computes the LoRA's delta with kandinsky_core's math when ComfyUI patches the
     weight (on load, or per layer under partial loading); float8 weights stored divided by their `weight_scale`
     get the delta divided by it too."""
     cls = _lora_adapter_class()
-    inner = patcher.model.inner
+    inner = patcher.model.diffusion_model
     patches = {}
     for module, target in lora.targets.items():
         scale = inner.get_submodule(module)._buffers.get("weight_scale")
         names = tuple(target.factors)
         weights = (target.kind, target.scale, 1.0 / float(scale) if scale is not None else 1.0, names,
                    tuple(target.factors[n] for n in names))  # fmt: skip
-        patches[f"inner.{module}.weight"] = cls({f"{module}"}, weights)
+        patches[f"diffusion_model.{module}.weight"] = cls({f"{module}"}, weights)
     return patches
 
 

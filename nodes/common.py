@@ -16,7 +16,6 @@ from kandinsky_core.errors import KandinskyError
 CATEGORY = "Kandinsky 5"
 
 # The pack's own link types (what flows between our loaders and our other nodes)
-K5_DIT = io.Custom("K5_DIT")
 K5_TEXT_ENCODERS = io.Custom("K5_TEXT_ENCODERS")
 K5_VAE = io.Custom("K5_VAE")
 

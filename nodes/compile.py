@@ -1,5 +1,4 @@
-"""Kandinsky 5 Compile: model in, a patched clone out whose Kandinsky 5 options carry a torch.compile setting the
-Kandinsky 5 Sampler honours.
+"""Kandinsky 5 Compile: MODEL in, MODEL out carrying a torch.compile setting the Kandinsky 5 Sampler honours.
 
 The setting compiles the DiT's blocks for the sampler's run only (`applied`), so the loaded model that other
 branches of the workflow share stays uncompiled, and a compiler failure falls back to eager with one warning
@@ -17,7 +16,7 @@ from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 
-from .common import CATEGORY, K5_DIT, fail
+from .common import CATEGORY, fail
 from .model_options import with_options
 
 MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
@@ -59,7 +58,7 @@ class Compile(io.ComfyNode):
             "faster. If compiling fails (no Triton / compiler), the sampler runs uncompiled with the same result and "
             "logs a warning.",
             inputs=[
-                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Combo.Input("mode", options=list(MODES), default="default", tooltip=
                                "torch.compile mode. max-autotune searches faster kernels (much longer compile); it "
                                "runs without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap "
@@ -68,7 +67,7 @@ class Compile(io.ComfyNode):
                                "inductor generates fused kernels (needs Triton on GPU, a C++ compiler on CPU); "
                                "aot_eager and eager only trace (for debugging, no speed-up)."),
             ],
-            outputs=[K5_DIT.Output(display_name="model", tooltip=
+            outputs=[io.Model.Output(display_name="model", tooltip=
                                    "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler "
                                    "compiles its blocks.")],
         )  # fmt: skip

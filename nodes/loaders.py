@@ -13,27 +13,13 @@ from comfy_api.latest import io
 from kandinsky_core.errors import KandinskyError, WeightsError
 from kandinsky_core.variants import VARIANTS, Variant
 
-from . import comfy_glue, files
-from .common import CATEGORY, K5_DIT, K5_TEXT_ENCODERS, K5_VAE, fail
+from . import comfy_glue, comfy_model, files
+from .common import CATEGORY, K5_TEXT_ENCODERS, K5_VAE, fail
 
 AUTO = "auto"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIT_DTYPES = (*DTYPES, "fp8_e4m3fn")
 ATTENTION = ("auto", "sdpa", "flash_attn_2", "flash_attn_3", "sageattention")
-
-
-@dataclass
-class DiTModel:
-    """What flows on a K5_DIT link: the patcher, the variant whose settings apply, and the attention backend."""
-
-    patcher: Any
-    variant: Variant
-    attention: str
-    name: str
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.patcher.model.inner
 
 
 @dataclass
@@ -86,7 +72,9 @@ class LoadDiT(io.ComfyNode):
             node_id="K5LoadDiT",
             display_name="Load Kandinsky 5 DiT",
             category=f"{CATEGORY}/loaders",
-            description="Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models.",
+            description="Loads a Kandinsky 5 diffusion transformer (DiT) from models/diffusion_models as a ComfyUI "
+            "MODEL: it works with the Kandinsky 5 Sampler and with ComfyUI's KSampler / SamplerCustomAdvanced "
+            "(text-to-video and text-to-image) and LoRA loaders.",
             inputs=[
                 io.Combo.Input("dit_name", options=files.list_models("diffusion_models"), tooltip=
                                "A Kandinsky 5 DiT .safetensors in models/diffusion_models "
@@ -104,8 +92,9 @@ class LoadDiT(io.ComfyNode):
                                "package) only when chosen here."),
             ],
             outputs=[
-                K5_DIT.Output(display_name="model", tooltip=
-                              "The Kandinsky 5 DiT with its variant's settings (steps, guidance, sizes, NABLA)."),
+                io.Model.Output(display_name="model", tooltip=
+                                "The Kandinsky 5 DiT as a ComfyUI MODEL with its variant's settings (steps, guidance, "
+                                "flow shift = scheduler scale, sizes, NABLA)."),
             ],
         )  # fmt: skip
 
@@ -139,7 +128,7 @@ class LoadDiT(io.ComfyNode):
                 fp8=fp8,
             )
             comfy_glue.log.info("Kandinsky 5 DiT %s loaded as %s (%s)", dit_name, v.name, dtype)
-            return io.NodeOutput(DiTModel(comfy_glue.wrap(model, "dit"), v, attention, dit_name))
+            return io.NodeOutput(comfy_model.make_patcher(model, v, attention, dit_name))
 
 
 class LoadTextEncoders(io.ComfyNode):

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from comfy_api.latest import io
 
 from kandinsky_core.errors import KandinskyError
 
-from . import comfy_glue, files
-from .common import CATEGORY, K5_DIT, fail
-from .loaders import DiTModel
-from .model_options import patcher_of
+from . import comfy_glue, comfy_model, files
+from .common import CATEGORY, fail
 
 
 class LoadLoRA(io.ComfyNode):
@@ -26,7 +22,8 @@ class LoadLoRA(io.ComfyNode):
             "musubi-tuner, ComfyUI's trainer, bare PEFT and LyCORIS LoKr / LoHa. ComfyUI patches the weights when it "
             "loads the model.",
             inputs=[
-                K5_DIT.Input("model", tooltip="A Kandinsky 5 DiT (from Load DiT or another Load LoRA)."),
+                io.Model.Input("model", tooltip="A Kandinsky 5 DiT (from Load Kandinsky 5 DiT, another LoRA loader "
+                               "or a Kandinsky 5 option node)."),
                 io.Combo.Input("lora_name", options=files.list_models("loras"), tooltip=
                                "A LoRA .safetensors in models/loras, made for this Kandinsky 5 model size. Keep the "
                                "official trainer's config_lora.json next to it (it holds the LoRA's alpha)."),
@@ -35,7 +32,7 @@ class LoadLoRA(io.ComfyNode):
                                "negative values subtract it."),
             ],
             outputs=[
-                K5_DIT.Output(display_name="model", tooltip=
+                io.Model.Output(display_name="model", tooltip=
                               "The DiT with the LoRA patched in (the input model is left unchanged)."),
                 io.String.Output(display_name="trigger_word", tooltip=
                                  "The trigger word the LoRA was trained with (empty when the file names none): put it "
@@ -50,22 +47,22 @@ class LoadLoRA(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model: DiTModel, lora_name: str, strength: float) -> io.NodeOutput:
+    def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
         from kandinsky_core.lora import read_lora
 
         with fail("Load Kandinsky 5 LoRA"):
+            k5 = comfy_model.k5_model(model)
             try:
                 lora = read_lora(files.resolve("loras", lora_name, "lora_name"))
-                lora.check(model.model.arch, f"the loaded DiT {model.name!r} ({model.variant.title})")
+                lora.check(k5.diffusion_model.arch, f"the loaded DiT {k5.name!r} ({k5.variant.title})")
             except KandinskyError as e:
                 raise type(e)(f"lora_name: {e}") from None
             for note in lora.notes:
                 comfy_glue.log.warning("Kandinsky 5 LoRA %s: %s", lora_name, note)
-            patcher = patcher_of(model).clone()  # its model options (NABLA, MagCache, Compile) come along
+            patcher = model.clone()  # keeps the Kandinsky 5 options (model_options) and earlier LoRAs
             patcher.add_patches(comfy_glue.lora_patches(patcher, lora), float(strength))
             comfy_glue.log.info(
                 "Kandinsky 5 LoRA %s (%s, %d modules) at strength %s", lora_name, lora.format, len(lora.targets),
                 strength,
             )  # fmt: skip
-            out = patcher if patcher_of(model) is model else dataclasses.replace(model, patcher=patcher)
-            return io.NodeOutput(out, lora.trigger, ui={"text": [lora.trigger]})
+            return io.NodeOutput(patcher, lora.trigger, ui={"text": [lora.trigger]})

@@ -1,6 +1,5 @@
-"""Kandinsky 5 MagCache and MagCache Calibrate: model in, a patched clone out whose Kandinsky 5 options
-(nodes/model_options.py) carry a block-cache setting that the Kandinsky 5 Sampler hands to
-kandinsky_core.sampling.sample (`block_cache=`)."""
+"""Kandinsky 5 MagCache and MagCache Calibrate: MODEL in, MODEL out carrying a block-cache setting that the
+Kandinsky 5 Sampler hands to kandinsky_core.sampling.sample (`block_cache=`)."""
 
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ from kandinsky_core.magcache import (
     MagCalibration,
 )
 
-from . import comfy_glue
-from .common import CATEGORY, K5_DIT, fail
+from . import comfy_glue, comfy_model
+from .common import CATEGORY, fail
 from .model_options import with_options
 
 
@@ -53,7 +52,7 @@ MAX_PREFIX = 160  # bytes: file names are at most 255, and _<variant>_<steps>ste
 
 @dataclass(frozen=True)
 class MagCacheSetting:
-    """The MagCache node's option (Kandinsky5Options.block_cache): the sampler calls `make()` for a fresh cache and
+    """What the MagCache node puts in a MODEL's Kandinsky 5 options: the sampler calls `make()` for a fresh cache and
     `done(cache)`."""
 
     params: MagCacheParams
@@ -103,7 +102,7 @@ class MagCacheNode(io.ComfyNode):
             "and the cached residual reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro "
             "sft / no-CFG video and Image Lite; calibrate others with Kandinsky 5 MagCache Calibrate.",
             inputs=[
-                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01, tooltip=
                                "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
                                "less faithful. Official: 0.12."),
@@ -117,7 +116,7 @@ class MagCacheNode(io.ComfyNode):
                                 "run wrote to the output folder (or numbers separated by commas), for distilled, "
                                 "pretrain, I2V or fine-tuned models."),
             ],
-            outputs=[K5_DIT.Output(display_name="model", tooltip=
+            outputs=[io.Model.Output(display_name="model", tooltip=
                                    "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler uses "
                                    "MagCache with it.")],
         )  # fmt: skip
@@ -135,7 +134,7 @@ class MagCacheNode(io.ComfyNode):
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)
             if values is None:
-                name = model.variant.name
+                name = comfy_model.k5_model(model).variant.name
                 if name not in OFFICIAL_MAG_RATIOS:
                     raise InputError(
                         f"ratios: {name} has no official MagCache ratios (they exist for "
@@ -158,11 +157,11 @@ class MagCacheCalibrate(io.ComfyNode):
             "skipped) and writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step "
             "count, guidance and a size you will generate with.",
             inputs=[
-                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.String.Input("filename_prefix", default="kandinsky5_magcache", tooltip=
                                 "The ratios go to output/<prefix>_<variant>_<steps>steps.json."),
             ],
-            outputs=[K5_DIT.Output(display_name="model", tooltip=
+            outputs=[io.Model.Output(display_name="model", tooltip=
                                    "The same DiT; the next Kandinsky 5 Sampler run measures the ratios.")],
         )  # fmt: skip
 

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from kandinsky_core.settings import NABLA_MODES, NablaChoice, raise_problems
 
-from .common import CATEGORY, K5_DIT, fail
+from .common import CATEGORY, fail
 from .model_options import with_options
 
 DYNAMIC = hasattr(io, "DynamicCombo")
@@ -67,9 +67,9 @@ class Nabla(io.ComfyNode):
             description="NABLA sparse attention for the Kandinsky 5 Sampler (the official block-sparse attention of "
             "the 10 s and HD variants: each block of tokens attends to the blocks holding most of its attention plus "
             "a sliding neighbourhood). Without this node the Sampler uses auto.",
-            inputs=[K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT, its LoRA node or an option node."),
+            inputs=[io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                     *mode_inputs()],
-            outputs=[K5_DIT.Output(display_name="model", tooltip=
+            outputs=[io.Model.Output(display_name="model", tooltip=
                                    "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler uses "
                                    "this NABLA setting.")],
         )  # fmt: skip

@@ -20,9 +20,9 @@ from kandinsky_core.settings import (
 )
 from kandinsky_core.variants import FPS, MAX_SIZE, Variant
 
-from . import comfy_glue
-from .common import CATEGORY, K5_DIT, fail, validation_result, widget_range_problem
-from .model_options import options_of, patcher_of
+from . import comfy_glue, comfy_model
+from .common import CATEGORY, fail, validation_result, widget_range_problem
+from .model_options import options_of
 from .text import from_conditioning
 
 
@@ -31,13 +31,9 @@ def latent_frames(length: int) -> int:
 
 
 def memory_estimate(model, batch: int, t: int, h: int, w: int, cfg: bool, text_len: int = 256, nabla=None) -> int:
-    """Bytes of activations one sampling step needs beyond the DiT's weights: the step's peak measured on meta
-    tensors (kandinsky_core.sampling.step_peak_bytes), plus the allocator margin."""
-    from kandinsky_core.memory import ALLOCATOR_MARGIN
-    from kandinsky_core.sampling import step_peak_bytes
-
-    arch, dtype = model.variant.arch, model.model.compute_dtype
-    return int(step_peak_bytes(arch, dtype, (batch, 16, t, h, w), text_len, cfg, nabla) * ALLOCATOR_MARGIN)
+    """Bytes of activations one sampling step needs beyond the DiT's weights (Kandinsky5Model.memory_estimate, the
+    same estimate ComfyUI's own samplers get from the model's memory_required)."""
+    return comfy_model.k5_model(model).memory_estimate((batch, 16, t, h, w), text_len, cfg, nabla)
 
 
 class Sampler(io.ComfyNode):
@@ -51,8 +47,8 @@ class Sampler(io.ComfyNode):
             "classifier-free guidance, NABLA sparse attention where the variant uses it (or as Kandinsky 5 NABLA "
             "sets it), a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's official setting.",
             inputs=[
-                K5_DIT.Input("model", tooltip="From Load Kandinsky 5 DiT (or its LoRA and option nodes: NABLA, "
-                             "MagCache, Compile)."),
+                io.Model.Input("model", tooltip="A Kandinsky 5 DiT: from Load Kandinsky 5 DiT, a LoRA loader (ours or "
+                               "ComfyUI's) or a Kandinsky 5 option node (NABLA, MagCache, Compile)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (ignored when guidance is 1)."),
                 io.Int.Input("width", default=768, min=0, max=MAX_SIZE, step=16, tooltip=
@@ -108,7 +104,8 @@ class Sampler(io.ComfyNode):
         from kandinsky_core.sampling import sample as run_sampler
 
         with fail("Kandinsky 5 Sampler"):
-            v = model.variant
+            k5 = comfy_model.k5_model(model)
+            v = k5.variant
             width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
             options = options_of(model)  # from the option nodes (NABLA, MagCache, Compile); nothing else is read
             s, problems = resolve(
@@ -133,9 +130,13 @@ class Sampler(io.ComfyNode):
             cfg = uncond is not None
             text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
             estimate = memory_estimate(model, batch_size, *shape[2:], cfg, text_len, s.nabla)
-            comfy_glue.load(patcher_of(model), estimate)
+            problem = comfy_model.scaled_weight_patch_problem(model)
+            if problem:
+                raise InputError(problem)
+            comfy_glue.load(model, estimate)  # ComfyUI applies the LoRA weight patches here
             device = comfy_glue.load_device()
-            dtype = model.model.compute_dtype
+            dit = k5.diffusion_model
+            dtype = dit.compute_dtype
             noise = make_noise(shape, seed, dtype=torch.float32, device=device)
             conditions = {}
             for name, lat in (("start_latent", start_latent), ("edit_latent", edit_latent)):
@@ -146,12 +147,12 @@ class Sampler(io.ComfyNode):
             )
             cache_setting, compile_setting = options.block_cache, options.compile
             block_cache = None if cache_setting is None else cache_setting.make(v)
-            compiled = compile_setting.applied(model.model) if compile_setting else contextlib.nullcontext()
+            compiled = compile_setting.applied(dit) if compile_setting else contextlib.nullcontext()
             # Cancel stops between DiT blocks too (not in compiled blocks: a check there would break the graph)
-            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(model.model)
+            cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(dit)
             with compiled, cancellable:
                 x = run_sampler(
-                    model.model,
+                    dit,
                     noise,
                     cond.to(device, dtype),
                     uncond.to(device, dtype) if cfg else None,
@@ -163,7 +164,7 @@ class Sampler(io.ComfyNode):
                     first_frame_latent=conditions.get("start_latent"),
                     edit_latent=conditions.get("edit_latent"),
                     callback=callback,
-                    attention_backend=None if model.attention == "auto" else model.attention,
+                    attention_backend=None if k5.attention == "auto" else k5.attention,
                     block_cache=block_cache,
                 )
             if cache_setting is not None:

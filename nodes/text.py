@@ -9,7 +9,7 @@ from kandinsky_core.errors import InputError
 from kandinsky_core.sampling import TextConditioning
 
 from . import comfy_glue
-from .common import CATEGORY, K5_DIT, K5_TEXT_ENCODERS, fail
+from .common import CATEGORY, K5_TEXT_ENCODERS, fail
 
 AUTO = "auto"
 TEMPLATES = ("video", "image2video", "image", "image_edit")
@@ -33,7 +33,9 @@ def pick_template(template: str, model) -> tuple[str, int]:
                 "template is auto but no model is connected: connect the Load Kandinsky 5 DiT output to `model`, or "
                 f"pick a template ({', '.join(TEMPLATES)})."
             )
-        v = model.variant
+        from .comfy_model import k5_model
+
+        v = k5_model(model).variant
         return v.text_template, v.text_max_length
     if template not in TEMPLATES:
         raise InputError(f"template {template!r} is unknown. Allowed: auto, {', '.join(TEMPLATES)}.")
@@ -101,8 +103,8 @@ class TextEncode(io.ComfyNode):
                                 "What to avoid (used with guidance > 1). The official video default is filled in; the "
                                 "image models use an empty one."),
                 io.Combo.Input("template", options=[AUTO, *TEMPLATES], default=AUTO, tooltip=TEMPLATE_TOOLTIP),
-                K5_DIT.Input("model", optional=True, tooltip=
-                             "The DiT, so that template=auto takes its variant's template."),
+                io.Model.Input("model", optional=True, tooltip=
+                             "The Kandinsky 5 DiT: template=auto takes its variant's template."),
                 io.Image.Input("edit_image", optional=True, tooltip=
                                "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."),
             ],
@@ -156,8 +158,8 @@ class PromptExpansion(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Sampling seed of the rewrite."),
                 io.Int.Input("max_new_tokens", default=256, min=16, max=1024, tooltip=
                              "Longest expansion in Qwen tokens."),
-                K5_DIT.Input("model", optional=True, tooltip=
-                             "The DiT, so that template=auto takes its variant's template."),
+                io.Model.Input("model", optional=True, tooltip=
+                             "The Kandinsky 5 DiT: template=auto takes its variant's template."),
                 io.Image.Input("image", optional=True, tooltip=
                                "I2V start image or I2I source image: Qwen looks at it."),
             ],

@@ -9,8 +9,8 @@ from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 
-from . import comfy_glue
-from .common import ADVANCED, CATEGORY, K5_DIT, K5_VAE, fail, validation_result, widget_range_problem
+from . import comfy_glue, comfy_model
+from .common import ADVANCED, CATEGORY, K5_VAE, fail, validation_result, widget_range_problem
 
 TILING = ("auto", "on", "off")
 
@@ -162,7 +162,7 @@ class VAEEncode(io.ComfyNode):
                              "size."),
                 io.Int.Input("height", default=0, min=0, max=4096, step=16, tooltip=
                              "Resize height (with width). 0 = from the image (see width)."),
-                K5_DIT.Input("model", optional=True, tooltip=
+                io.Model.Input("model", optional=True, tooltip=
                              "The DiT, so that width = height = 0 sizes the image as the official pipeline of its "
                              "variant does. Leave the sampler's width and height at 0 to follow."),
             ],
@@ -189,11 +189,12 @@ class VAEEncode(io.ComfyNode):
     def execute(cls, vae, images, width, height, model=None) -> io.NodeOutput:
         with fail("Kandinsky 5 VAE Encode"):
             crop = True
-            if width == height == 0 and model is not None and model.variant.task in ("i2v", "i2i"):
+            variant = None if model is None else comfy_model.k5_model(model).variant
+            if width == height == 0 and variant is not None and variant.task in ("i2v", "i2i"):
                 from kandinsky_core.variants import crops_input_image, size_for_image
 
-                width, height = size_for_image(model.variant, int(images.shape[2]), int(images.shape[1]))
-                crop = crops_input_image(model.variant, size_from_image=True)
+                width, height = size_for_image(variant, int(images.shape[2]), int(images.shape[1]))
+                crop = crops_input_image(variant, size_from_image=True)
             pixels = image_to_pixels(images, width, height, crop)
             n, _, h, w = pixels.shape
             if h % 16 or w % 16:

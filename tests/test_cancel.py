@@ -88,7 +88,7 @@ def test_sampling_stops_within_one_dit_block(request, monkeypatch):
 
     make_tiny_dit_file(fake.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
-    cancel = Cancel(monkeypatch, (model.model,), at=2)
+    cancel = Cancel(monkeypatch, (model.model.diffusion_model,), at=2)
     with pytest.raises(Interrupted):
         run_sampler_node(model, steps=10)
     assert cancel.pressed and cancel.finished_after == 0

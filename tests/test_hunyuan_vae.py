@@ -336,7 +336,10 @@ def test_bad_latent_and_tiling_raise_input_error(vae):
     ("keys", "looks_like"),
     [
         ({"visual_transformer_blocks.0.self_attention.to_query.weight": (4, 4)}, "Kandinsky 5 DiT"),
-        ({"decoder.conv_in.weight": (512, 16, 3, 3), "encoder.conv_in.weight": (128, 3, 3, 3)}, "2D image VAE"),
+        (
+            {"decoder.conv_in.weight": (512, 16, 3, 3), "encoder.conv_in.weight": (128, 3, 3, 3)},
+            r"image VAE \(2D convolutions.* 16 latent channels",
+        ),
         ({"model.layers.0.mlp.up_proj.weight": (4, 4), "model.embed_tokens.weight": (4, 4)}, "text encoder"),
         ({"decoder.conv_in.conv.weight": (512, 32, 3, 3, 3), "decoder.up.0.block.0.norm1.weight": (4,)}, "32 latent"),
     ],

@@ -143,7 +143,7 @@ WRONG_FILES = {
     ),
     "clip_l.safetensors": (
         {"text_model.embeddings.token_embedding.weight": (10, 4), "text_model.final_layer_norm.weight": (4,)},
-        r"CLIP model",
+        r"CLIP text encoder",
     ),
     "camera_lora.safetensors": (
         {"visual_transformer_blocks.0.self_attention.to_query.lora_A.weight": (4, 64),

@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 from node_ids_expected import EXPECTED_IDS
 from prerequisites import comfyui_source, missing
 
@@ -26,6 +27,11 @@ def comfyui_sources() -> list[Path]:
         if src is not None and (src / "nodes.py").is_file() and src.resolve() not in [o.resolve() for o in out]:
             out.append(src)
     return out
+
+
+def our_ids() -> set[str]:
+    """What nodes/ registers (read from its source, as core's and the official ones are) and what it should."""
+    return node_ids.pack_ids() | set(EXPECTED_IDS)
 
 
 def test_our_ids_in_the_source_are_the_expected_ones():
@@ -60,7 +66,7 @@ def test_our_ids_are_disjoint_from_comfyui_core():
         assert {"KSampler", "CheckpointLoaderSimple", "VAEDecode", "SaveImage"} <= core, src  # the parser reads it
         if (src / "comfy_extras" / "nodes_kandinsky5.py").is_file():  # v0.33.0 and later
             assert {"Kandinsky5ImageToVideo", "CLIPTextEncodeKandinsky5", "NormalizeVideoLatentStart"} <= core
-        clash = set(EXPECTED_IDS) & core
+        clash = our_ids() & core
         assert not clash, f"node IDs also registered by ComfyUI core ({src}): {sorted(clash)}"
 
 
@@ -78,7 +84,7 @@ def official_ids() -> tuple[set[str], str]:
 def test_our_ids_are_disjoint_from_the_official_comfyui_nodes():
     ids, where = official_ids()
     assert {"Kandinsky5LoadDiT", "Kandinsky5LoadVAE", "Kandinsky5TextEncode", "Kandinsky5VAEDecode"} <= ids, where
-    clash = set(EXPECTED_IDS) & ids
+    clash = our_ids() & ids
     assert not clash, f"node IDs also registered by the official kandinsky-5 comfyui/ nodes ({where}): {sorted(clash)}"
 
 
@@ -95,3 +101,12 @@ def test_an_official_checkout_is_read_from_its_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("KANDINSKY5_OFFICIAL", str(tmp_path))
     src = node_ids.official_source()
     assert src.ids() == {"Kandinsky5LoadDiT", "K5Sampler"} and src.where == str(tmp_path)
+
+
+def test_without_an_official_checkout_the_recorded_ids_are_used(monkeypatch, tmp_path):
+    if Path("/tmp/kandinsky-5/comfyui").is_dir():
+        pytest.skip("/tmp/kandinsky-5 is a checkout: the recorded file is not the fallback here")
+    monkeypatch.delenv("KANDINSKY5_OFFICIAL", raising=False)
+    monkeypatch.setattr(node_ids, "OFFICIAL_MIRROR", tmp_path / "no-mirror")
+    ids, where = official_ids()
+    assert ids == set(node_ids.recorded_official()["node_ids"]) and "official_comfyui_node_ids.json" in where

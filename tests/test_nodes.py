@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import subprocess
 import sys
 import types
@@ -26,7 +27,7 @@ from comfy_api.latest import io  # noqa: E402
 from kandinsky_core import variants  # noqa: E402
 from kandinsky_core.errors import InputError, WeightsError  # noqa: E402
 from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample  # noqa: E402
-from nodes import NODES, comfy_glue, common, files, loaders, node_ids, text  # noqa: E402
+from nodes import NODES, comfy_glue, comfy_model, common, files, loaders, node_ids, text  # noqa: E402
 from nodes import sampler as sampler_node  # noqa: E402
 from nodes import vae as vae_node  # noqa: E402
 from nodes.model_options import options_of  # noqa: E402
@@ -91,7 +92,7 @@ class FakeComfy:
                 # as ComfyUI: patches and model options (dicts / lists copied, their values shared) come along
                 n = ModelPatcher(self.model, self.load_device, self.offload_device)
                 n.patches = {k: list(v) for k, v in self.patches.items()}
-                n.model_options = {k: dict(v) if isinstance(v, dict) else v for k, v in self.model_options.items()}
+                n.model_options = {**self.model_options}
                 return n
 
             def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
@@ -122,8 +123,34 @@ class FakeComfy:
             def process_in(self, latent):
                 return (latent - self.shift) * self.scale
 
-        formats.HunyuanVideo = lambda: Format(0.476986)
-        formats.Flux = lambda: Format(0.3611, 0.1159)
+        formats.HunyuanVideo = type(
+            "HunyuanVideo", (Format,), {"__init__": lambda self: Format.__init__(self, 0.476986)}
+        )
+        formats.Flux = type("Flux", (Format,), {"__init__": lambda self: Format.__init__(self, 0.3611, 0.1159)})
+        # what nodes/comfy_model.py builds Kandinsky5Model on (the real ones run in tests/integration)
+        base = types.ModuleType("comfy.model_base")
+
+        class BaseModel(torch.nn.Module):
+            def __init__(self, model_config, model_type=None, device=None):
+                super().__init__()
+                self.model_config, self.model_type, self.device = model_config, model_type, device
+                self.latent_format = model_config.latent_format
+                self.current_patcher = None
+
+        base.BaseModel = BaseModel
+        base.ModelType = types.SimpleNamespace(FLOW="FLOW")
+        supported = types.ModuleType("comfy.supported_models_base")
+
+        class BASE:
+            sampling_settings: dict = {}
+            latent_format = Format
+
+            def __init__(self, unet_config):
+                self.unet_config = dict(unet_config)
+
+        supported.BASE = BASE
+        conds = types.ModuleType("comfy.conds")
+        conds.CONDRegular = type("CONDRegular", (), {"__init__": lambda self, cond: setattr(self, "cond", cond)})
         preview = types.ModuleType("latent_preview")
 
         class Previewer:
@@ -139,7 +166,11 @@ class FakeComfy:
         comfy.model_management, comfy.model_patcher, comfy.utils = mm, patcher, utils
         comfy.weight_adapter = adapter
         comfy.latent_formats = formats
+        comfy.model_base, comfy.supported_models_base, comfy.conds = base, supported, conds
         return {
+            "comfy.model_base": base,
+            "comfy.supported_models_base": supported,
+            "comfy.conds": conds,
             "folder_paths": fp,
             "comfy": comfy,
             "comfy.model_management": mm,
@@ -165,6 +196,7 @@ def comfy(tmp_path, monkeypatch):
     for name, module in fake.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delitem(sys.modules, "comfy.ops", raising=False)
+    comfy_model.model_class.cache_clear()  # Kandinsky5Model on this test's fake BaseModel
     monkeypatch.setitem(
         variants.VARIANTS, "t2v-lite-sft-5s", dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=TINY_T2V)
     )
@@ -200,10 +232,10 @@ def test_the_extension_lists_every_node(comfy):
 
     from comfy_api.latest import ComfyExtension
 
-    from nodes import Kandinsky5Extension
+    from nodes import K5Extension
 
-    assert isinstance(Kandinsky5Extension(), ComfyExtension)
-    assert asyncio.run(Kandinsky5Extension().get_node_list()) == NODES
+    assert isinstance(K5Extension(), ComfyExtension)
+    assert asyncio.run(K5Extension().get_node_list()) == NODES
 
 
 def test_every_input_has_a_tooltip_and_reaches_execute(comfy):
@@ -380,19 +412,19 @@ def run_sampler_node(model, **overrides):
 def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")
-    assert model.variant.name == "t2v-lite-sft-5s" and model.patcher.model.inner is model.model
+    assert model.model.variant.name == "t2v-lite-sft-5s" and isinstance(model.model, comfy_model.model_class())
     latent = run_sampler_node(model)
 
-    v = model.variant
+    v = model.model.variant
     noise = make_noise((1, 16, 2, 4, 8), 3)
     want = sample(
-        model.model, noise, conditioning(1), conditioning(2), steps=3, guidance=v.guidance,
+        model.model.diffusion_model, noise, conditioning(1), conditioning(2), steps=3, guidance=v.guidance,
         scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
     )  # fmt: skip
     assert latent.shape == (1, 16, 2, 4, 8)
     torch.testing.assert_close(latent, dit_to_latent(want, v.latent_scale), rtol=0, atol=0)
     # ComfyUI was asked to load the DiT with an activation estimate; one progress update per step, with a preview
-    assert comfy.loads[-1][0] is model.patcher and comfy.loads[-1][1] > 0
+    assert comfy.loads[-1][0] is model and comfy.loads[-1][1] > 0
     assert [p[:2] for p in comfy.progress] == [(1, 3), (2, 3), (3, 3)] and all(p[2] for p in comfy.progress)
     # the last preview is the final latent in ComfyUI's HunyuanVideo space (latent * scale_factor)
     torch.testing.assert_close(comfy.previews[-1], latent_to_dit(latent, 0.476986), rtol=1e-4, atol=1e-4)
@@ -486,7 +518,7 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MagCache, MagCache Calibrate and Block Swap: K5_DIT -> K5_DIT settings the Sampler honours
+# MagCache and MagCache Calibrate: MODEL -> MODEL options the Sampler honours
 
 
 def tiny_model(comfy):
@@ -496,9 +528,9 @@ def tiny_model(comfy):
 
 def core_sample(model, steps, block_cache=None):
     """What the Sampler node must compute (run_sampler_node's defaults: seed 3, 64x32, 5 frames, CFG 5)."""
-    v = model.variant
+    v = model.model.variant
     return sample(
-        model.model, make_noise((1, 16, 2, 4, 8), 3), conditioning(1), conditioning(2), steps=steps,
+        model.model.diffusion_model, make_noise((1, 16, 2, 4, 8), 3), conditioning(1), conditioning(2), steps=steps,
         guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale, block_cache=block_cache,
     )  # fmt: skip
 
@@ -509,18 +541,18 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
 
     model = tiny_model(comfy)
     (cached_model,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
-    # a clone of the patcher carries the option; the input model is unchanged
-    assert cached_model.patcher is not model.patcher and cached_model.patcher.model is model.patcher.model
-    assert options_of(model).block_cache is None and options_of(cached_model).block_cache is not None
+    assert cached_model.model is model.model and options_of(model).block_cache is None  # the input is unchanged
+    assert options_of(cached_model).block_cache is not None  # the clone carries the option
     latent = run_sampler_node(cached_model, steps=8)
 
     cache = MagCache(MagCacheParams(OFFICIAL_MAG_RATIOS["t2v-lite-sft-5s"], threshold=0.5, K=2, retention=0.0))
     want = core_sample(model, 8, cache)
-    torch.testing.assert_close(latent, dit_to_latent(want, model.variant.latent_scale), rtol=0, atol=0)
+    torch.testing.assert_close(latent, dit_to_latent(want, model.model.variant.latent_scale), rtol=0, atol=0)
     assert cache.skipped  # the cache did skip, so the node's latent differs from the plain one
     plain = run_sampler_node(model, steps=8)
     assert not torch.equal(plain, latent)
-    torch.testing.assert_close(plain, dit_to_latent(core_sample(model, 8), model.variant.latent_scale), rtol=0, atol=0)
+    want = dit_to_latent(core_sample(model, 8), model.model.variant.latent_scale)
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
 
 
 def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy, monkeypatch, tmp_path):
@@ -549,7 +581,8 @@ def test_magcache_calibrate_node_writes_the_ratios_the_magcache_node_reads(comfy
 def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
     from nodes.magcache import MagCacheNode
 
-    model = dataclasses.replace(tiny_model(comfy), variant=variants.VARIANTS["t2v-lite-distilled16steps-5s"])
+    distilled = variants.VARIANTS["t2v-lite-distilled16steps-5s"]
+    model = comfy_model.make_patcher(tiny_model(comfy).model.diffusion_model, distilled, "auto", TINY_NAME)
     with pytest.raises(InputError, match=r"^Kandinsky 5 MagCache: ratios: t2v-lite-distilled16steps-5s has no "
                        r"official MagCache ratios.*Kandinsky 5 MagCache Calibrate"):  # fmt: skip
         MagCacheNode.execute(model, 0.12, 2, 0.2, "")
@@ -560,7 +593,7 @@ def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Compile: K5_DIT -> K5_DIT with a torch.compile setting, applied for the sampler's run only
+# Compile: MODEL -> MODEL with a torch.compile setting, applied for the sampler's run only
 
 
 def test_compile_node_setting_compiles_during_its_block_only_with_the_same_latent(comfy):
@@ -569,16 +602,16 @@ def test_compile_node_setting_compiles_during_its_block_only_with_the_same_laten
 
     model = tiny_model(comfy)
     (compiling,) = Compile.execute(model, "default", "eager")
-    assert options_of(compiling).compile == CompileSetting("default", "eager")
-    assert options_of(model).compile is None and compiling.patcher.model is model.patcher.model  # input unchanged
+    assert options_of(compiling).compile == CompileSetting("default", "eager") and compiling.model is model.model
+    assert options_of(model).compile is None  # the input is unchanged
     torch._dynamo.reset()
     plain = core_sample(model, 1)
-    with options_of(compiling).compile.applied(model.model) as state:
+    with options_of(compiling).compile.applied(model.model.diffusion_model) as state:
         latent = core_sample(model, 1)
         assert state.compiled_calls > 0 and not state.failed
     torch._dynamo.reset()
     torch.testing.assert_close(latent, plain, rtol=0, atol=0)
-    assert compile_state(model.model) is None  # eager again for the other users of the loaded DiT
+    assert compile_state(model.model.diffusion_model) is None  # eager again for the other users of the loaded DiT
     with pytest.raises(InputError, match=r"^Kandinsky 5 Compile: mode 'fast' / backend 'inductor': allowed modes"):
         Compile.execute(model, "fast", "inductor")
 
@@ -594,7 +627,7 @@ def test_sampler_node_applies_the_compile_setting(comfy, monkeypatch):
     torch._dynamo.reset()
     latent = run_sampler_node(compiling, steps=2)
     torch._dynamo.reset()
-    assert used == [model.model]
+    assert used == [model.model.diffusion_model]
     torch.testing.assert_close(latent, run_sampler_node(model, steps=2), rtol=0, atol=0)
 
 
@@ -677,24 +710,25 @@ def test_lora_node_patches_a_clone_as_kandinsky_core_merges_stacks_and_shows_the
     res = LoadLoRA.execute(model, "a/model.safetensors", 0.7)
     one, trigger = res.result
     assert trigger == "k5style" and res.ui == {"text": ["k5style"]}
-    assert model.patcher.patches == {} and one.patcher is not model.patcher and one.variant is model.variant
+    assert model.patches == {} and one is not model and one.model is model.model
     two = LoadLoRA.execute(one, "b/model.safetensors", -1.5).result[0]
-    assert [len(p) for p in one.patcher.patches.values()] == [1, 1, 1]
-    assert sorted(len(p) for p in two.patcher.patches.values()) == [1, 2, 2]
+    assert [len(p) for p in one.patches.values()] == [1, 1, 1]
+    assert sorted(len(p) for p in two.patches.values()) == [1, 2, 2]
 
     merged = make_tiny_dit_like(model)
     apply_lora(merged, read_lora(a), 0.7)
     apply_lora(merged, read_lora(b), -1.5)
-    got = patched_weights(two.patcher)
-    assert set(got) == {f"inner.{m}.weight" for m in LORA_MODULES}
+    got = patched_weights(two)
+    assert set(got) == {f"diffusion_model.{m}.weight" for m in LORA_MODULES}
     for m in LORA_MODULES:
-        torch.testing.assert_close(got[f"inner.{m}.weight"], merged.get_submodule(m).weight, rtol=1e-5, atol=1e-6)
+        want = merged.get_submodule(m).weight
+        torch.testing.assert_close(got[f"diffusion_model.{m}.weight"], want, rtol=1e-5, atol=1e-6)
 
 
 def make_tiny_dit_like(model):
     from tiny import make_tiny_dit
 
-    return make_tiny_dit(model.model.arch)
+    return make_tiny_dit(model.model.diffusion_model.arch)
 
 
 def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
@@ -706,9 +740,9 @@ def test_lora_node_fp8_weights_get_the_delta_divided_by_their_scale(comfy):
     path = write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
     out = LoadLoRA.execute(model, "model.safetensors", 1.0).result[0]
     m = LORA_MODULES[0]
-    layer = model.model.get_submodule(m)
+    layer = model.model.diffusion_model.get_submodule(m)
     assert layer.weight.dtype == torch.float8_e4m3fn
-    got = patched_weights(out.patcher)[f"inner.{m}.weight"] * layer.weight_scale
+    got = patched_weights(out)[f"diffusion_model.{m}.weight"] * layer.weight_scale
     want = make_tiny_dit_like(model)
     apply_lora(want, read_lora(path), 1.0)
     w = want.get_submodule(m).weight
@@ -731,7 +765,7 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
               str(comfy.root / "loras" / "flux.safetensors"))  # fmt: skip
     with pytest.raises(WeightsError, match="not a LoRA for the Kandinsky 5 DiT"):
         LoadLoRA.execute(model, "flux.safetensors", 1.0)
-    assert model.patcher.patches == {}
+    assert model.patches == {}
 
 
 def test_lora_node_keeps_every_option_and_options_keep_the_lora(comfy):
@@ -744,10 +778,10 @@ def test_lora_node_keeps_every_option_and_options_keep_the_lora(comfy):
     (cached,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
     (compiled,) = Compile.execute(cached, "default", "eager")
     out = LoadLoRA.execute(compiled, "model.safetensors", 1.0).result[0]
-    assert options_of(out) == options_of(compiled) and out.patcher.patches
+    assert options_of(out) == options_of(compiled) and out.patches
     (again,) = MagCacheNode.execute(out, 0.12, 2, 0.2, "")
-    assert again.patcher.patches == out.patcher.patches and options_of(again).compile == options_of(out).compile
-    assert options_of(model) == options_of(model).__class__() and model.patcher.patches == {}
+    assert again.patches == out.patches and options_of(again).compile == options_of(out).compile
+    assert options_of(model) == options_of(model).__class__() and model.patches == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -770,16 +804,16 @@ def test_nabla_node_sets_the_option_and_the_sampler_takes_nabla_from_it(comfy):
     model = tiny_model(comfy)  # t2v-lite-sft-5s: dense by default (auto)
     sparse = nabla_node(model, "on", P=0.1, wT=1, wH=1, wW=1)
     assert options_of(sparse).nabla == NablaChoice("on", 0.1, 1, 1, 1)
-    assert options_of(model).nabla == NablaChoice() and sparse.patcher.model is model.patcher.model  # input unchanged
+    assert options_of(model).nabla == NablaChoice() and sparse.model is model.model  # input unchanged
     assert options_of(nabla_node(model, "off", P=0.5)).nabla == NablaChoice("off")  # P only counts when on
     with pytest.raises(InputError, match=r"(?s)^Kandinsky 5 Sampler: width=64 must be a multiple of 128 px.*"
                        r"or set mode to off in Kandinsky 5 NABLA.*height=32 must be a multiple of 128"):  # fmt: skip
         run_sampler_node(sparse)
     size = dict(width=256, height=256)
     latent = run_sampler_node(sparse, **size)
-    v = model.variant
+    v = model.model.variant
     want = sample(
-        model.model, make_noise((1, 16, 2, 32, 32), 3), conditioning(1), conditioning(2), steps=3,
+        model.model.diffusion_model, make_noise((1, 16, 2, 32, 32), 3), conditioning(1), conditioning(2), steps=3,
         guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
         nabla=NablaParams(0.1, 1, 1, 1),
     )  # fmt: skip
@@ -803,3 +837,45 @@ def test_nabla_node_shows_p_and_windows_only_when_on_where_comfyui_can(comfy):
     else:  # v0.3.64: plain inputs, optional
         assert [i.id for i in inputs] == ["model", "mode", "P", "wT", "wH", "wW"]
         assert all(i.optional for i in inputs[2:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The DiT as a ComfyUI MODEL (nodes/comfy_model.py; the real BaseModel, KSampler and LoRA loaders: tests/integration)
+
+
+def test_a_model_that_is_not_ours_is_refused_with_what_it_is_and_what_to_load(comfy):
+    from nodes.lora import LoadLoRA
+
+    native = type("Kandinsky5", (torch.nn.Module,), {"model_config": None})()
+    others = {
+        "ComfyUI's own Kandinsky 5 model": types.SimpleNamespace(model=native, patches={}),
+        "a SDXL model (ComfyUI model class SDXL)": types.SimpleNamespace(
+            model=type("SDXL", (torch.nn.Module,), {"model_config": None})(), patches={}
+        ),
+    }
+    for what, other in others.items():
+        with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: model is " + re.escape(what)):
+            run_sampler_node(other)
+        with pytest.raises(InputError, match="Load Kandinsky 5 DiT and connect its MODEL output"):
+            LoadLoRA.execute(other, "x.safetensors", 1.0)
+
+
+def test_a_comfyui_weight_patch_on_a_scaled_fp8_weight_is_refused(comfy):
+    """ComfyUI's LoRA loaders add their delta to the stored float8 weight, which is the weight divided by its
+    weight_scale: the Sampler refuses such a patch instead of applying it at the wrong strength. Our LoRA node's
+    patches (which divide by the scale) pass."""
+    from nodes.lora import LoadLoRA
+
+    make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
+    model = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp8_e4m3fn", "auto")[0]
+    write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES[:1], 1)
+    ours = LoadLoRA.execute(model, "model.safetensors", 1.0).result[0]
+    assert comfy_model.scaled_weight_patch_problem(ours) is None
+    key = f"diffusion_model.{LORA_MODULES[0]}.weight"
+    theirs = model.clone()
+    theirs.patches = {key: [(1.0, ("lora", (torch.zeros(1),)), 1.0, None, None)]}  # what comfy.lora makes
+    with pytest.raises(InputError, match=rf"^Kandinsky 5 Sampler: model: a LoRA .* targets {key}, a float8 weight"):
+        run_sampler_node(theirs, steps=1)
+    fp32 = tiny_model(comfy).clone()
+    fp32.patches = dict(theirs.patches)
+    assert comfy_model.scaled_weight_patch_problem(fp32) is None  # weights without a scale: ComfyUI's patch is right

@@ -19,10 +19,10 @@ from kandinsky_core.text_encoders import (
     PROMPT_TEMPLATES,
     QWEN_GENERATION,
     QWEN_IMAGE_PROCESSING,
-    _smart_size,
     crop_starts_for,
     load_text_encoders,
     qwen_image_patches,
+    smart_size,
 )
 
 PROMPTS = ["A cat sits on a red chair.", "A red fox runs through a snowy forest at dawn, the camera follows it."]
@@ -266,7 +266,7 @@ def test_smart_size_equals_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     for h, w in [(512, 512), (1024, 640), (37, 91), (4000, 3000), (10, 30)]:
-        assert _smart_size(h, w) == smart_resize(h, w, 28, 3136, 12845056), (h, w)
+        assert smart_size(h, w) == smart_resize(h, w, 28, 3136, 12845056), (h, w)
 
 
 def test_image_edit_reads_the_halved_image_like_the_official_processor(folder, folder_encoders):
@@ -388,7 +388,7 @@ def test_wrong_files_are_named(tmp_path, comfy):
     save_file({"decoder.conv_in.weight": torch.zeros(2, 2), "encoder.down_blocks.0.w": torch.zeros(2)}, vae)
     with pytest.raises(WeightsError, match="kandinsky5lite_t2v.safetensors is a Kandinsky 5 DiT, not a Qwen2.5-VL"):
         _load(replace(comfy, qwen=dit))
-    with pytest.raises(WeightsError, match="vae.safetensors is a VAE, not a CLIP"):
+    with pytest.raises(WeightsError, match=r"vae.safetensors is an image VAE \(2D convolutions.*\), not a CLIP"):
         _load(replace(comfy, clip=vae))
     with pytest.raises(WeightsError, match="clip_l.safetensors is a CLIP text encoder, not a Qwen2.5-VL") as e:
         _load(replace(comfy, qwen=comfy.clip))
@@ -436,3 +436,15 @@ def test_encode_input_errors(folder_encoders):
         folder_encoders.encode(PROMPTS[:1], "video", 16, images=[torch.zeros(3, 56, 56)])
     with pytest.raises(InputError, match="one image per prompt"):
         folder_encoders.encode(PROMPTS, "image_edit", 16, images=[torch.zeros(3, 56, 56)])
+
+
+def test_single_files_use_the_default_configs_this_package_holds_at_call_time(comfy, monkeypatch):
+    # The integration test pack swaps tiny configs into `kandinsky_core.text_encoders` for ComfyUI's single files,
+    # which carry no config.json: load_text_encoders must read the package's names when called.
+    from kandinsky_core import text_encoders
+
+    monkeypatch.setattr(text_encoders, "QWEN25_VL_7B_CONFIG", comfy.qwen_config)
+    monkeypatch.setattr(text_encoders, "CLIP_L_TEXT_CONFIG", comfy.clip_config)
+    enc = load_text_encoders(comfy.qwen, comfy.clip, dtype=torch.float32, tokenizer_dir=comfy.tokenizer_dir)
+    assert enc.qwen.config.get_text_config().hidden_size == comfy.qwen_config["hidden_size"]
+    assert enc.clip.config.hidden_size == comfy.clip_config.get("text_config", comfy.clip_config)["hidden_size"]

@@ -216,10 +216,10 @@ def dit_partial(arch: str, activations_gib: float, blocks_on_device: int) -> dic
     from kandinsky_core.offload import block_bytes
 
     nodes = pack()
-    a = {"lite": variants.LITE_VIDEO, "pro": variants.PRO_VIDEO}[arch]
+    v = variants.VARIANTS[{"lite": "t2v-lite-sft-5s", "pro": "t2v-pro-sft-5s-sd"}[arch]]
     with torch.device("meta"):
-        dit = Kandinsky5DiT(a, dtype=torch.bfloat16, operations=nodes.comfy_glue.dit_operations())
-    patcher = nodes.comfy_glue.wrap(dit, "dit")
+        dit = Kandinsky5DiT(v.arch, dtype=torch.bfloat16, operations=nodes.comfy_glue.dit_operations())
+    patcher = nodes.comfy_model.make_patcher(dit, v, "auto", f"{arch} (meta)")  # as Load Kandinsky 5 DiT wraps it
     nodes.comfy_glue.load(patcher, int(activations_gib * GIB))
     moved = set(record["moved"])
     cast_layers = []  # bytes of each module ComfyUI casts at use (its weights were not moved)

@@ -1,4 +1,5 @@
-"""Run with COMFYUI_PYTHON (COMFYUI_DIR set): Load LoRA's patches through ComfyUI's own ModelPatcher code paths, in
+"""Run with COMFYUI_PYTHON (COMFYUI_DIR set): Load LoRA's patches (or, with the argument `comfy`, those ComfyUI's
+own LoraLoaderModelOnly makes from the file) through ComfyUI's own ModelPatcher code paths, on the Kandinsky 5 MODEL, in
 this process, on the CPU. Prints one line `RESULT {json}`: the largest difference from kandinsky_core's apply_lora
 for a full load (patch_model), the low-VRAM per-layer patch (LowVramPatch, used by partial loading), the adapter
 rebuilt by ComfyUI's GPU prefetch (prefetch_prepared_value, v0.33.0), and after unpatch_model from the original."""
@@ -13,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def main(lora_path: str, strength: float) -> dict:
+def main(lora_path: str, strength: float, comfy_format: bool = False) -> dict:
     sys.path[:0] = [str(REPO), str(REPO / "tests"), os.environ["COMFYUI_DIR"]]
     import comfy.options
 
@@ -25,17 +26,26 @@ def main(lora_path: str, strength: float) -> dict:
     import comfy.model_patcher as mp
     from tiny import TINY_ARCHS, make_tiny_dit
 
+    from kandinsky_core import variants
     from kandinsky_core.lora import apply_lora, read_lora
-    from nodes import comfy_glue
+    from nodes import comfy_glue, comfy_model
 
     lora = read_lora(lora_path)
     want = make_tiny_dit(TINY_ARCHS["lite"])
     apply_lora(want, lora, strength)
-    want = {f"inner.{k}": v for k, v in want.state_dict().items()}
-    original = {f"inner.{k}": v for k, v in make_tiny_dit(TINY_ARCHS["lite"]).state_dict().items()}
+    want = {f"diffusion_model.{k}": v for k, v in want.state_dict().items()}
+    original = {f"diffusion_model.{k}": v for k, v in make_tiny_dit(TINY_ARCHS["lite"]).state_dict().items()}
 
-    patcher = comfy_glue.wrap(make_tiny_dit(TINY_ARCHS["lite"]), "dit").clone()
-    keys = patcher.add_patches(comfy_glue.lora_patches(patcher, lora), strength)
+    v = variants.VARIANTS["t2v-lite-sft-5s"]
+    patcher = comfy_model.make_patcher(make_tiny_dit(TINY_ARCHS["lite"]), v, "auto", "tiny").clone()
+    if comfy_format:  # ComfyUI's own loader (LoraLoaderModelOnly's code) on the file it reads
+        import comfy.sd
+        import comfy.utils
+
+        patcher, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(lora_path), strength, 0)
+        keys = list(patcher.patches)
+    else:
+        keys = patcher.add_patches(comfy_glue.lora_patches(patcher, lora), strength)
     out = {"keys": len(keys), "targets": len(lora.targets)}
 
     def max_diff(sd, ref, names):
@@ -60,4 +70,4 @@ def main(lora_path: str, strength: float) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1], float(sys.argv[2]))))
+    print("RESULT " + json.dumps(main(sys.argv[1], float(sys.argv[2]), "comfy" in sys.argv[3:])))

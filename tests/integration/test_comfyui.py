@@ -70,6 +70,14 @@ def test_every_node_is_a_v3_node_listed_with_its_id_and_tooltips(comfyui):
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
                 assert not isinstance(spec[0], list), f"{name}.{input_name} is a V1 combo"
         assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), name
+    # no other custom node pack claims one of our IDs, whichever of two claims ComfyUI kept (the test-only pack's
+    # route lists every loaded pack's V1 mappings or V3 node list)
+    status, claims = comfyui.request("/k5test/registrations")
+    assert status == 200
+    mine = {path: ids for path, ids in claims.items() if path.endswith(f"/{PACK}/__init__.py")}
+    assert list(mine.values()) == [sorted(EXPECTED_IDS)], claims.keys()
+    for path, ids in claims.items():
+        assert path in mine or not set(ids) & set(EXPECTED_IDS), f"{path} also registers {set(ids) & set(EXPECTED_IDS)}"
     # no module but ours lists a node under one of our display names (a second pack with the old IDs would)
     others = {n: node["python_module"] for n, node in info.items() if n not in ours}
     assert not [n for n, node in info.items() if n not in ours and node["display_name"] in EXPECTED_IDS.values()]

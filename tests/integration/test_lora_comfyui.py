@@ -71,6 +71,26 @@ def write_lokr(path: Path, arch, base: dict[str, torch.Tensor]) -> dict[str, tor
     return deltas
 
 
+def write_comfy_format_lora(path: Path, base: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA in ComfyUI's own trainer layout (diffusion_model.<module>.lora_up / lora_down / alpha), which
+    LoraLoaderModelOnly reads through its model_lora_keys_unet map; returns {weight key: alpha/r * up @ down}."""
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    rank, alpha = 2, 3.0
+    for key, w in base.items():
+        if not key.endswith(("to_query.weight", "to_value.weight", "feed_forward.out_layer.weight")):
+            continue
+        stem = "diffusion_model." + key[: -len(".weight")]
+        down = torch.randn(rank, w.shape[1], generator=g) * 0.5
+        up = torch.randn(w.shape[0], rank, generator=g) * 0.5
+        sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = down, up
+        sd[f"{stem}.alpha"] = torch.tensor(alpha)
+        deltas[key] = alpha / rank * (up @ down)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return deltas
+
+
 def graph(dit: str, loras: list[tuple[str, float]], seed: int, prefix: str) -> dict:
     g = graphs.text2x(dit, HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=seed, prefix=prefix, variant=VARIANT)
     source = ["1", 0]
@@ -135,8 +155,10 @@ def test_lora_patches_through_comfyuis_full_lowvram_and_prefetch_paths(tmp_path)
     official, _ = write_official(tmp_path / "official", base, seed=2)
     lokr = tmp_path / "lokr.safetensors"
     write_lokr(lokr, TINY_ARCHS["lite"], base)
-    for path in (official, lokr):
-        cmd = [python, str(Path(__file__).parent / "lora_patch_check.py"), str(path), "0.7"]
+    comfy_format = tmp_path / "comfy_format.safetensors"
+    write_comfy_format_lora(comfy_format, base, 3)
+    for path, how in ((official, "ours"), (lokr, "ours"), (comfy_format, "comfy"), (comfy_format, "ours")):
+        cmd = [python, str(Path(__file__).parent / "lora_patch_check.py"), str(path), "0.7", how]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
@@ -145,4 +167,4 @@ def test_lora_patches_through_comfyuis_full_lowvram_and_prefetch_paths(tmp_path)
         assert r["keys"] == r["targets"] > 0, r
         assert r["full"] < 1e-5 and r["lowvram"] < 1e-5 and r.get("prefetch", 0.0) < 1e-5, r
         assert r["restored"] == 0.0, r
-        print(path.name, r)
+        print(path.name, how, r)

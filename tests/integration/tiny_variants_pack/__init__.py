@@ -14,6 +14,9 @@ qwen_2.5_vl_7b*.safetensors / clip_l.safetensors), tokenizers staying ComfyUI's 
 Cancel tests: while a file `slow_blocks` next to that JSON file holds "SECONDS CLASS [CLASS ...]", every block of
 those classes (Qwen / CLIP layers, DiT blocks, VAE resnet blocks) sleeps SECONDS after it ran, so that a stage of
 the tiny models lasts long enough to be cancelled in its middle.
+
+GET /k5test/registrations lists the node IDs every loaded custom node pack registers (V1 mappings or V3 node lists),
+so that a test can see an ID two packs claim, whichever ComfyUI kept.
 """
 
 import dataclasses
@@ -70,3 +73,47 @@ if _spec:
             time.sleep(float(seconds))
 
     torch.nn.modules.module.register_module_forward_hook(_slow_blocks)
+
+
+def _custom_node_registrations() -> dict[str, list[str]]:
+    """{custom node pack module file: the node IDs it registers}, for every pack the server has loaded: its
+    NODE_CLASS_MAPPINGS (V1) or the schemas of its comfy_entrypoint()'s node list (V3). Which module wins an ID two
+    of them register depends on the load order; this lists every claim."""
+    import asyncio
+    import inspect
+
+    import folder_paths
+
+    roots = {os.path.abspath(p) for p in folder_paths.get_folder_paths("custom_nodes")}
+    out: dict[str, list[str]] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        path = os.path.abspath(path)  # not realpath: a pack may be a symlink (ours is, in the tests)
+        folder = os.path.dirname(path)
+        if not (folder in roots or (os.path.basename(path) == "__init__.py" and os.path.dirname(folder) in roots)):
+            continue  # not a pack's own module (a single file, or a folder's __init__.py, in custom_nodes)
+        mappings = getattr(module, "NODE_CLASS_MAPPINGS", None)
+        if mappings is not None:
+            out[path] = sorted(mappings)
+        elif callable(getattr(module, "comfy_entrypoint", None)):
+            ext = module.comfy_entrypoint()
+            ext = asyncio.run(ext) if inspect.isawaitable(ext) else ext
+            node_list = ext.get_node_list()
+            node_list = asyncio.run(node_list) if inspect.isawaitable(node_list) else node_list
+            out[path] = sorted(cls.GET_SCHEMA().node_id for cls in node_list)
+    return out
+
+
+_server = sys.modules.get("server")
+if _spec and getattr(getattr(_server, "PromptServer", None), "instance", None) is not None:
+
+    @_server.PromptServer.instance.routes.get("/k5test/registrations")
+    async def _registrations(request):
+        import asyncio
+
+        from aiohttp import web
+
+        # the entrypoints are coroutines: run them away from the server's own event loop
+        return web.json_response(await asyncio.to_thread(_custom_node_registrations))
