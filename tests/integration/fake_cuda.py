@@ -144,12 +144,12 @@ def vae_decode(frames: int, width: int, height: int, models: str) -> dict:
     path = Path(models) / "hunyuan_video_vae_bf16.safetensors"
     if not path.exists():
         write_full_size_vae(path)
-    (vae,) = nodes.loaders.LoadVAE().load(path.name, "bf16")
+    (vae,) = nodes.loaders.LoadVAE.execute(path.name, "bf16")
     requested = record_memory_requests(nodes)
     z = torch.zeros(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
     names = [n for n, _ in vae.patcher.model.named_parameters()]
     try:
-        nodes.vae.VAEDecode().decode(vae, {"samples": z}, "auto", 256, 64, 16, 8)
+        nodes.vae.VAEDecode.execute(vae, {"samples": z}, "auto", 256, 64, 16, 8)
         error = None
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -193,7 +193,7 @@ def text_encode(record_only: bool) -> dict:
     requested = record_memory_requests(nodes)
     names = [n for n, _ in model.patcher.model.named_parameters()]
     try:
-        nodes.text.TextEncode().encode(model, "a red fox", "", "video")
+        nodes.text.TextEncode.execute(model, "a red fox", "", "video")
         error = None
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
