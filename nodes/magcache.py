@@ -102,7 +102,7 @@ class MagCacheNode(io.ComfyNode):
             "and the cached residual reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro "
             "sft / no-CFG video and Image Lite; calibrate others with Kandinsky 5 MagCache Calibrate.",
             inputs=[
-                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT (or Block Swap)."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01, tooltip=
                                "Accumulated ratio error allowed before the blocks must run again. Higher: faster, "
                                "less faithful. Official: 0.12."),
@@ -117,7 +117,8 @@ class MagCacheNode(io.ComfyNode):
                                 "pretrain, I2V or fine-tuned models."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip=
-                                   "The same DiT; the Kandinsky 5 Sampler uses MagCache with it.")],
+                                   "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler uses "
+                                   "MagCache with it.")],
         )  # fmt: skip
 
     @classmethod
@@ -156,7 +157,7 @@ class MagCacheCalibrate(io.ComfyNode):
             "skipped) and writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step "
             "count, guidance and a size you will generate with.",
             inputs=[
-                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT (or Block Swap)."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.String.Input("filename_prefix", default="kandinsky5_magcache", tooltip=
                                 "The ratios go to output/<prefix>_<variant>_<steps>steps.json."),
             ],
