@@ -194,9 +194,11 @@ class SpyVAE(torch.nn.Module):
 
 @pytest.fixture
 def encode_node(monkeypatch, comfy_api):
-    from nodes import comfy_glue
+    from nodes import comfy_glue, comfy_model
     from nodes import vae as vae_node
 
+    # the MODEL link stands for a Kandinsky5Model of the variant (the real one runs in tests/integration)
+    monkeypatch.setattr(comfy_model, "k5_model", lambda model, label="model": model)
     monkeypatch.setattr(comfy_glue, "load", lambda *a, **k: None)
     monkeypatch.setattr(comfy_glue, "load_device", lambda: torch.device("cpu"))
     spy = SpyVAE()

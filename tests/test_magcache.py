@@ -4,6 +4,7 @@ independent rendering of the official rule), what a skipped call computes, inter
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_ARCHS, make_tiny_dit
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.magcache import (
@@ -18,7 +19,6 @@ from kandinsky_core.magcache import (
 from kandinsky_core.sampling import TextConditioning, sample
 from kandinsky_core.settings import uses_cfg
 from kandinsky_core.variants import get_variant
-from tests.tiny import TINY_ARCHS, make_tiny_dit
 
 GRID = (2, 4, 6)  # latent T, H, W: 2 x 2 x 3 visual tokens
 
@@ -305,7 +305,7 @@ def test_errors():
 
 
 def test_identity_hook_is_bit_exact(dit):
-    from tests.tiny import make_inputs
+    from tiny import make_inputs
 
     inputs = make_inputs(dit.arch, grid=GRID)
     plain = dit(**inputs)
@@ -351,9 +351,9 @@ def tiny_models(tmp_path_factory):
 
     import tiny_text
     import tiny_vae
+    from tiny import make_tiny_dit_file
 
     from kandinsky_core import download, variants
-    from tests.tiny import make_tiny_dit_file
 
     root = tmp_path_factory.mktemp("magcache_models")
     models = root / "models"

@@ -5,13 +5,13 @@ import contextlib
 
 import pytest
 import torch
+from tiny import TINY_ARCHS, make_inputs, make_tiny_dit
 
 from kandinsky_core import offload
 from kandinsky_core.errors import InputError
 from kandinsky_core.magcache import MagCache, MagCacheParams
 from kandinsky_core.offload import enable_block_swap
 from kandinsky_core.sampling import TextConditioning, sample
-from tests.tiny import TINY_ARCHS, make_inputs, make_tiny_dit
 
 ARCH = TINY_ARCHS["pro"]
 

@@ -85,8 +85,10 @@ def test_comfyuis_lora_loader_into_our_sampler_matches_a_hand_merged_dit(comfyui
     g["1"]["inputs"]["dit_name"] = merged_name
     want = latent(comfyui, comfyui.run(g))
     g = base_graph(comfyui, T2V, "m_lora", FRAMES)
-    g["20"] = {"class_type": "LoraLoaderModelOnly",
-               "inputs": {"model": ["1", 0], "lora_name": "k5_comfy_format.safetensors", "strength_model": strength}}
+    g["20"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["1", 0], "lora_name": "k5_comfy_format.safetensors", "strength_model": strength},
+    }
     g["5"]["inputs"]["model"] = ["20", 0]  # fmt: skip
     got = latent(comfyui, comfyui.run(g))
     assert (want - plain).abs().max() > 0.5  # the LoRA changes the output: the comparison can fail
@@ -105,10 +107,14 @@ def test_magcache_lora_and_compile_stacked_give_the_hand_merged_dit(comfyui):
     g["1"]["inputs"]["dit_name"] = "k5_lite_t2v_merged_for_stack.safetensors"
     want = latent(comfyui, comfyui.run(g))
     g = base_graph(comfyui, T2V, "s_stacked", FRAMES)
-    g["20"] = {"class_type": "K5MagCache",
-               "inputs": {"model": ["1", 0], "threshold": 0.0, "K": 2, "retention": 0.2, "ratios": ""}}
-    g["21"] = {"class_type": "K5LoadLoRA",
-               "inputs": {"model": ["20", 0], "lora_name": "k5_stacked.safetensors", "strength": 0.9}}
+    g["20"] = {
+        "class_type": "K5MagCache",
+        "inputs": {"model": ["1", 0], "threshold": 0.0, "K": 2, "retention": 0.2, "ratios": ""},
+    }
+    g["21"] = {
+        "class_type": "K5LoadLoRA",
+        "inputs": {"model": ["20", 0], "lora_name": "k5_stacked.safetensors", "strength": 0.9},
+    }
     g["22"] = {"class_type": "K5Compile", "inputs": {"model": ["21", 0], "mode": "default", "backend": "eager"}}
     g["5"]["inputs"]["model"] = ["22", 0]  # fmt: skip
     entry = comfyui.run(g)
@@ -146,14 +152,20 @@ def test_sampler_custom_advanced_runs_the_model_as_ksampler_does(comfyui):
     g = with_ksampler(base_graph(comfyui, T2V, "c_ksampler", FRAMES), T2V, ["1", 0])
     want = latent(comfyui, comfyui.run(g))
     g = base_graph(comfyui, T2V, "c_custom", FRAMES)
-    g["10"] = {"class_type": "EmptyHunyuanLatentVideo",
-               "inputs": {"width": W, "height": H, "length": FRAMES, "batch_size": 1}}
+    g["10"] = {
+        "class_type": "EmptyHunyuanLatentVideo",
+        "inputs": {"width": W, "height": H, "length": FRAMES, "batch_size": 1},
+    }
     g["11"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
-    g["12"] = {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1],
-                                                     "cfg": GUIDANCE[T2V]}}
+    g["12"] = {
+        "class_type": "CFGGuider",
+        "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["4", 1], "cfg": GUIDANCE[T2V]},
+    }
     g["13"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-    g["14"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": STEPS,
-                                                          "denoise": 1.0}}
+    g["14"] = {
+        "class_type": "BasicScheduler",
+        "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": STEPS, "denoise": 1.0},
+    }
     g["5"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["11", 0], "guider": ["12", 0],
               "sampler": ["13", 0], "sigmas": ["14", 0], "latent_image": ["10", 0]}}  # fmt: skip
     got = latent(comfyui, comfyui.run(g))
