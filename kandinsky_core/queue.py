@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,33 @@ def widget_names(info: dict) -> list[str | None]:
     return names
 
 
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+_END = object()
+
+
+def _option_specs(inputs: dict) -> list[tuple[str, object, dict]]:
+    return _input_specs({"input": inputs})
+
+
+def _dynamic_widget_inputs(specs: list, values: Iterator, out: dict, prefix: str = "") -> None:
+    """Widget values of a node with V3 dynamic combos, as the frontend serialises them: each combo's choice, then
+    the widgets of the chosen option; API names are dotted paths (format, format.codec), as ComfyUI expects them.
+    Hidden inputs have no widget."""
+    for name, kind, opts in specs:
+        if opts.get("hidden") or not (kind == DYNAMIC_COMBO or _is_widget(kind, opts)):
+            continue
+        value = next(values, _END)
+        if value is _END:
+            return
+        out[prefix + name] = value
+        if kind == DYNAMIC_COMBO:
+            chosen = next((o for o in opts.get("options", []) if o.get("key") == value), None)
+            if chosen is not None:
+                _dynamic_widget_inputs(_option_specs(chosen.get("inputs", {})), values, out, f"{prefix}{name}.")
+        elif _adds_widget(name, kind, opts):
+            next(values, None)
+
+
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow to the API format, as ComfyUI's frontend does when it queues.
 
@@ -142,16 +169,13 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 f"node {node['id']} is a {kind!r}, which this ComfyUI does not have. Install the custom node pack "
                 "that provides it (or update ComfyUI), then queue again."
             )
-        dynamic = [name for name, k, _ in _input_specs(info) if k == "COMFY_DYNAMICCOMBO_V3"]
-        if dynamic:
-            raise InputError(
-                f"node {node['id']} ({kind}) has a dynamic input ({dynamic[0]}) whose widgets depend on its choice; "
-                f"queue cannot map them from the UI format. {EXPORT_HINT}"
-            )
+        dynamic = any(k == DYNAMIC_COMBO for _, k, _ in _input_specs(info))
         inputs: dict = {}
         values = node.get("widgets_values") or []
         if isinstance(values, dict):  # some packs serialise widgets by name
             inputs.update({k: v for k, v in values.items() if k in {s[0] for s in _input_specs(info)}})
+        elif dynamic:
+            _dynamic_widget_inputs(_input_specs(info), iter(values), inputs)
         else:
             for name, value in zip(widget_names(info), values, strict=False):
                 if name is not None:

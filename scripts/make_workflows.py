@@ -41,7 +41,7 @@ OBJECT_INFO = REPO / "tests" / "data" / "object_info.json"
 NODE_TYPES = (
     "K5LoadDiT", "K5LoadTextEncoders", "K5LoadVAE", "K5TextEncode",
     "K5PromptExpansion", "K5Sampler", "K5VAEDecode", "K5VAEEncode",
-    "LoadImage", "ImageScale", "SaveImage", "SaveAnimatedWEBP",
+    "LoadImage", "SaveImage", "CreateVideo", "SaveVideo",
 )  # fmt: skip
 
 SEED = 42
@@ -54,7 +54,7 @@ PROMPTS = {
     "photorealistic, 35 mm photo.",
     "i2i": "Make it a snowy winter evening, keep the composition.",
 }
-WEBP = {"lossless": False, "quality": 90, "method": "default"}  # SaveAnimatedWEBP exists on ComfyUI 0.3.x and later
+MP4 = ["mp4", "h264"]  # SaveVideo's format and codec (CreateVideo + SaveVideo: v0.3.64 and later)
 
 
 def video_negative() -> str:
@@ -218,10 +218,12 @@ class Graph:
 
 def sampler_widgets(v: Variant) -> list:
     """NABLA is not a sampler widget: the sampler takes the variant's (auto) unless a Kandinsky 5 NABLA node says
-    otherwise."""
-    width, height = v.default_size
+    otherwise. I2V / I2I: 0 x 0, the size Kandinsky 5 VAE Encode chose from the image. The seed changes after each
+    run, so a second Run makes a new video."""
+    width, height = (0, 0) if v.task in ("i2v", "i2i") else v.default_size
     return [
-        width, height, v.max_frames if v.is_video else 1, 1, SEED, "fixed", v.steps, v.guidance, v.scheduler_scale,
+        width, height, v.max_frames if v.is_video else 1, 1, SEED, "randomize", v.steps, v.guidance,
+        v.scheduler_scale,
     ]  # fmt: skip
 
 
@@ -231,13 +233,14 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     names = model_names(v)
     note = g.add("MarkdownNote", (-520, 0), (480, 640), [note_text(v)], title="Model links")
     note.update({"color": "#222", "bgcolor": "#000", "properties": {}})
-    dit = g.add("K5LoadDiT", (0, 0), (340, 130), [names["dit"], v.name, "default", "auto"])
+    # variant and template auto: another DiT file brings its own settings (the front end fills the sampler)
+    dit = g.add("K5LoadDiT", (0, 0), (340, 130), [names["dit"], "auto", "default", "auto"])
     te = g.add("K5LoadTextEncoders", (0, 180), (340, 110), [names["qwen"], names["clip"], "default"])
     vae = g.add("K5LoadVAE", (0, 340), (340, 90), [names["vae"], "default"])
     for loader in (dit, te, vae):
         loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
-    enc = g.add("K5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, v.text_template])
+    enc = g.add("K5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, "auto"])
     sampler = g.add("K5Sampler", (840, 0), (320, 470), sampler_widgets(v))
     g.link(te, 0, enc, "text_encoders")
     g.link(dit, 0, enc, "model")
@@ -246,23 +249,27 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     g.link(enc, 1, sampler, "negative")
     if v.task in ("i2v", "i2i"):
         image = g.add("LoadImage", (0, 480), (340, 320), [IMAGE, "image"])
-        encode = g.add("K5VAEEncode", (380, 480), (320, 130), list(v.default_size))
+        # 0 x 0: the size from the image by the official rule for the connected model (I2V keeps the whole image,
+        # I2I takes the nearest trained aspect and cover-crops); the sampler follows the latent
+        encode = g.add("K5VAEEncode", (380, 480), (320, 130), [0, 0])
         g.link(vae, 0, encode, "vae")
         g.link(image, 0, encode, "images")
+        g.link(dit, 0, encode, "model")
         g.link(encode, 0, sampler, "start_latent" if v.task == "i2v" else "edit_latent")
-        if v.task == "i2i":  # Qwen reads the image at the output size, as the official I2I pipeline gives it
-            scale = g.add("ImageScale", (380, 660), (320, 130), ["bilinear", *v.default_size, "center"])
-            g.link(image, 0, scale, "image")
-            g.link(scale, 0, enc, "edit_image")
+        if v.task == "i2i":  # Qwen reads the image as encoded, as the official I2I pipeline gives it
+            g.link(encode, 1, enc, "edit_image")
     decode = g.add("K5VAEDecode", (1200, 0), (320, 180), ["auto", 256, 64, 16, 8])
     g.link(vae, 0, decode, "vae")
     g.link(sampler, 0, decode, "samples")
     prefix = f"kandinsky5/{v.name}"
-    if v.is_video:
-        save = g.add("SaveAnimatedWEBP", (1560, 0), (420, 460), [prefix, float(FPS), *WEBP.values()])
+    if v.is_video:  # MP4 through ComfyUI's own video nodes
+        video = g.add("CreateVideo", (1560, 0), (270, 100), [float(FPS), 8])  # 8-bit (v0.3.64 has no bit_depth)
+        g.link(decode, 0, video, "images")
+        save = g.add("SaveVideo", (1870, 0), (420, 460), [prefix, *MP4])
+        g.link(video, 0, save, "video")
     else:
         save = g.add("SaveImage", (1560, 0), (420, 460), [prefix])
-    g.link(decode, 0, save, "images")
+        g.link(decode, 0, save, "images")
     return g.workflow()
 
 

@@ -155,7 +155,15 @@ def test_defaults_equal_the_variants_table(name):
     v = VARIANTS[name]
     g = api(name)
     _, dit = one(g, "K5LoadDiT")
-    assert dit["inputs"]["variant"] == name
+    # auto: the file's own variant (detected from the official file name without a guess), so another file brings
+    # its own settings
+    assert dit["inputs"]["variant"] == "auto"
+    from test_loading import real_header
+
+    from kandinsky_core.loading import detect_variant
+
+    detected = detect_variant(real_header(name), filename=dit["inputs"]["dit_name"])
+    assert detected.variant == name or (v.family == "pro" and set(detected.tied) >= {name})
     assert dit["inputs"]["dit_name"] == v.hf_filename.split("/")[-1]  # download.py puts it in diffusion_models/
     _, te = one(g, "K5LoadTextEncoders")  # ComfyUI's single files, what its users already hold
     assert te["inputs"]["qwen_name"] == "qwen_2.5_vl_7b_fp8_scaled.safetensors"
@@ -164,29 +172,38 @@ def test_defaults_equal_the_variants_table(name):
     expected_vae = {"hunyuan": "hunyuan_video_vae_bf16.safetensors", "flux": "ae.safetensors"}[v.vae]
     assert vae["inputs"]["vae_name"] == expected_vae
     _, enc = one(g, "K5TextEncode")
-    assert enc["inputs"]["template"] == v.text_template
+    assert enc["inputs"]["template"] == "auto"  # the model's variant's template at run time
     assert enc["inputs"]["prompt"].strip()
     negative = enc["inputs"]["negative_prompt"]
     assert negative.startswith("Static, 2D cartoon") if v.is_video else negative == ""
     sid, s = one(g, "K5Sampler")
     i = s["inputs"]
-    assert (i["width"], i["height"]) == v.default_size and (i["width"], i["height"]) in v.resolutions
+    if v.task in ("i2v", "i2i"):  # the size Kandinsky 5 VAE Encode chose from the image
+        assert (i["width"], i["height"]) == (0, 0)
+    else:
+        assert (i["width"], i["height"]) == v.default_size and (i["width"], i["height"]) in v.resolutions
     assert i["length"] == (v.max_frames if v.is_video else 1)
     assert (i["steps"], i["guidance"], i["scheduler_scale"]) == (v.steps, v.guidance, v.scheduler_scale)
     # NABLA is the variant's (the Sampler's auto, no Kandinsky 5 NABLA node): the size fits its tiles
     assert not any(k.startswith("nabla") for k in i) and not by_type(g, "K5Nabla")
-    assert resolve(v, width=i["width"], height=i["height"], length=i["length"], has_start=v.task == "i2v",
+    assert resolve(v, width=i["width"] or v.default_size[0], height=i["height"] or v.default_size[1],
+                   length=i["length"], has_start=v.task == "i2v",
                    has_edit=v.task == "i2i")[1] == []  # fmt: skip
     assert i["batch_size"] == 1 and isinstance(i["seed"], int)
+    ui_sampler = next(n for n in ui(name)["nodes"] if n["type"] == "K5Sampler")
+    assert ui_sampler["widgets_values"][5] == "randomize"  # a second Run makes a new video
     did = dit and one(g, "K5LoadDiT")[0]
     assert i["model"] == [did, 0] and enc["inputs"]["model"] == [did, 0]
     eid = one(g, "K5TextEncode")[0]
     assert i["positive"] == [eid, 0] and i["negative"] == [eid, 1]
     decid, dec = one(g, "K5VAEDecode")
     assert dec["inputs"]["samples"] == [sid, 0]
-    if v.is_video:
-        _, save = one(g, "SaveAnimatedWEBP")
-        assert save["inputs"]["fps"] == 24.0 and save["inputs"]["images"] == [decid, 0]
+    if v.is_video:  # MP4 through ComfyUI's own video nodes
+        vid, video = one(g, "CreateVideo")
+        assert video["inputs"]["fps"] == 24.0 and video["inputs"]["images"] == [decid, 0]
+        _, save = one(g, "SaveVideo")
+        assert save["inputs"]["video"] == [vid, 0]
+        assert (save["inputs"]["format"], save["inputs"]["format.codec"]) == ("mp4", "h264")
         assert not by_type(g, "SaveImage")
     else:
         _, save = one(g, "SaveImage")
@@ -201,20 +218,17 @@ def test_image_inputs_go_through_vae_encode(name):
     lid, load = one(g, "LoadImage")
     assert load["inputs"]["image"] == "example.png"
     eid, encode = one(g, "K5VAEEncode")
-    assert encode["inputs"]["images"] == [lid, 0] and (encode["inputs"]["width"], encode["inputs"]["height"]) == (
-        v.default_size
-    )
+    # 0 x 0 with the model connected: the official size rule for the image sets the size, the sampler follows
+    assert encode["inputs"]["images"] == [lid, 0] and (encode["inputs"]["width"], encode["inputs"]["height"]) == (0, 0)
+    assert encode["inputs"]["model"] == [one(g, "K5LoadDiT")[0], 0]
     sampler = one(g, "K5Sampler")[1]["inputs"]
     key, other = ("start_latent", "edit_latent") if v.task == "i2v" else ("edit_latent", "start_latent")
     assert sampler[key] == [eid, 0] and other not in sampler
     text = one(g, "K5TextEncode")[1]["inputs"]
-    if v.task == "i2i":  # Qwen sees the image at the output size (resized to cover, centre-cropped)
-        sid, scale = one(g, "ImageScale")
-        assert text["edit_image"] == [sid, 0] and scale["inputs"]["image"] == [lid, 0]
-        size = scale["inputs"]["width"], scale["inputs"]["height"]
-        assert size == v.default_size and scale["inputs"]["crop"] == "center"
+    if v.task == "i2i":  # Qwen sees the image as encoded (resized to cover, centre-cropped): VAE Encode's image
+        assert text["edit_image"] == [eid, 1]
     else:
-        assert "edit_image" not in text and not by_type(g, "ImageScale")
+        assert "edit_image" not in text
 
 
 def test_text_variants_have_no_image_inputs():
@@ -321,7 +335,10 @@ def test_ui_files_are_in_the_frontend_format():
             assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties", "widgets_values"} <= set(n)
             if n["type"] in OBJECT_INFO:
                 assert n["properties"]["Node name for S&R"] == n["type"]
-                assert len(n["widgets_values"]) == len(widget_names(OBJECT_INFO[n["type"]])), n["type"]
+                if n["type"] == "SaveVideo":  # a dynamic combo: prefix, format, the chosen format's codec
+                    assert n["widgets_values"][1:] == ["mp4", "h264"]
+                else:
+                    assert len(n["widgets_values"]) == len(widget_names(OBJECT_INFO[n["type"]])), n["type"]
 
 
 # ---- the converter against the frontend's serialisation, on hand-written graphs ----
@@ -408,7 +425,22 @@ def test_subgraphs_and_dynamic_inputs_are_refused_with_the_fix():
            "definitions": {"subgraphs": [{"id": "a1b2-uuid", "name": "Text to Image"}]}}  # fmt: skip
     with pytest.raises(InputError, match=r"node 3 is a subgraph \(Text to Image\).*Export \(API\)"):
         ui_to_api(sub, CORE_INFO)
-    info = {"SaveVideo": {"input": {"required": {"video": ["VIDEO", {}], "format": ["COMFY_DYNAMICCOMBO_V3", {}]}},
-                          "output": []}}  # fmt: skip
-    with pytest.raises(InputError, match=r"node 4 \(SaveVideo\) has a dynamic input \(format\).*Export \(API\)"):
-        ui_to_api({"nodes": [node(4, "SaveVideo", ["auto"])], "links": []}, info)
+
+
+def test_dynamic_combos_map_to_dotted_inputs_as_comfyui_expects():
+    """V3 dynamic combos (SaveVideo's format -> codec on v0.33.0): the choice, then the chosen option's widgets,
+    named by their dotted path; the hidden top-level codec has no widget."""
+    codec = ["COMFY_DYNAMICCOMBO_V3", {"options": [{"key": "auto", "inputs": {"required": {}}},
+                                                   {"key": "h264", "inputs": {"required": {}}}]}]  # fmt: skip
+    info = {"SaveVideo": {
+        "input": {"required": {"video": ["VIDEO", {}], "filename_prefix": ["STRING", {}],
+                               "format": ["COMFY_DYNAMICCOMBO_V3", {"options": [
+                                   {"key": "mp4", "inputs": {"required": {"codec": codec}}},
+                                   {"key": "webm", "inputs": {"required": {}}}]}]},
+                  "optional": {"codec": ["COMFY_DYNAMICCOMBO_V3", {"hidden": True}]}},
+        "input_order": {"required": ["video", "filename_prefix", "format"], "optional": ["codec"]},
+        "output": []}}  # fmt: skip
+    got = ui_to_api({"nodes": [node(4, "SaveVideo", ["k5/v", "mp4", "h264"])], "links": []}, info)
+    assert got["4"]["inputs"] == {"filename_prefix": "k5/v", "format": "mp4", "format.codec": "h264"}
+    got = ui_to_api({"nodes": [node(4, "SaveVideo", ["k5/v", "webm"])], "links": []}, info)
+    assert got["4"]["inputs"] == {"filename_prefix": "k5/v", "format": "webm"}
