@@ -82,6 +82,8 @@ function loaderProblem(loader) {
   if (choice !== "auto" && !file.fits.includes(choice)) {
     return `variant ${choice} does not fit ${name}: pick auto or one of ${file.fits.join(", ")}`;
   }
+  // auto had to guess between variants with the same tensors (the file name does not say which)
+  if (choice === "auto" && file.guess) return `${name}: ${file.guess}`;
   return null;
 }
 

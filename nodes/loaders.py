@@ -116,6 +116,8 @@ class LoadDiT(io.ComfyNode):
 
         with fail("Load Kandinsky 5 DiT"):
             path = files.resolve("diffusion_models", dit_name, "dit_name")
+            if variant == AUTO:
+                warn_guess(path)
             device = comfy_glue.load_device()
             fp8 = weight_dtype == "fp8_e4m3fn"
             dtype = torch.bfloat16 if fp8 else pick_dtype(weight_dtype, device)
@@ -129,6 +131,17 @@ class LoadDiT(io.ComfyNode):
             )
             comfy_glue.log.info("Kandinsky 5 DiT %s loaded as %s (%s)", dit_name, v.name, dtype)
             return io.NodeOutput(comfy_model.make_patcher(model, v, attention, dit_name))
+
+
+def warn_guess(path: Path) -> str | None:
+    """Log (and return) what detection had to guess for `path`: the candidates, the variant taken and how to choose.
+    The front end shows the same text under the loader (GET /kandinsky5/variants)."""
+    from kandinsky_core import loading
+
+    guess = loading.detect_variant(loading.read_safetensors_header(path), filename=path.name).guess
+    if guess:
+        comfy_glue.log.warning("Load Kandinsky 5 DiT: %s: %s", path.name, guess)
+    return guess
 
 
 class LoadTextEncoders(io.ComfyNode):

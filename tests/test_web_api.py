@@ -104,9 +104,25 @@ def test_dit_files_are_served_with_their_detected_variant(models, monkeypatch):
     make_tiny_dit_file(models / "kandinsky5lite_t2v_sft_5s.safetensors", TINY_ARCHS["lite"])
     (models / "notes.safetensors").write_bytes(b"not a safetensors file")
     files = _payload()["files"]
-    assert files["kandinsky5lite_t2v_sft_5s.safetensors"] == {"variant": "t2v-lite-sft-5s", "fits": ["t2v-lite-sft-5s"]}
+    assert files["kandinsky5lite_t2v_sft_5s.safetensors"] == {
+        "variant": "t2v-lite-sft-5s", "fits": ["t2v-lite-sft-5s"], "guess": None}  # fmt: skip
     bad = files["notes.safetensors"]
     assert bad["variant"] is None and "notes.safetensors" in bad["error"]
+
+
+def test_a_renamed_file_is_served_with_what_detection_had_to_guess(models, monkeypatch, caplog):
+    """The front end shows the guess under the loader; loading the file logs it too."""
+    for name in ("t2v-lite-sft-5s", "t2v-lite-distilled16steps-5s"):
+        monkeypatch.setitem(variants.VARIANTS, name, dataclasses.replace(VARIANTS[name], arch=TINY_ARCHS["lite"]))
+    make_tiny_dit_file(models / "my_video_model.safetensors", TINY_ARCHS["lite"])
+    served = _payload()["files"]["my_video_model.safetensors"]
+    assert served["variant"] == "t2v-lite-sft-5s" and "t2v-lite-distilled16steps-5s" in served["guess"]
+    assert "pick it in variant" in served["guess"]
+    from nodes.loaders import warn_guess
+
+    with caplog.at_level("WARNING", logger="kandinsky5"):
+        assert warn_guess(models / "my_video_model.safetensors") == served["guess"]
+    assert "my_video_model.safetensors" in caplog.text and "took t2v-lite-sft-5s" in caplog.text
 
 
 def test_detection_is_cached_until_the_file_changes(models, monkeypatch):
@@ -122,7 +138,7 @@ def test_detection_is_cached_until_the_file_changes(models, monkeypatch):
     monkeypatch.setattr(loading, "detect_variant", fake_detect)
     f = models / "a.safetensors"
     f.write_bytes(b"x")
-    assert _payload()["files"]["a.safetensors"] == {"variant": "t2i-lite", "fits": ["t2i-lite"]}
+    assert _payload()["files"]["a.safetensors"] == {"variant": "t2i-lite", "fits": ["t2i-lite"], "guess": None}
     _payload()
     assert calls == ["a.safetensors"]
     f.write_bytes(b"xy")  # new size: read again
