@@ -213,6 +213,25 @@ def _progress_callback(steps: int, enabled: bool) -> tuple[Callable[[int, int, T
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class Runtime:
+    """How a run uses the machine, shared by its stages (see `run` for each field)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    offload: bool = True
+    progress: bool = True
+    attention_backend: str | None = None
+    fp8: bool = False
+    log: Callable[[str], None] = print
+    block_cache: Any = None
+    block_swap: int | None = None
+    text_block_swap: int | None = None
+    vae_tiled: bool | str = "auto"
+    compile: bool = False
+
+
 def run(
     request: Request,
     models: ModelPaths,
@@ -233,50 +252,59 @@ def run(
 ) -> Tensor:
     """Generate `request` from the files in `models`; returns frames uint8 [F, H, W, 3] on the CPU.
 
-    Stages: text encoders (loaded, used, dropped) -> VAE encode of the input image (then parked on the CPU when
-    `offload`) -> DiT (loaded, sampled, dropped) -> VAE decode. `fp8` stores the DiT's block weights in float8.
-    `magcache`: a `magcache.MagCacheParams` (skip visual blocks with those ratios and controls), a
+    Stages, one large model on the accelerator at a time: `encode_text` (text encoders loaded, used, dropped) ->
+    `encode_image` (VAE encode of the input image, then parked on the CPU when `offload`) -> `sample_latent` (DiT
+    loaded, sampled, dropped) -> `decode_latent`; `generate` then writes the file. `fp8` stores the DiT's block
+    weights in float8. `magcache`: a `magcache.MagCacheParams` (skip visual blocks with those ratios and controls), a
     `magcache.MagCalibration` (measure this model's ratios; read them from it afterwards) or None.
     `block_swap`: None keeps the whole DiT on the device; N keeps its first N visual blocks there and swaps the others
     in from the host one at a time (`offload.enable_block_swap`; for small accelerators). `text_block_swap` does the
     same for Qwen2.5-VL's decoder layers (28 of them, ~13 GB in bf16). `vae_tiled` (HunyuanVideo VAE): True / False
     force tiled / untiled decoding, "auto" tiles when an untiled pass would not fit. `compile`: torch.compile the DiT's
     blocks (`compile.compile_dit`; compiled on the first step, eager again if the compiler fails)."""
-    from .loading import load_dit
-    from .sampling import make_noise, sample
-    from .text_encoders import load_text_encoders
-
-    log = log or (lambda msg: None)
-    block_cache = _block_cache(magcache)
     for name, value in (("block_swap", block_swap), ("text_block_swap", text_block_swap)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InputError(
                 f"{name}={value!r} is not allowed: give the number of blocks to keep on the accelerator (0 or more; "
                 "the rest are swapped in from the host one at a time), or None to keep the whole model there."
             )
-    v = request.variant
     dev = pick_device(device)
     dtype = dtype or default_dtype(dev)
-    vae_dtype = vae_dtype or dtype
+    rt = Runtime(
+        device=dev, dtype=dtype, vae_dtype=vae_dtype or dtype, offload=offload, progress=progress,
+        attention_backend=attention_backend, fp8=fp8, log=log or (lambda msg: None),
+        block_cache=_block_cache(magcache), block_swap=block_swap, text_block_swap=text_block_swap,
+        vae_tiled=vae_tiled, compile=compile,
+    )  # fmt: skip
+    cond, uncond = encode_text(request, models, rt)
+    vae, first_frame, edit = encode_image(request, models, rt)
+    x = sample_latent(request, models, rt, cond, uncond, first_frame, edit)
+    return decode_latent(request, models, rt, x, vae)
 
-    # 1. text: both prompts, then the encoders leave the accelerator
-    log(f"text encoders: {models.qwen} + {models.clip}")
-    text_dev = dev if text_block_swap is None else torch.device("cpu")
+
+def encode_text(request: Request, models: ModelPaths, rt: Runtime) -> tuple[Any, Any]:
+    """Stage 1: the prompt (expanded first when asked) and, with CFG, the negative prompt, encoded on the CPU; the
+    encoders are dropped afterwards."""
+    from .text_encoders import load_text_encoders
+
+    v, dev = request.variant, rt.device
+    rt.log(f"text encoders: {models.qwen} + {models.clip}")
+    text_dev = dev if rt.text_block_swap is None else torch.device("cpu")
     encoders = load_text_encoders(
-        models.qwen, models.clip, dtype=dtype, device=text_dev, tokenizer_dir=models.tokenizer_dir
+        models.qwen, models.clip, dtype=rt.dtype, device=text_dev, tokenizer_dir=models.tokenizer_dir
     )
-    if text_block_swap is not None:
+    if rt.text_block_swap is not None:
         from .offload import swap_layers
 
         encoders.clip.to(dev)
-        swap_layers(encoders.qwen, encoders.qwen.model.language_model.layers, dev, text_block_swap)
+        swap_layers(encoders.qwen, encoders.qwen.model.language_model.layers, dev, rt.text_block_swap)
     images = [request.image] if v.task == "i2i" else None
     prompt = request.prompt
     if request.expand_prompt:
         # the official pipelines show Qwen the image as given (I2I: at a quarter of its size), not the resized one
         image = request.source_image if request.source_image is not None else request.image
         prompt = encoders.expand_prompt(prompt, v.text_template, image=image, seed=request.seed)
-        log(f"expanded prompt: {prompt}")
+        rt.log(f"expanded prompt: {prompt}")
     template = encode_template(v, request.frames)
     cond = encoders.encode([prompt], template, v.text_max_length, images=images)
     uncond = None
@@ -285,35 +313,50 @@ def run(
     cond, uncond = cond.to("cpu"), (uncond.to("cpu") if uncond is not None else None)
     del encoders  # used once: dropping them frees the accelerator without copying 16 GB back to the CPU
     _free(dev)
+    return cond, uncond
 
-    # 2. start image (I2V) or edit image (I2I) through the VAE
-    vae = None
-    first_frame = edit = None
-    if request.image is not None:
-        log(f"VAE encode: {models.vae}")
-        vae = _load_vae(v, models.vae, vae_dtype, dev)
-        latent = vae.encode(_pixels(request.image, dev, vae_dtype)).float() * v.latent_scale
-        latent = latent.cpu()
-        first_frame, edit = (latent, None) if v.task == "i2v" else (None, latent)
-        _offload(vae, dev, offload)
 
-    # 3. DiT sampling
-    log(f"DiT: {models.dit}")
-    if block_swap is None:
-        dit, _ = load_dit(models.dit, v, dtype=dtype, device=dev, fp8=fp8)
+def encode_image(request: Request, models: ModelPaths, rt: Runtime) -> tuple[Any, Tensor | None, Tensor | None]:
+    """Stage 2: the start image (I2V) or edit image (I2I) through the VAE, as a scaled latent on the CPU. Returns
+    the VAE (kept for decoding, parked on the CPU when offloading; None without an image), the I2V first-frame
+    latent and the I2I edit latent."""
+    v, dev = request.variant, rt.device
+    if request.image is None:
+        return None, None, None
+    rt.log(f"VAE encode: {models.vae}")
+    vae = _load_vae(v, models.vae, rt.vae_dtype, dev)
+    latent = vae.encode(_pixels(request.image, dev, rt.vae_dtype)).float() * v.latent_scale
+    latent = latent.cpu()
+    _offload(vae, dev, rt.offload)
+    return (vae, latent, None) if v.task == "i2v" else (vae, None, latent)
+
+
+def sample_latent(
+    request: Request, models: ModelPaths, rt: Runtime, cond: Any, uncond: Any, first_frame: Tensor | None,
+    edit: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """Stage 3: the DiT loaded (whole, or with block swap), the flow sampled from seeded noise, the DiT dropped.
+    Returns the latent in DiT space on the device."""
+    from .loading import load_dit
+    from .sampling import make_noise, sample
+
+    v, dev, dtype = request.variant, rt.device, rt.dtype
+    rt.log(f"DiT: {models.dit}")
+    if rt.block_swap is None:
+        dit, _ = load_dit(models.dit, v, dtype=dtype, device=dev, fp8=rt.fp8)
     else:
         from .offload import enable_block_swap
 
-        dit, _ = load_dit(models.dit, v, dtype=dtype, device="cpu", fp8=fp8)
-        swap = enable_block_swap(dit, dev, blocks_on_device=block_swap)
-        log(f"block swap: {len(swap.swapped)} of {len(dit.visual_transformer_blocks)} visual blocks swapped in")
-    if compile:
+        dit, _ = load_dit(models.dit, v, dtype=dtype, device="cpu", fp8=rt.fp8)
+        swap = enable_block_swap(dit, dev, blocks_on_device=rt.block_swap)
+        rt.log(f"block swap: {len(swap.swapped)} of {len(dit.visual_transformer_blocks)} visual blocks swapped in")
+    if rt.compile:
         from .compile import compile_dit
 
         compile_dit(dit)
-        log("torch.compile: the DiT blocks compile during the first step")
+        rt.log("torch.compile: the DiT blocks compile during the first step")
     noise = make_noise(request.latent_shape, request.seed, dtype=torch.float32, device=dev)
-    callback, bar = _progress_callback(request.steps, progress)
+    callback, bar = _progress_callback(request.steps, rt.progress)
     try:
         x = sample(
             dit,
@@ -328,26 +371,30 @@ def run(
             first_frame_latent=first_frame.to(dev) if first_frame is not None else None,
             edit_latent=edit.to(dev) if edit is not None else None,
             callback=callback,
-            attention_backend=attention_backend,
-            block_cache=block_cache,
+            attention_backend=rt.attention_backend,
+            block_cache=rt.block_cache,
         )
     finally:
         if bar is not None:
             bar.close()
-    if isinstance(block_cache, MagCache):
-        log(f"MagCache: {len(block_cache.skipped)} of {request.steps * (2 if uncond is not None else 1)} DiT calls "
-            "reused the cached residual")  # fmt: skip
+    if isinstance(rt.block_cache, MagCache):
+        rt.log(f"MagCache: {len(rt.block_cache.skipped)} of {request.steps * (2 if uncond is not None else 1)} DiT "
+               "calls reused the cached residual")  # fmt: skip
     del dit
     _free(dev)
+    return x
 
-    # 4. decode
-    log("VAE decode")
+
+def decode_latent(request: Request, models: ModelPaths, rt: Runtime, x: Tensor, vae: Any = None) -> Tensor:
+    """Stage 4: the latent through the VAE (the one of stage 2, or loaded now) to uint8 frames [F, H, W, 3]."""
+    v, dev = request.variant, rt.device
+    rt.log("VAE decode")
     if vae is None:
-        vae = _load_vae(v, models.vae, vae_dtype, dev)
-    elif offload:
+        vae = _load_vae(v, models.vae, rt.vae_dtype, dev)
+    elif rt.offload:
         vae.to(dev)
-    tiling = {} if v.vae == "flux" else {"tiled": vae_tiled}
-    pixels = vae.decode((x / v.latent_scale).to(vae_dtype), **tiling)
+    tiling = {} if v.vae == "flux" else {"tiled": rt.vae_tiled}
+    pixels = vae.decode((x / v.latent_scale).to(rt.vae_dtype), **tiling)
     del vae
     _free(dev)
     return to_uint8_frames(pixels[:, :, : request.frames])
