@@ -1,4 +1,4 @@
-"""`python -m kandinsky_core queue` against a small fake ComfyUI (HTTP + WebSocket, standard library, 127.0.0.1):
+"""`python -m kandinsky_core queue` (comfy_client/) against a small fake ComfyUI (HTTP + WebSocket, 127.0.0.1):
 success with UI and API workflows and overrides, connection refused, timeout, a server restart or crash mid-run,
 a 400 with node_errors and an execution_error. Every failure exits 2 with one clear message and no traceback.
 (The real ComfyUI runs in tests/integration/test_workflows_e2e.py.)"""
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kandinsky_core import queue
+from comfy_client import queue, workflow
 from kandinsky_core.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,9 +319,9 @@ def test_bad_workflow_files(tmp_path, capsys):
 
 def test_set_keeps_types():
     api = json.loads(API.read_text())
-    queue.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
+    workflow.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
     s = api["6"]["inputs"]
     assert s["guidance"] == 2.0 and isinstance(s["guidance"], float)
     assert api["5"]["inputs"]["template"] == "image" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
-    queue.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
+    workflow.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
     assert s["width"] == 128
