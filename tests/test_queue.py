@@ -64,6 +64,7 @@ class FakeComfy:
         self.events: list = []
         self.history: dict = {}
         self.queue_running: list = []
+        self.no_websocket = False  # answer /ws with a 404, as an HTTP server that is not ComfyUI does
         self.posted: list[dict] = []
         self.queued = threading.Event()
         fake = self
@@ -83,7 +84,7 @@ class FakeComfy:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 if url.path == "/ws":
-                    return self.websocket()
+                    return self.reply(404, b"not found", "text/plain") if fake.no_websocket else self.websocket()
                 if url.path == "/object_info":
                     return self.reply(200, OBJECT_INFO)
                 if url.path.startswith("/history/"):
@@ -212,6 +213,13 @@ def test_connection_refused(capsys):
     assert code == 2
     assert f"Cannot reach ComfyUI at http://127.0.0.1:{port} (connection refused)" in err
     assert "--server" in err
+
+
+def test_server_without_websocket(fake, capsys):
+    fake.no_websocket = True
+    code, _, err = run(capsys, str(API), "--server", fake.url)
+    assert code == 2 and f"{fake.url}/ws refused the WebSocket: HTTP 404" in err
+    assert not fake.posted  # nothing is queued that could not be followed
 
 
 def test_timeout(fake, capsys):
