@@ -10,6 +10,7 @@ import hashlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -333,3 +334,11 @@ def test_set_keeps_types():
     assert api["5"]["inputs"]["template"] == "image" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
     workflow.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
     assert s["width"] == 128
+
+
+def test_missing_websocket_client_is_named(monkeypatch, capsys):
+    for name in ("comfy_client.queue", "comfy_client.server"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websocket", None)  # as if websocket-client were not installed
+    code, _, err = run(capsys, str(API))
+    assert code == 2 and "queue needs the websocket-client package" in err and "requirements.txt" in err
