@@ -144,7 +144,7 @@ def test_comfyignore_keeps_tests_and_fixtures_out_and_the_pack_in():
     assert "tests/data/object_info.json" in left_out
     for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "docs/comfyui.md"):
         assert needed in published, needed
-    for folder in ("nodes/", "kandinsky_core/", "js/", "workflows/"):
+    for folder in ("nodes/", "kandinsky_core/", "comfy_client/", "js/", "workflows/"):
         mine = [f for f in files if f.startswith(folder)]
         assert mine and all(f in published for f in mine), folder
     size = sum((ROOT / f).stat().st_size for f in published)
