@@ -7,6 +7,7 @@ node runs.
 """
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -16,9 +17,18 @@ WEB_DIRECTORY = "./js"
 def _import_engine() -> None:
     """Make the engine importable as `kandinsky_core`, its own name (as the CLI and the tests import it), without
     putting the pack folder on sys.path: there, our `nodes` package would share a name with ComfyUI's nodes.py."""
-    if "kandinsky_core" in sys.modules:
-        return
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kandinsky_core")
+    loaded = sys.modules.get("kandinsky_core")
+    if loaded is not None:
+        theirs = os.path.realpath(os.path.dirname(getattr(loaded, "__file__", None) or "?"))
+        if theirs != os.path.realpath(folder):
+            logging.getLogger(__name__).warning(
+                "Kandinsky 5: another kandinsky_core (%s) was imported before this pack's (%s) and is used instead. "
+                "Remove the other copy (another install of this pack?) and restart ComfyUI.",
+                theirs,
+                folder,
+            )
+        return
     spec = importlib.util.spec_from_file_location(
         "kandinsky_core", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
     )
