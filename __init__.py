@@ -6,17 +6,45 @@ module has it. Importing is cheap: torch is already loaded by ComfyUI; transform
 node runs.
 """
 
+import importlib.util
+import logging
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.append(_HERE)  # `kandinsky_core` is imported by its own name, as the CLI and the tests do
-
 WEB_DIRECTORY = "./js"
+
+
+def _import_engine() -> None:
+    """Make the engine importable as `kandinsky_core`, its own name (as the CLI and the tests import it), without
+    putting the pack folder on sys.path: there, our `nodes` package would share a name with ComfyUI's nodes.py."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kandinsky_core")
+    loaded = sys.modules.get("kandinsky_core")
+    if loaded is not None:
+        theirs = os.path.realpath(os.path.dirname(getattr(loaded, "__file__", None) or "?"))
+        if theirs != os.path.realpath(folder):
+            logging.getLogger(__name__).warning(
+                "Kandinsky 5: another kandinsky_core (%s) was imported before this pack's (%s) and is used instead. "
+                "Remove the other copy (another install of this pack?) and restart ComfyUI.",
+                theirs,
+                folder,
+            )
+        return
+    spec = importlib.util.spec_from_file_location(
+        "kandinsky_core", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kandinsky_core"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["kandinsky_core"]
+        raise
+
 
 if __package__:  # ComfyUI imports the pack as a package. pytest imports this file as a plain module when the
     # checkout's folder name is not an identifier (e.g. comfyui-kandinsky5): then there is nothing to register.
+    _import_engine()
+
     from .nodes import K5Extension
     from .nodes.web_api import register_routes
 

@@ -104,7 +104,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from .queue import run_workflow
+    # the ComfyUI client lives beside the engine (comfy_client/), which knows nothing of ComfyUI
+    try:
+        from comfy_client.queue import run_workflow
+    except ModuleNotFoundError as e:
+        if e.name not in ("comfy_client", "websocket"):
+            raise
+        raise InputError(
+            f"queue needs {'the websocket-client package' if e.name == 'websocket' else 'the comfy_client folder'}, "
+            "which is missing. Run it from the pack's folder after `pip install -r requirements.txt`."
+        ) from None
 
     try:
         run_workflow(args.workflow, args.server, args.prompt, args.negative, args.seed, args.sets, args.output_dir,

@@ -14,7 +14,7 @@ directory order (unsorted; a pack cannot order them) and the browser keeps it by
 the numbers (tests/integration/test_browser.py checks both).
     python scripts/make_workflows.py --object-info http://127.0.0.1:8188   # refresh tests/data/object_info.json
 
-The UI->API conversion (kandinsky_core.queue.ui_to_api) needs each node's input list. It reads
+The UI->API conversion (comfy_client.workflow.ui_to_api) needs each node's input list. It reads
 tests/data/object_info.json, saved from a real ComfyUI's /object_info; tests/integration checks it against the
 live server so that it cannot go stale unnoticed.
 """
@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from comfy_client.workflow import ui_to_api  # noqa: E402
 from kandinsky_core import download  # noqa: E402
-from kandinsky_core.queue import ui_to_api  # noqa: E402
 from kandinsky_core.variants import FPS, VARIANTS, Variant  # noqa: E402
 
 WORKFLOWS = REPO / "workflows"

@@ -265,7 +265,8 @@ def test_vae_decode_tile_sizes_are_advanced_inputs_where_comfyui_has_them(comfy)
 
 def test_pack_registers_its_nodes_through_comfy_entrypoint_without_loading_models():
     """ComfyUI imports the pack as a package and calls comfy_entrypoint(); the pack offers no NODE_CLASS_MAPPINGS
-    (ComfyUI would take that older API first). Importing loads neither transformers nor ComfyUI's model code."""
+    (ComfyUI would take that older API first). Importing loads neither transformers nor ComfyUI's model code, and
+    leaves sys.path alone: our `nodes` package can never be found in place of ComfyUI's nodes.py."""
     from prerequisites import comfyui_source
 
     code = (
@@ -279,6 +280,12 @@ def test_pack_registers_its_nodes_through_comfy_entrypoint_without_loading_model
         "print(sorted(c.GET_SCHEMA().node_id for c in asyncio.run(ext.get_node_list())))\n"
         "heavy = [n for n in ('transformers', 'comfy.model_management', 'comfy.sd') if n in sys.modules]\n"
         "assert not heavy, heavy\n"
+        # the engine is imported by its own name, but the pack folder stays off sys.path: `nodes` is ComfyUI's
+        f"assert {str(REPO)!r} not in sys.path, 'the pack folder is on sys.path'\n"
+        f"assert importlib.util.find_spec('nodes').origin == {str(comfyui_source() / 'nodes.py')!r}\n"
+        f"assert sys.modules['kandinsky_core'].__file__ == {str(REPO / 'kandinsky_core' / '__init__.py')!r}\n"
+        "from kandinsky_core.errors import KandinskyError\n"
+        "assert sys.modules['k5pack.nodes.common'].KandinskyError is KandinskyError  # one engine, not two\n"
     )
     env = dict(os.environ, PYTHONPATH="")
     r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)

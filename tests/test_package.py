@@ -144,7 +144,7 @@ def test_comfyignore_keeps_tests_and_fixtures_out_and_the_pack_in():
     assert "tests/data/object_info.json" in left_out
     for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "docs/comfyui.md"):
         assert needed in published, needed
-    for folder in ("nodes/", "kandinsky_core/", "js/", "workflows/"):
+    for folder in ("nodes/", "kandinsky_core/", "comfy_client/", "js/", "workflows/"):
         mine = [f for f in files if f.startswith(folder)]
         assert mine and all(f in published for f in mine), folder
     size = sum((ROOT / f).stat().st_size for f in published)
@@ -155,3 +155,25 @@ def test_comfyignore_keeps_tests_and_fixtures_out_and_the_pack_in():
             text = (ROOT / f).read_text()
             for gone in ("tests", "benchmarks", "scripts"):
                 assert f"from {gone}" not in text and f"import {gone}" not in text, (f, gone)
+
+
+def test_a_foreign_kandinsky_core_already_imported_is_reported(tmp_path, monkeypatch, caplog):
+    """The pack imports its engine by file under the name kandinsky_core; when another copy holds that name already
+    (another install of the pack), the log says which one is used and what to do."""
+    import logging
+    import types
+
+    root = types.ModuleType("k5_root_init")  # the pack's __init__.py run as a plain module: registers nothing
+    root.__file__ = str(ROOT / "__init__.py")
+    exec(compile((ROOT / "__init__.py").read_text(), root.__file__, "exec"), vars(root))
+
+    with caplog.at_level(logging.WARNING):
+        root._import_engine()  # our own engine, already imported by the tests: nothing to say
+    assert not caplog.records and sys.modules["kandinsky_core"] is kandinsky_core
+    other = types.ModuleType("kandinsky_core")
+    other.__file__ = str(tmp_path / "kandinsky_core" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "kandinsky_core", other)
+    with caplog.at_level(logging.WARNING):
+        root._import_engine()
+    assert sys.modules["kandinsky_core"] is other
+    assert f"another kandinsky_core ({tmp_path / 'kandinsky_core'})" in caplog.text and "restart ComfyUI" in caplog.text

@@ -1,4 +1,4 @@
-"""`python -m kandinsky_core queue` against a small fake ComfyUI (HTTP + WebSocket, standard library, 127.0.0.1):
+"""`python -m kandinsky_core queue` (comfy_client/) against a small fake ComfyUI (HTTP + WebSocket, 127.0.0.1):
 success with UI and API workflows and overrides, connection refused, timeout, a server restart or crash mid-run,
 a 400 with node_errors and an execution_error. Every failure exits 2 with one clear message and no traceback.
 (The real ComfyUI runs in tests/integration/test_workflows_e2e.py.)"""
@@ -10,6 +10,7 @@ import hashlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kandinsky_core import queue
+from comfy_client import queue, workflow
 from kandinsky_core.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,7 @@ class FakeComfy:
         self.events: list = []
         self.history: dict = {}
         self.queue_running: list = []
+        self.no_websocket = False  # answer /ws with a 404, as an HTTP server that is not ComfyUI does
         self.posted: list[dict] = []
         self.queued = threading.Event()
         fake = self
@@ -83,7 +85,7 @@ class FakeComfy:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 if url.path == "/ws":
-                    return self.websocket()
+                    return self.reply(404, b"not found", "text/plain") if fake.no_websocket else self.websocket()
                 if url.path == "/object_info":
                     return self.reply(200, OBJECT_INFO)
                 if url.path.startswith("/history/"):
@@ -214,6 +216,13 @@ def test_connection_refused(capsys):
     assert "--server" in err
 
 
+def test_server_without_websocket(fake, capsys):
+    fake.no_websocket = True
+    code, _, err = run(capsys, str(API), "--server", fake.url)
+    assert code == 2 and f"{fake.url}/ws refused the WebSocket: HTTP 404" in err
+    assert not fake.posted  # nothing is queued that could not be followed
+
+
 def test_timeout(fake, capsys):
     fake.events = [progress(1, 50)]
     start = time.monotonic()
@@ -319,9 +328,17 @@ def test_bad_workflow_files(tmp_path, capsys):
 
 def test_set_keeps_types():
     api = json.loads(API.read_text())
-    queue.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
+    workflow.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
     s = api["6"]["inputs"]
     assert s["guidance"] == 2.0 and isinstance(s["guidance"], float)
     assert api["5"]["inputs"]["template"] == "image" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
-    queue.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
+    workflow.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
     assert s["width"] == 128
+
+
+def test_missing_websocket_client_is_named(monkeypatch, capsys):
+    for name in ("comfy_client.queue", "comfy_client.server"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websocket", None)  # as if websocket-client were not installed
+    code, _, err = run(capsys, str(API))
+    assert code == 2 and "queue needs the websocket-client package" in err and "requirements.txt" in err

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from workflow_script import load_make_workflows
 
+from comfy_client.workflow import ui_to_api, widget_names
 from kandinsky_core.errors import InputError
-from kandinsky_core.queue import ui_to_api, widget_names
 from kandinsky_core.settings import resolve
 from kandinsky_core.variants import VARIANTS
 

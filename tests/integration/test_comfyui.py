@@ -369,17 +369,21 @@ def test_prompt_expansion_matches_kandinsky_core(comfyui):
 
 
 AIMDO_SCRIPT = """
-import dataclasses, json, sys
-sys.path.append(sys.argv[1])  # ComfyUI, after this repository (our `nodes` package shadows ComfyUI's nodes.py)
+import dataclasses, importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])  # ComfyUI; the pack is imported as a package, as ComfyUI does (no `nodes` clash)
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import comfy.memory_management
 comfy.memory_management.aimdo_enabled = True  # what main.py sets when dynamic VRAM is on (NVIDIA GPUs)
+pack = sys.argv[4]
+spec = importlib.util.spec_from_file_location("k5pack", pack + "/__init__.py", submodule_search_locations=[pack])
+sys.modules["k5pack"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["k5pack"])
 import torch
 from kandinsky_core import variants
 from kandinsky_core.loading import load_dit
 from tiny import make_inputs
-from nodes.comfy_glue import dit_operations
+from k5pack.nodes.comfy_glue import dit_operations
 arch = variants.DiTArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[3]).items()})
 v = dataclasses.replace(variants.VARIANTS["t2v-lite-sft-5s"], arch=arch)
 ours, _ = load_dit(sys.argv[2], v, dtype=torch.float32)
@@ -405,7 +409,7 @@ def test_dit_loads_from_comfy_ops_with_dynamic_vram_on(comfyui):
     arch = json.dumps(dataclasses.asdict(tiny_archs()["t2v-lite-sft-5s"]))
     python = os.environ.get("COMFYUI_PYTHON") or "python"
     path = str(comfyui.models["dit"]["t2v-lite-sft-5s"])
-    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="2")
-    cmd = [python, "-c", AIMDO_SCRIPT, os.environ["COMFYUI_DIR"], path, arch]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "tests"), OMP_NUM_THREADS="2")
+    cmd = [python, "-c", AIMDO_SCRIPT, os.environ["COMFYUI_DIR"], path, arch, str(REPO)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert "AIMDO-OK" in r.stdout, (r.stdout + r.stderr)[-3000:]

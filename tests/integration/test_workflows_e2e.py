@@ -21,7 +21,7 @@ from comfy_server import FLUX_VAE, HUNYUAN_VAE, PACK, REPO, tiny_archs
 from PIL import Image
 from workflow_script import load_make_workflows
 
-from kandinsky_core.queue import apply_overrides, set_input, ui_to_api, widget_names
+from comfy_client.workflow import apply_overrides, set_input, ui_to_api, widget_names
 from kandinsky_core.variants import VARIANTS
 
 pytestmark = pytest.mark.integration

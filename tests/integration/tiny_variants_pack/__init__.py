@@ -30,9 +30,16 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 _spec = os.environ.get("K5_TINY_VARIANTS")
 if _spec:
-    pack = os.environ["K5_PACK_DIR"]
-    if pack not in sys.path:
-        sys.path.append(pack)
+    if "kandinsky_core" not in sys.modules:  # ComfyUI loaded this pack first: import the engine as the K5 pack's
+        # __init__ does, under its own name and without the pack folder on sys.path (ComfyUI has a `nodes` too)
+        import importlib.util
+
+        folder = os.path.join(os.environ["K5_PACK_DIR"], "kandinsky_core")
+        spec = importlib.util.spec_from_file_location(
+            "kandinsky_core", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
+        sys.modules["kandinsky_core"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["kandinsky_core"])
     from kandinsky_core import variants
 
     with open(_spec) as f:
