@@ -296,3 +296,20 @@ def load_dit(
         # not in the state dict: the model keeps the checkpoint's keys; layers multiply it back at use
         model.get_submodule(name.rsplit(".", 1)[0]).register_buffer("weight_scale", scale, persistent=False)
     return model.eval().requires_grad_(False), v
+
+
+def nabla_variant(header_or_shapes: Mapping, width: int, height: int) -> tuple[Variant, str]:
+    """NABLA "auto" for a DiT known only by its tensors (ComfyUI's own loader keeps no variant): the variant whose
+    official NABLA applies at width x height px, and a sentence saying which it took. Among the variants with these
+    tensors it prefers one trained at that size, then a NABLA-trained one (the 10 s / HD checkpoints share their
+    tensors with dense 5 s / SD ones, so a NABLA patch means the NABLA-trained one), then the longest, then sft."""
+    det = detect_variant(header_or_shapes)
+    cands = [get_variant(n) for n in det.candidates]
+    best = max(
+        cands, key=lambda v: ((width, height) in v.resolutions, v.nabla is not None, v.max_frames, v.stage == "sft")
+    )
+    n = best.nabla
+    what = f"P={n.P:g}, windows wT={n.wT} wH={n.wH} wW={n.wW}" if n else "dense attention (trained without NABLA)"
+    others = [c.name for c in cands if c.name != best.name]
+    note = f"; the same tensors fit {', '.join(others)}: set NABLA on / off to choose" if others else ""
+    return best, f"NABLA auto took {best.name} ({best.title}) at {width}x{height} px: {what}{note}"

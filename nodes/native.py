@@ -1,0 +1,132 @@
+"""Our model patches on ComfyUI's own Kandinsky 5 model (`comfy.model_base.Kandinsky5` / `Kandinsky5Image`, what
+core's Load Diffusion Model gives since v0.4; ComfyUI v0.3.64 has none, so nothing here runs there).
+
+NABLA: a DIFFUSION_MODEL wrapper reads the model's Kandinsky 5 options (`model_options.options_in`) on every call,
+resolves them against the variant the tensors say (auto), and, when NABLA applies, runs the forward with an
+`optimized_attention_override` that sends the visual self-attention of every visual block through
+`kandinsky_core.nabla.nabla_attention_raster` (the native model keeps its tokens in raster order; the tiling and
+the masks are kandinsky_core's). Every other attention (text blocks, cross-attention) goes to ComfyUI's own
+attention, or to an override another node set before.
+
+Which attention call is the visual self-attention: inside the visual blocks ComfyUI sets `block_type` "double"
+and `block_index`; the self-attention is the first call of a block, its queries and keys both have the visual
+token count (cross-attention's keys have the text length). The wrapper hands the forward a copy of
+transformer_options without a stale `block_type`, so the text blocks, which run first, never match.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from kandinsky_core.errors import InputError
+from kandinsky_core.loading import nabla_variant
+from kandinsky_core.nabla import mask_density, nabla_attention_raster
+from kandinsky_core.variants import size_problem
+
+from .model_options import options_in
+
+log = logging.getLogger("kandinsky5")
+
+NATIVE_CLASSES = ("Kandinsky5", "Kandinsky5Image")
+NABLA_KEY = "kandinsky5_nabla"
+
+
+def is_native(model: Any) -> bool:
+    """Whether a MODEL link carries ComfyUI's own Kandinsky 5 model."""
+    inner = getattr(model, "model", None)
+    return inner is not None and type(inner).__name__ in NATIVE_CLASSES and type(inner).__module__ == "comfy.model_base"
+
+
+class _VisualSelfAttention:
+    """The attention override of one forward: NABLA for the visual self-attention, the rest passed on."""
+
+    def __init__(self, grid: tuple[int, int, int], params: Any, previous: Any, stats: dict) -> None:
+        self.grid, self.params, self.previous, self.stats = grid, params, previous, stats
+        self.tokens = math.prod(grid)
+        self.seen: set[Any] = set()
+
+    def __call__(self, func: Any, q: Any, k: Any, v: Any, heads: int, *args: Any, **kwargs: Any) -> Any:
+        options = kwargs.get("transformer_options") or {}
+        block = options.get("block_index")
+        split = kwargs.get("skip_reshape", False)  # Kandinsky 5 passes [B, H, S, D]
+        visual = (
+            split and options.get("block_type") == "double" and block not in self.seen
+            and q.shape[2] == k.shape[2] == self.tokens
+        )  # fmt: skip
+        if not visual:
+            if self.previous is not None:
+                return self.previous(func, q, k, v, heads, *args, **kwargs)
+            return func(q, k, v, heads, *args, **kwargs)
+        self.seen.add(block)
+        out, mask = nabla_attention_raster(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.grid, self.params, return_mask=True
+        )
+        if mask is not None:
+            kept, total = mask_density(mask)
+            self.stats["kept"] = self.stats.get("kept", 0) + kept
+            self.stats["total"] = self.stats.get("total", 0) + total
+            if "masks" in self.stats:
+                self.stats["masks"].append(mask)
+        self.stats["calls"] = self.stats.get("calls", 0) + 1
+        if kwargs.get("skip_output_reshape", False):
+            return out.transpose(1, 2)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class NativeNabla:
+    """DIFFUSION_MODEL wrapper of ComfyUI's Kandinsky 5 model. `stats` (optional) collects the visited (query
+    block, key block) pairs of every forward (`kept` / `total` / `calls`), and the masks when it has a `masks`
+    list."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], stats: dict | None = None) -> None:
+        self.shapes = shapes
+        self.stats = stats
+        self._auto: dict[tuple[int, int], Any] = {}
+
+    def variant(self, width: int, height: int) -> Any:
+        if (width, height) not in self._auto:
+            variant, said = nabla_variant(self.shapes, width, height)
+            log.info("Kandinsky 5 NABLA on ComfyUI's model: %s", said)
+            self._auto[(width, height)] = variant
+        return self._auto[(width, height)]
+
+    def __call__(self, executor: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        transformer_options = kwargs.get("transformer_options") or {}
+        setting = options_in(transformer_options).nabla
+        t = x.shape[2] if x.ndim == 5 else 1
+        grid = (t, -(-x.shape[-2] // 2), -(-x.shape[-1] // 2))
+        width, height = grid[2] * 16, grid[1] * 16
+        params = setting.params(self.variant(width, height)) if setting.mode != "off" else None
+        if params is None:
+            return executor(x, *args, **kwargs)
+        problem = size_problem(
+            width, height, 128, " (NABLA works on 8x8-token tiles = 128 px: resize the latent, or set NABLA off)"
+        )
+        if problem:
+            raise InputError(problem)
+        stats = self.stats if self.stats is not None else {}
+        options = {k: v for k, v in transformer_options.items() if k not in ("block_type", "block_index")}
+        override = _VisualSelfAttention(grid, params, transformer_options.get("optimized_attention_override"), stats)
+        options["optimized_attention_override"] = override
+        kept0, total0 = stats.get("kept", 0), stats.get("total", 0)
+        out = executor(x, *args, **{**kwargs, "transformer_options": options})
+        kept, total = stats.get("kept", 0) - kept0, stats.get("total", 0) - total0
+        if total:
+            log.info(
+                "Kandinsky 5 NABLA: %d visual self-attentions sparse, %d of %d key blocks visited (%.1f%%)",
+                len(override.seen), kept, total, 100.0 * kept / total,
+            )  # fmt: skip
+        return out
+
+
+def add_nabla(patcher: Any, stats: dict | None = None) -> Any:
+    """`patcher` (already a clone) with the NABLA wrapper on ComfyUI's native model; idempotent."""
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    patcher.remove_wrappers_with_key(kind, NABLA_KEY)
+    shapes = {k: tuple(v.shape) for k, v in patcher.model.diffusion_model.state_dict().items()}
+    patcher.add_wrapper_with_key(kind, NABLA_KEY, NativeNabla(shapes, stats))
+    return patcher

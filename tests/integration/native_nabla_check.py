@@ -1,0 +1,151 @@
+"""Run with COMFYUI_PYTHON (COMFYUI_DIR set, ComfyUI v0.33.0 or later): our NABLA patch on ComfyUI's own Kandinsky 5
+model against our Kandinsky5DiT with NABLA, on the same file.
+
+A Lite-width (model_dim 1792, ff 7168, 33 input channels) DiT with reduced depth (1 text block, 2 visual blocks) and
+random weights is written with the official key names; ComfyUI's own loader (`comfy.sd.load_diffusion_model`, what
+Load Diffusion Model runs) detects it as Kandinsky 5, and `kandinsky_core.loading.load_dit` loads it too (the Lite
+variants' depth swapped in the table, as the tiny-variants pack does). Both run one float32 forward on the same
+inputs: dense, and with NABLA (auto: the Lite 10 s P and windows). Prints `RESULT {json}`: velocity differences,
+whether every block mask is identical, the kept fraction, and the variant auto took.
+
+Optional argument `plant=<name>`: `no_untile` (the override returns tile-ordered rows), `cross` (NABLA also on the
+first cross-attention-shaped call: the override's visual test drops the block-order check), `p` (the native patch
+uses P 0.8 under auto).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GRID = (3, 32, 64)  # latent frames, height, width: tokens 3 x 16 x 32, 24 NABLA blocks
+TEXT_LEN = 24
+
+
+def main(plant: str = "") -> dict:
+    sys.path[:0] = [str(REPO), str(REPO / "tests"), os.environ["COMFYUI_DIR"]]
+    import comfy.options
+
+    comfy.options.args_parsing = False
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.patcher_extension
+    import comfy.sd
+    import torch
+    from safetensors.torch import save_file
+    from tiny import random_state_dict
+
+    import kandinsky_core.layers as layers
+    from kandinsky_core import nabla as core_nabla
+    from kandinsky_core import variants
+    from kandinsky_core.loading import load_dit
+    from nodes import native
+    from nodes.model_options import KEY, Kandinsky5Options, NablaSetting
+
+    torch.manual_seed(0)
+    arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
+    for name, v in list(variants.VARIANTS.items()):
+        if v.arch == variants.LITE_VIDEO:
+            variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
+    tmp = Path(tempfile.mkdtemp())
+    path = tmp / "kandinsky5lite_t2v_sft_10s.safetensors"
+    save_file(random_state_dict(arch, seed=3), str(path))
+
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    kind = type(patcher.model).__name__
+    native_dit = patcher.model.diffusion_model.float()
+    ours, variant = load_dit(path, dtype=torch.float32)
+
+    g = torch.Generator().manual_seed(1)
+    t, h, w = GRID
+    x = torch.randn(1, arch.in_channels, t, h, w, generator=g)
+    context = torch.randn(1, TEXT_LEN, arch.in_text_dim, generator=g)
+    pooled = torch.randn(1, arch.in_text_dim2, generator=g)
+    timestep = torch.tensor([700.0])
+
+    stats: dict = {"masks": []}
+    if plant == "p":
+        orig_params = NablaSetting.params
+        NablaSetting.params = lambda self, v: dataclasses.replace(orig_params(self, v), P=0.8)
+    if plant == "cross":
+        orig_call = native._VisualSelfAttention.__call__
+
+        def no_order(self, func, q, k, v, heads, *a, **kw):
+            self.seen.clear()
+            return orig_call(self, func, q, k, v, heads, *a, **kw)
+
+        native._VisualSelfAttention.__call__ = no_order
+        # make the text as long as the visual tokens, so cross-attention has the visual shape
+        context = torch.randn(1, t * h * w // 4, arch.in_text_dim, generator=g)
+    if plant == "no_untile":
+        native.nabla_attention_raster = lambda q, k, v, grid, params, **kw: core_nabla.nabla_attention(
+            core_nabla.tile_tokens(q, grid), core_nabla.tile_tokens(k, grid), core_nabla.tile_tokens(v, grid), grid,
+            params, **kw)  # fmt: skip
+
+    nabla_patcher = native.add_nabla(patcher.clone(), stats)
+
+    def native_forward(p, setting):
+        to = {
+            "wrappers": comfy.patcher_extension.copy_nested_dicts(p.wrappers),
+            KEY: Kandinsky5Options(nabla=setting),
+        }
+        with torch.no_grad():
+            return native_dit(x, timestep, context, pooled, transformer_options=to).float()
+
+    our_masks: list = []
+    orig_nabla = layers.nabla_attention
+
+    def recording(q, k, v, grid, params, **kw):
+        out, mask = orig_nabla(q, k, v, grid, params, return_mask=True, **kw)
+        our_masks.append(mask)
+        return out
+
+    layers.nabla_attention = recording
+
+    def our_forward(params):
+        with torch.no_grad():
+            return ours(x, context, pooled, timestep, rope_scale=variant.rope_scale, nabla=params).float()
+
+    dense_native = native_forward(patcher, NablaSetting("auto"))
+    dense_ours = our_forward(None)
+    sparse_native = native_forward(nabla_patcher, NablaSetting("auto"))
+    auto_variant, said = native.nabla_variant(native_nabla_shapes(nabla_patcher), w * 8, h * 8)
+    sparse_ours = our_forward(variants.VARIANTS["t2v-lite-sft-10s"].nabla)
+    off_native = native_forward(nabla_patcher, NablaSetting("off"))
+    on_native = native_forward(nabla_patcher, NablaSetting("on", P=0.5, wT=1, wH=1, wW=1))
+    on_ours = our_forward(core_nabla.NablaParams(P=0.5, wT=1, wH=1, wW=1))
+
+    masks = stats["masks"]
+    scale = float(dense_ours.abs().max())
+    return {
+        "kind": kind,
+        "variant": variant.name,
+        "auto": auto_variant.name,
+        "said": said,
+        "scale": scale,
+        "dense_diff": float((dense_native - dense_ours).abs().max()),
+        "nabla_diff": float((sparse_native - sparse_ours).abs().max()),
+        "on_diff": float((on_native - on_ours).abs().max()),
+        "nabla_vs_dense": float((sparse_ours - dense_ours).abs().max()),
+        "off_diff": float((off_native - dense_native).abs().max()),
+        "masks": len(masks[:2]),
+        "our_masks": len(our_masks[:2]),
+        "masks_equal": len(masks) >= 2 and all(torch.equal(a, b) for a, b in zip(masks[:2], our_masks[:2])),
+        "kept": [float(m.float().mean()) for m in masks[:2]],
+        "calls": stats["calls"],
+    }
+
+
+def native_nabla_shapes(patcher) -> dict:
+    return {k: tuple(v.shape) for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    plant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("plant=")), "")
+    print("RESULT " + json.dumps(main(plant)), flush=True)
