@@ -136,7 +136,8 @@ def main(plant: str = "") -> dict:
         "off_diff": float((off_native - dense_native).abs().max()),
         "masks": len(masks[:2]),
         "our_masks": len(our_masks[:2]),
-        "masks_equal": len(masks) >= 2 and all(torch.equal(a, b) for a, b in zip(masks[:2], our_masks[:2])),
+        "masks_equal": len(masks) >= 2
+        and all(torch.equal(a, b) for a, b in zip(masks[:2], our_masks[:2], strict=True)),
         "kept": [float(m.float().mean()) for m in masks[:2]],
         "calls": stats["calls"],
     }
