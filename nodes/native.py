@@ -31,6 +31,7 @@ log = logging.getLogger("kandinsky5")
 
 NATIVE_CLASSES = ("Kandinsky5", "Kandinsky5Image")
 NABLA_KEY = "kandinsky5_nabla"
+CACHE_KEY = "kandinsky5_block_cache"
 
 
 def is_native(model: Any) -> bool:
@@ -121,12 +122,110 @@ class NativeNabla:
         return out
 
 
-def add_nabla(patcher: Any, stats: dict | None = None) -> Any:
-    """`patcher` (already a clone) with the NABLA wrapper on ComfyUI's native model; idempotent."""
+class NativeBlockCache:
+    """DIFFUSION_MODEL wrapper of ComfyUI's Kandinsky 5 model for a block-cache option (MagCache / MagCache
+    Calibrate: `make(variant)` gives the run's cache, `done(...)` ends it): the step is the position of the call's
+    sigma in KSampler's `sample_sigmas`, the CFG branch is `cond_or_uncond` (a batch holding both is run one branch
+    after the other, as the official sampler and ours do), and the visual blocks run through the cache's
+    hook(step, branch) from a replacement of the first visual block (the others pass their input on). A run starts
+    when the option, the sigmas change or a step comes again; `done` is called after the last step's calls."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.run: dict[str, Any] = {}
+
+    def _begin(self, setting: Any, sigmas: Any, step: int, branches: list[int]) -> Any:
+        run = self.run
+        fresh = (
+            run.get("setting") is not setting or run.get("sigmas") is None or not _same(run["sigmas"], sigmas)
+            or step < run["step"] or (step == run["step"] and any(b in run["seen"] for b in branches))
+        )  # fmt: skip
+        if fresh:
+            steps = len(sigmas) - 1
+            cache = setting.make(None)
+            cache.begin(steps, True)
+            self.run = run = {"setting": setting, "sigmas": sigmas.detach().cpu(), "cache": cache, "steps": steps,
+                              "step": step, "seen": set(), "cfg": False}  # fmt: skip
+        if step != run["step"]:
+            run["step"], run["seen"] = step, set()
+        run["seen"].update(branches)
+        run["cfg"] = run["cfg"] or 1 in branches
+        return run
+
+    def __call__(self, executor: Any, x: Any, timestep: Any, context: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        options = kwargs.get("transformer_options") or {}
+        setting = options_in(options).block_cache
+        sigmas = options.get("sample_sigmas")
+        if setting is None or sigmas is None or "sigmas" not in options:
+            return executor(x, timestep, context, y, *args, **kwargs)
+        sigma = float(options["sigmas"].flatten()[0])
+        step = int((sigmas[:-1].float().cpu() - sigma).abs().argmin())
+        branches = [int(b) for b in options.get("cond_or_uncond") or [0]]
+        run = self._begin(setting, sigmas, step, branches)
+        blocks = executor.class_obj.visual_transformer_blocks
+        n = len(branches)
+        outs = []
+        for i, branch in enumerate(branches):
+            part = slice(i * x.shape[0] // n, (i + 1) * x.shape[0] // n)
+            hook = run["cache"].hook(step, branch)
+
+            def first(a: dict, extra: dict, hook: Any = hook) -> dict:
+                opts = a["transformer_options"]
+
+                def run_blocks(v: Any) -> Any:
+                    for j, block in enumerate(blocks):
+                        opts["block_index"] = j
+                        v = block(v, a["context"], a["time_embed"], freqs=a["freqs"], transformer_options=opts)
+                    return v
+
+                return {"x": hook(a["x"], run_blocks)}
+
+            replace = {("double_block", 0): first}
+            replace.update({("double_block", j): _pass_on for j in range(1, len(blocks))})
+            patches = dict(options.get("patches_replace") or {})
+            patches["dit"] = {**patches.get("dit", {}), **replace}
+            opts = {**options, "cond_or_uncond": [branch], "patches_replace": patches}
+
+            def cut(v: Any, part: slice = part) -> Any:
+                return v[part] if torch.is_tensor(v) and v.shape[:1] == x.shape[:1] else v
+
+            chunk = {k: cut(v) for k, v in kwargs.items()}
+            chunk["transformer_options"] = opts
+            outs.append(executor(x[part], cut(timestep), cut(context), cut(y), *args, **chunk))
+        if step == run["steps"] - 1:
+            setting.done(run["cache"], run["steps"], run["cfg"])
+        return outs[0] if n == 1 else torch.cat(outs)
+
+
+def _pass_on(a: dict, extra: dict) -> dict:
+    return {"x": a["x"]}
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b.detach().cpu())
+
+
+def install(patcher: Any, nabla: bool = False, cache: bool = False, stats: dict | None = None) -> Any:
+    """`patcher` (already a clone) with our wrappers on ComfyUI's native model: NABLA (added by the NABLA node only:
+    the native model stays dense unless asked) and / or the block cache, each doing what the model's Kandinsky 5
+    options say on every call; idempotent."""
     import comfy.patcher_extension
 
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    patcher.remove_wrappers_with_key(kind, NABLA_KEY)
     shapes = {k: tuple(v.shape) for k, v in patcher.model.diffusion_model.state_dict().items()}
-    patcher.add_wrapper_with_key(kind, NABLA_KEY, NativeNabla(shapes, stats))
+    if nabla:
+        patcher.remove_wrappers_with_key(kind, NABLA_KEY)
+        patcher.add_wrapper_with_key(kind, NABLA_KEY, NativeNabla(shapes, stats))
+    if cache:
+        patcher.remove_wrappers_with_key(kind, CACHE_KEY)
+        patcher.add_wrapper_with_key(kind, CACHE_KEY, NativeBlockCache(shapes))
     return patcher
+
+
+def add_nabla(patcher: Any, stats: dict | None = None) -> Any:
+    """`patcher` with the NABLA wrapper (see install)."""
+    return install(patcher, nabla=True, stats=stats)

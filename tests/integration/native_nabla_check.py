@@ -143,10 +143,84 @@ def main(plant: str = "") -> dict:
     }
 
 
+def magcache(steps: int, plant: str = "") -> dict:
+    """KSampler's own code (comfy.sample.sample, euler / simple, cfg 5, positive and negative batched together) on
+    ComfyUI's native model loaded from the same kind of file, with our MagCache option (Lite 10 s official ratios):
+    the (step, branch) calls that reused the cached residual, and the latent's distance from the plain run."""
+    sys.path[:0] = [str(REPO), str(REPO / "tests"), os.environ["COMFYUI_DIR"]]
+    import comfy.options
+
+    comfy.options.args_parsing = False
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.sd
+    import torch
+    from safetensors.torch import save_file
+    from tiny import random_state_dict
+
+    from kandinsky_core import variants
+    from kandinsky_core.magcache import MagCacheParams
+    from nodes import native
+    from nodes.magcache import MagCacheSetting
+    from nodes.model_options import with_options
+
+    arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
+    path = Path(tempfile.mkdtemp()) / "k5.safetensors"
+    save_file(random_state_dict(arch, seed=3), str(path))
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    params = MagCacheParams(variants_ratios("t2v-lite-sft-10s"))
+    cached = native.install(with_options(patcher, block_cache=MagCacheSetting(params)), cache=True)
+    g = torch.Generator().manual_seed(5)
+    pos = [[torch.randn(1, 8, arch.in_text_dim, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    neg = [[torch.randn(1, 8, arch.in_text_dim, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    latent = torch.zeros(1, 16, 1, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, seed=7)
+
+    def run(p):
+        return comfy.sample.sample(p, noise, steps, 5.0, "euler", "simple", pos, neg, latent, seed=7,
+                                   disable_pbar=True)  # fmt: skip
+
+    plain = run(patcher)
+    wrapper = cached.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][native.CACHE_KEY][0]
+    ran: list = []  # (step, branch) of every call that ran the first visual block, from what KSampler passed
+
+    def record(module, a, kw):
+        to = kw["transformer_options"]
+        step = int((to["sample_sigmas"][:-1] - to["sigmas"].flatten()[0]).abs().argmin())
+        ran.extend((step, int(b)) for b in to["cond_or_uncond"])
+
+    first_block = patcher.model.diffusion_model.visual_transformer_blocks[0]
+    hook = first_block.register_forward_pre_hook(record, with_kwargs=True)
+    fast = run(cached)
+    hook.remove()
+    skipped = [list(s) for s in wrapper.run["cache"].skipped]
+    not_run = sorted({(i, b) for i in range(steps) for b in (0, 1)} - set(ran))
+    again = run(cached)  # a second run starts a fresh cache
+    return {
+        "skipped": skipped,
+        "not_run": [list(s) for s in not_run],
+        "skipped_again": [list(s) for s in wrapper.run["cache"].skipped],
+        "diff": float((fast - plain).abs().max()),
+        "repeat_diff": float((again - fast).abs().max()),
+    }
+
+
+def variants_ratios(name: str) -> tuple:
+    from kandinsky_core.magcache import official_mag_ratios
+
+    return official_mag_ratios(name)
+
+
 def native_nabla_shapes(patcher) -> dict:
     return {k: tuple(v.shape) for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
 if __name__ == "__main__":
     plant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("plant=")), "")
-    print("RESULT " + json.dumps(main(plant)), flush=True)
+    if "magcache" in sys.argv[1:]:
+        print("RESULT " + json.dumps(magcache(50, plant)), flush=True)
+    else:
+        print("RESULT " + json.dumps(main(plant)), flush=True)

@@ -15,14 +15,14 @@ import pytest
 NOISE = 1e-4
 
 
-def run_check(plant: str = "") -> dict:
+def run_check(plant: str = "", *extra: str) -> dict:
     if not os.environ.get("COMFYUI_DIR"):
         pytest.skip("COMFYUI_DIR is not set")
     src = Path(os.environ["COMFYUI_DIR"])
     if not (src / "comfy" / "ldm" / "kandinsky5").is_dir():
         pytest.skip(f"ComfyUI at {src} has no native Kandinsky 5 model (it came with v0.4; use v0.33.0)")
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    cmd = [python, str(Path(__file__).parent / "native_nabla_check.py")] + ([f"plant={plant}"] if plant else [])
+    cmd = [python, str(Path(__file__).parent / "native_nabla_check.py"), *extra] + ([f"plant={plant}"] if plant else [])
     run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, run.stderr[-3000:]
@@ -43,3 +43,19 @@ def test_nabla_patch_on_comfyuis_native_model_equals_our_dit_with_nabla():
     assert r["off_diff"] == 0.0, r
     assert r["auto"] == "t2v-lite-sft-10s" and "P=0.9, windows wT=11 wH=3 wW=3" in r["said"], r
     assert r["calls"] == 4, r  # 2 visual self-attentions per sparse forward (auto, on); no text / cross attention
+
+
+def test_magcache_patch_on_comfyuis_native_model_skips_the_official_schedule_through_ksampler():
+    """KSampler's own sampling code (50 steps, cfg 5, positive and negative batched) on ComfyUI's native model with our
+    MagCache option (Lite 10 s official ratios): the calls that reused the cached residual are exactly the ones the
+    official magcache_forward loop skips; a second run starts afresh and gives the same latent."""
+    from magcache_reference import official_rule
+
+    from kandinsky_core.magcache import official_mag_ratios
+
+    r = run_check("", "magcache")
+    want = official_rule(official_mag_ratios("t2v-lite-sft-10s"), 50, True)
+    assert sorted(map(tuple, r["skipped"])) == sorted(want), r
+    # what really ran: the first visual block did not run exactly at those KSampler steps and branches
+    assert [tuple(s) for s in r["not_run"]] == sorted(want), r
+    assert len(want) > 40 and r["skipped_again"] == r["skipped"] and r["repeat_diff"] == 0.0, r
