@@ -208,6 +208,42 @@ def magcache(steps: int, plant: str = "") -> dict:
     }
 
 
+def i2i() -> dict:
+    """The I2I edit checkpoint (Image Lite width, 33 input channels), reduced depth: what ComfyUI's own loader makes
+    of it, and what kandinsky_core.loading.load_dit (Load Kandinsky 5 DiT) makes of it."""
+    sys.path[:0] = [str(REPO), str(REPO / "tests"), os.environ["COMFYUI_DIR"]]
+    import comfy.options
+
+    comfy.options.args_parsing = False
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.sd
+    import torch
+    from safetensors.torch import save_file
+    from tiny import random_state_dict
+
+    from kandinsky_core import variants
+    from kandinsky_core.loading import load_dit
+
+    arch = dataclasses.replace(variants.IMAGE_I2I, num_text_blocks=1, num_visual_blocks=1)
+    for name, v in list(variants.VARIANTS.items()):
+        if v.arch == variants.IMAGE_I2I:
+            variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
+    path = Path(tempfile.mkdtemp()) / "kandinsky5lite_i2i.safetensors"
+    save_file(random_state_dict(arch, seed=4), str(path))
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    _, variant = load_dit(path, dtype=torch.float32)
+    return {
+        "comfy_class": type(patcher.model).__name__,
+        "comfy_latent": type(patcher.model.latent_format).__name__,
+        "comfy_shift": float(patcher.model.model_sampling.shift),
+        "ours": variant.name,
+        "ours_vae": variant.vae,
+        "ours_shift": variant.scheduler_scale,
+    }
+
+
 def variants_ratios(name: str) -> tuple:
     from kandinsky_core.magcache import official_mag_ratios
 
@@ -220,7 +256,9 @@ def native_nabla_shapes(patcher) -> dict:
 
 if __name__ == "__main__":
     plant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("plant=")), "")
-    if "magcache" in sys.argv[1:]:
+    if "i2i" in sys.argv[1:]:
+        print("RESULT " + json.dumps(i2i()), flush=True)
+    elif "magcache" in sys.argv[1:]:
         print("RESULT " + json.dumps(magcache(50, plant)), flush=True)
     else:
         print("RESULT " + json.dumps(main(plant)), flush=True)

@@ -59,3 +59,13 @@ def test_magcache_patch_on_comfyuis_native_model_skips_the_official_schedule_thr
     # what really ran: the first visual block did not run exactly at those KSampler steps and branches
     assert [tuple(s) for s in r["not_run"]] == sorted(want), r
     assert len(want) > 40 and r["skipped_again"] == r["skipped"] and r["repeat_diff"] == 0.0, r
+
+
+def test_i2i_edit_checkpoint_is_misdetected_by_comfyui_and_read_by_our_loader():
+    """The I2I edit DiT (Image Lite width, 33 input channels: the edit latent and a mask are concatenated) is taken by
+    ComfyUI's own loader for a video model (HunyuanVideo latents, shift 10: its Kandinsky5Image needs 16 input
+    channels); our loader reads it as I2I Lite (FLUX latents, shift 3). docs/comfyui.md says to load it with Load
+    Kandinsky 5 DiT; if ComfyUI starts detecting it, this test says so."""
+    r = run_check("", "i2i")
+    assert (r["comfy_class"], r["comfy_latent"], r["comfy_shift"]) == ("Kandinsky5", "HunyuanVideo", 10.0), r
+    assert (r["ours"], r["ours_vae"], r["ours_shift"]) == ("i2i-lite", "flux", 3.0), r
