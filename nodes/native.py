@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 from typing import Any
 
 from kandinsky_core.errors import InputError
@@ -29,6 +30,7 @@ from .model_options import options_in
 
 log = logging.getLogger("kandinsky5")
 
+_NO_VARIANT = SimpleNamespace(nabla=None)
 NATIVE_CLASSES = ("Kandinsky5", "Kandinsky5Image")
 NABLA_KEY = "kandinsky5_nabla"
 CACHE_KEY = "kandinsky5_block_cache"
@@ -99,7 +101,11 @@ class NativeNabla:
         t = x.shape[2] if x.ndim == 5 else 1
         grid = (t, -(-x.shape[-2] // 2), -(-x.shape[-1] // 2))
         width, height = grid[2] * 16, grid[1] * 16
-        params = setting.params(self.variant(width, height)) if setting.mode != "off" else None
+        params = None
+        if setting.mode == "on" and all((setting.P, setting.wT, setting.wH, setting.wW)):
+            params = setting.params(_NO_VARIANT)  # every number given: no variant needed
+        elif setting.mode != "off":
+            params = setting.params(self.variant(width, height))
         if params is None:
             return executor(x, *args, **kwargs)
         problem = size_problem(
