@@ -313,3 +313,22 @@ def nabla_variant(header_or_shapes: Mapping, width: int, height: int) -> tuple[V
     others = [c.name for c in cands if c.name != best.name]
     note = f"; the same tensors fit {', '.join(others)}: set NABLA on / off to choose" if others else ""
     return best, f"NABLA auto took {best.name} ({best.title}) at {width}x{height} px: {what}{note}"
+
+
+def variant_for_run(header_or_shapes: Mapping, frames: int, image: str | None = None) -> tuple[Variant, str]:
+    """The variant whose settings apply to a run of a DiT known only by its tensors (ComfyUI's own loader keeps no
+    file name or variant): `frames` frames, `image` "start" (I2V), "edit" (I2I) or None. Among the variants with these
+    tensors it takes the task the inputs say, then one whose length fits (5 s before 10 s), then sft; and a
+    sentence saying which it took and what else the tensors fit."""
+    det = detect_variant(header_or_shapes)
+    cands = [get_variant(n) for n in det.candidates]
+    task = {"start": "i2v", "edit": "i2i"}.get(image or "")
+
+    def score(v: Variant) -> tuple:
+        fits_task = v.task == task if task else v.task in ("t2v", "t2i")
+        return (fits_task, frames <= v.max_frames, -v.max_frames, v.stage == "sft")
+
+    best = max(cands, key=score)
+    others = [c.name for c in cands if c.name != best.name]
+    note = f" (the same tensors fit {', '.join(others)})" if others else ""
+    return best, f"took {best.name} ({best.title}) for {frames} frame(s){note}"

@@ -83,9 +83,10 @@ class NativeNabla:
     block, key block) pairs of every forward (`kept` / `total` / `calls`), and the masks when it has a `masks`
     list."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], stats: dict | None = None) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], stats: dict | None = None, params: Any = None) -> None:
         self.shapes = shapes
         self.stats = stats
+        self.fixed = params  # NablaParams chosen by the caller (the Kandinsky 5 Sampler), instead of the options
         self._auto: dict[tuple[int, int], Any] = {}
 
     def variant(self, width: int, height: int) -> Any:
@@ -102,7 +103,9 @@ class NativeNabla:
         grid = (t, -(-x.shape[-2] // 2), -(-x.shape[-1] // 2))
         width, height = grid[2] * 16, grid[1] * 16
         params = None
-        if setting.mode == "on" and all((setting.P, setting.wT, setting.wH, setting.wW)):
+        if self.fixed is not None:
+            params = self.fixed
+        elif setting.mode == "on" and all((setting.P, setting.wT, setting.wH, setting.wW)):
             params = setting.params(_NO_VARIANT)  # every number given: no variant needed
         elif setting.mode != "off":
             params = setting.params(self.variant(width, height))
@@ -177,19 +180,7 @@ class NativeBlockCache:
             part = slice(i * x.shape[0] // n, (i + 1) * x.shape[0] // n)
             hook = run["cache"].hook(step, branch)
 
-            def first(a: dict, extra: dict, hook: Any = hook) -> dict:
-                opts = a["transformer_options"]
-
-                def run_blocks(v: Any) -> Any:
-                    for j, block in enumerate(blocks):
-                        opts["block_index"] = j
-                        v = block(v, a["context"], a["time_embed"], freqs=a["freqs"], transformer_options=opts)
-                    return v
-
-                return {"x": hook(a["x"], run_blocks)}
-
-            replace = {("double_block", 0): first}
-            replace.update({("double_block", j): _pass_on for j in range(1, len(blocks))})
+            replace = blocks_through(hook, blocks)
             patches = dict(options.get("patches_replace") or {})
             patches["dit"] = {**patches.get("dit", {}), **replace}
             opts = {**options, "cond_or_uncond": [branch], "patches_replace": patches}
@@ -203,6 +194,26 @@ class NativeBlockCache:
         if step == run["steps"] - 1:
             setting.done(run["cache"], run["steps"], run["cfg"])
         return outs[0] if n == 1 else torch.cat(outs)
+
+
+def blocks_through(hook: Any, blocks: Any) -> dict:
+    """`patches_replace["dit"]` entries that run all visual blocks through a block-cache hook (hook(visual,
+    run_blocks) -> visual) from the first block's replacement; the other blocks pass their input on."""
+
+    def first(a: dict, extra: dict) -> dict:
+        opts = a["transformer_options"]
+
+        def run_blocks(v: Any) -> Any:
+            for j, block in enumerate(blocks):
+                opts["block_index"] = j
+                v = block(v, a["context"], a["time_embed"], freqs=a["freqs"], transformer_options=opts)
+            return v
+
+        return {"x": hook(a["x"], run_blocks)}
+
+    replace = {("double_block", 0): first}
+    replace.update({("double_block", j): _pass_on for j in range(1, len(blocks))})
+    return replace
 
 
 def _pass_on(a: dict, extra: dict) -> dict:
@@ -235,3 +246,68 @@ def install(patcher: Any, nabla: bool = False, cache: bool = False, stats: dict 
 def add_nabla(patcher: Any, stats: dict | None = None) -> Any:
     """`patcher` with the NABLA wrapper (see install)."""
     return install(patcher, nabla=True, stats=stats)
+
+
+class NativeDiT:
+    """ComfyUI's Kandinsky 5 network called the way kandinsky_core.sampling drives our Kandinsky5DiT
+    (`dit(x, text_embeds, pooled, timestep, text_mask=, rope_scale=, nabla=, attention_backend=, block_cache=)`):
+    NABLA through our wrapper with the Sampler's parameters, the block cache through the block replacement, the
+    variant's RoPE scale through ComfyUI's rope_options, padding tokens of the text dropped (the native model takes
+    no text mask)."""
+
+    def __init__(self, network: Any, arch: Any, compute_dtype: Any) -> None:
+        self.network, self.arch, self.compute_dtype = network, arch, compute_dtype
+        self.visual_transformer_blocks = network.visual_transformer_blocks
+
+    def modules(self) -> Any:  # what Cancel's checks walk
+        return self.network.modules()
+
+    def __call__(
+        self, x: Any, text_embeds: Any, pooled: Any, timestep: Any, text_mask: Any = None,
+        rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0), nabla: Any = None, attention_backend: Any = None,
+        block_cache: Any = None,
+    ) -> Any:  # fmt: skip
+        import comfy.patcher_extension
+
+        if text_mask is not None and not bool(text_mask.all()):
+            if text_mask.shape[0] != 1 or not bool(text_mask[0].any()):
+                raise InputError(
+                    "positive / negative: ComfyUI's own Kandinsky 5 model takes no text mask, so prompts padded to "
+                    "one length cannot run as a batch on it. Use batch_size 1, or Load Kandinsky 5 DiT."
+                )
+            text_embeds = text_embeds[:, text_mask[0].bool()]
+        options: dict = {"rope_options": {"scale_t": 1 / rope_scale[0], "scale_y": 1 / rope_scale[1],
+                                          "scale_x": 1 / rope_scale[2]}}  # fmt: skip
+        if nabla is not None:
+            kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+            options["wrappers"] = {kind: {NABLA_KEY: [NativeNabla({}, None, params=nabla)]}}
+        if block_cache is not None:
+            options["patches_replace"] = {"dit": blocks_through(block_cache, self.visual_transformer_blocks)}
+        return self.network(x, timestep, text_embeds, pooled, transformer_options=options)
+
+
+class NativeKandinsky5:
+    """What the Kandinsky 5 Sampler reads of a model (as `comfy_model.Kandinsky5Model` gives it), for ComfyUI's own
+    Kandinsky 5 model: the variant (from the tensors and the run: `loading.variant_for_run`, logged), the network
+    as a NativeDiT, the attention backend (ComfyUI's) and the memory estimate of a step."""
+
+    attention = "auto"
+    name = ""
+
+    def __init__(self, patcher: Any, frames: int, image: str | None) -> None:
+        from kandinsky_core.loading import variant_for_run
+
+        model = patcher.model
+        shapes = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
+        self.variant, said = variant_for_run(shapes, frames, image)
+        log.info("Kandinsky 5 Sampler on ComfyUI's own Kandinsky 5 model: %s", said)
+        compute = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+        self.diffusion_model = NativeDiT(model.diffusion_model, self.variant.arch, compute)
+
+    def memory_estimate(self, shape: tuple[int, ...], text_len: int, cfg: bool, nabla: Any = None) -> int:
+        from kandinsky_core.memory import ALLOCATOR_MARGIN
+        from kandinsky_core.sampling import step_peak_bytes
+
+        dtype = self.diffusion_model.compute_dtype
+        peak = step_peak_bytes(self.variant.arch, dtype, tuple(shape), int(text_len), cfg, nabla)
+        return int(peak * ALLOCATOR_MARGIN)

@@ -244,6 +244,84 @@ def i2i() -> dict:
     }
 
 
+def sampler(plant: str = "") -> dict:
+    """The Kandinsky 5 Sampler node on ComfyUI's own model (comfy.sd.load_diffusion_model of a Lite-width, 2-block
+    file) and on our loader's model of the same file: T2V with NABLA on (official P and windows), 3 steps, CFG; T2V
+    from an unpadded ComfyUI-style CONDITIONING (no mask); I2V with a start latent. The latents' distances."""
+    sys.path[:0] = [str(REPO), str(REPO / "tests"), os.environ["COMFYUI_DIR"]]
+    import comfy.options
+
+    comfy.options.args_parsing = False
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.sd
+    import torch
+    from safetensors.torch import save_file
+    from tiny import random_state_dict
+
+    from kandinsky_core import variants
+    from kandinsky_core.loading import load_dit
+    from kandinsky_core.sampling import TextConditioning
+    from nodes import comfy_model, text
+    from nodes import sampler as sampler_node
+
+    arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
+    for name, v in list(variants.VARIANTS.items()):
+        if v.arch == variants.LITE_VIDEO:
+            variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
+    path = Path(tempfile.mkdtemp()) / "kandinsky5lite_t2v_sft_5s.safetensors"
+    save_file(random_state_dict(arch, seed=3), str(path))
+    native_model = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+    dit, variant = load_dit(path, dtype=torch.float32)
+    ours = comfy_model.make_patcher(dit, variant, "auto", path.name)
+    if plant == "mask":  # the padding of the prompt reaches the native model
+        import nodes.native as native
+
+        orig = native.NativeDiT.__call__
+
+        def keep_padding(self, x, text_embeds, pooled, timestep, text_mask=None, **kw):
+            return orig(self, x, text_embeds, pooled, timestep, text_mask=None, **kw)
+
+        native.NativeDiT.__call__ = keep_padding
+
+    g = torch.Generator().manual_seed(2)
+
+    def cond(n_real: int, padded: int) -> TextConditioning:
+        mask = torch.zeros(1, padded, dtype=torch.bool)
+        mask[:, :n_real] = True
+        embeds = torch.randn(1, padded, arch.in_text_dim, generator=g)
+        return TextConditioning(text_embeds=embeds, text_mask=mask, pooled=torch.randn(1, 768, generator=g))
+
+    pos, neg = cond(6, 10), cond(9, 10)
+    kw = dict(width=768, height=256, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0,
+              nabla="on", nabla_P=0.0, nabla_wT=0, nabla_wH=0, nabla_wW=0)  # fmt: skip
+
+    def run(model, p, n, **over):
+        args_ = {**kw, **over}
+        return sampler_node.Sampler.execute(model, p, n, **args_)[0]["samples"]
+
+    out: dict = {}
+    ours_t2v = run(ours, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"))
+    native_t2v = run(native_model, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"))
+    dense = run(ours, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"), nabla="off")
+    out["t2v_diff"] = float((ours_t2v - native_t2v).abs().max())
+    out["nabla_vs_dense"] = float((ours_t2v - dense).abs().max())
+    # ComfyUI's own CONDITIONING: the real tokens only, no attention_mask
+    bare = [[pos.text_embeds[:, :6], {"pooled_output": pos.pooled}]]
+    bare_neg = [[neg.text_embeds[:, :9], {"pooled_output": neg.pooled}]]
+    out["bare_diff"] = float((run(native_model, bare, bare_neg) - native_t2v).abs().max())
+    start = torch.randn(1, 16, 1, 32, 96, generator=g)
+    ours_i2v = comfy_model.make_patcher(dit, variants.VARIANTS["i2v-lite-5s"], "auto", path.name)
+    i2v_ours = run(ours_i2v, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"),
+                   start_latent={"samples": start})  # fmt: skip
+    i2v_native = run(native_model, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"),
+                     start_latent={"samples": start})  # fmt: skip
+    out["i2v_diff"] = float((i2v_ours - i2v_native).abs().max())
+    out["scale"] = float(ours_t2v.abs().max())
+    return out
+
+
 def variants_ratios(name: str) -> tuple:
     from kandinsky_core.magcache import official_mag_ratios
 
@@ -256,7 +334,9 @@ def native_nabla_shapes(patcher) -> dict:
 
 if __name__ == "__main__":
     plant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("plant=")), "")
-    if "i2i" in sys.argv[1:]:
+    if "sampler" in sys.argv[1:]:
+        print("RESULT " + json.dumps(sampler(plant)), flush=True)
+    elif "i2i" in sys.argv[1:]:
         print("RESULT " + json.dumps(i2i()), flush=True)
     elif "magcache" in sys.argv[1:]:
         print("RESULT " + json.dumps(magcache(50, plant)), flush=True)
