@@ -20,7 +20,8 @@ test:
 	@start=$$(date +%s) && $(MAKE) --no-print-directory venv && \
 	K5_VENV_SECONDS=$$(( $$(date +%s) - start )) $(BIN)/python scripts/run_tests.py $(ARGS)
 
-# Only the unit tests (no ComfyUI, no browser): the quick loop while editing kandinsky_core
+# Only the unit tests (no ComfyUI server, no browser): the quick loop while editing kandinsky_core. The node tests
+# import ComfyUI's comfy_api from COMFYUI_DIR or the cached runtime (`make comfyui`); without one they are skipped.
 unit: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
 

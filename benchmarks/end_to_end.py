@@ -43,6 +43,7 @@ from benchmarks.results import publish  # noqa: E402
 from kandinsky_core import pipeline, variants  # noqa: E402
 from kandinsky_core.download import ensure_files, model_paths  # noqa: E402
 from kandinsky_core.magcache import OFFICIAL_MAG_RATIOS, MagCacheParams  # noqa: E402
+from kandinsky_core.settings import uses_cfg  # noqa: E402
 
 PROMPT = "A red fox walks through deep snow in a birch forest at sunrise, cinematic"
 STAGES = {"text encoders": "text", "VAE encode": "vae encode", "DiT": "sampling", "VAE decode": "vae decode"}
@@ -251,7 +252,7 @@ def run_once(variant: str, models, args, magcache: bool) -> dict:
         estimate=plan["estimate"],
         settings=settings,
         skipped=skipped[0] if skipped else None,
-        calls=None if params is None else request.steps * (2 if request.variant.uses_cfg else 1),
+        calls=None if params is None else request.steps * (2 if uses_cfg(request.variant.guidance) else 1),
         compile="off" if not args.compile else ("failed, ran eager" if compile_failures.records else "on"),
     )
 

@@ -7,10 +7,10 @@ import { api } from "../../scripts/api.js";
 const LOADER = "K5LoadDiT";
 const SAMPLER = "K5Sampler";
 // Sampler widgets the loader fills with the variant's values, unless the user changed them.
-const FILLED = [
-  "width", "height", "length", "steps", "guidance", "scheduler_scale",
-  "nabla", "nabla_P", "nabla_wT", "nabla_wH", "nabla_wW",
-];
+const FILLED = ["width", "height", "length", "steps", "guidance", "scheduler_scale"];
+// Nodes a model passes through on its way to the sampler (LoRA and options: a clone of the model, same variant).
+const PASS_THROUGH = ["K5LoadLoRA", "K5MagCache", "K5MagCacheCalibrate", "K5Compile", "K5Nabla"];
+const NABLA = "K5Nabla";
 const EDITED = "k5_user_edited"; // node property: widgets the user changed, kept in the saved workflow
 const FILLED_FROM = "k5_filled_from"; // node property: the variant whose values were filled last
 const WARN_COLOR = "#e5484d";
@@ -39,12 +39,24 @@ function upstream(node, inputName) {
   return src;
 }
 
+/** The loader a model input comes from (through reroutes, LoRA and option nodes) and the NABLA mode of the
+ * Kandinsky 5 NABLA node nearest the sampler on the way ("auto" without one: the variant's). */
+function modelSource(node, inputName = "model") {
+  let src = upstream(node, inputName);
+  let nabla = null;
+  for (let hops = 0; src && PASS_THROUGH.includes(src.type) && hops < 32; hops++) {
+    if (src.type === NABLA && nabla === null) nabla = value(src, "mode") ?? "auto";
+    src = upstream(src, "model");
+  }
+  return { loader: src, nabla: nabla ?? "auto" };
+}
+
 function downstreamSamplers(loader) {
   const out = [];
   const walk = (node, slot, depth) => {
     for (const target of node.getOutputNodes?.(slot) ?? []) {
       if (target.type === SAMPLER) out.push(target);
-      else if (target.type === "Reroute" && depth < 16) walk(target, 0, depth + 1);
+      else if ((target.type === "Reroute" || PASS_THROUGH.includes(target.type)) && depth < 32) walk(target, 0, depth + 1);
     }
   };
   walk(loader, 0, 0);
@@ -112,17 +124,16 @@ function nearestMultiples(x, m) {
 }
 
 /** What is wrong with the sampler's size and length for its variant (strings; empty when nothing is). */
-export function samplerWarnings(sampler, v, d = state.data) {
+export function samplerWarnings(sampler, v, d = state.data, mode = "auto") {
   const width = value(sampler, "width");
   const height = value(sampler, "height");
   const length = value(sampler, "length");
-  const mode = value(sampler, "nabla");
   const tile = d?.nabla_tile_px ?? 128;
   const out = [];
   const nablaOn = mode === "on" || (mode === "auto" && !!v?.nabla);
   if (nablaOn && (width % tile || height % tile)) {
     const bad = width % tile ? ["width", width] : ["height", height];
-    out.push(`${bad[0]} ${bad[1]}: NABLA needs multiples of ${tile} px (nearest ${nearestMultiples(bad[1], tile)}), or nabla off`);
+    out.push(`${bad[0]} ${bad[1]}: NABLA needs multiples of ${tile} px (nearest ${nearestMultiples(bad[1], tile)}), or Kandinsky 5 NABLA off`);
   }
   const fromLatent = width === 0 && height === 0; // the sampler takes the input latent's size
   if (v) {
@@ -143,9 +154,10 @@ function refreshSampler(sampler, redraw = true) {
     len.label = label;
     len.tooltip = `${label} at ${fps} fps. Frames are 4k+1: 121 = 5 s, 241 = 10 s.`;
   }
-  const v = loaderVariant(upstream(sampler, "model"));
+  const source = modelSource(sampler);
+  const v = loaderVariant(source.loader);
   sampler.k5Variant = v?.name ?? null;
-  sampler.k5Warnings = samplerWarnings(sampler, v);
+  sampler.k5Warnings = samplerWarnings(sampler, v, state.data, source.nabla);
   if (redraw) sampler.setDirtyCanvas?.(true, true);
 }
 
@@ -233,7 +245,7 @@ app.registerExtension({
       chainCallback(nodeType.prototype, "onConnectionsChange", function (type, slot, connected) {
         if (state.loading || type !== globalThis.LiteGraph?.INPUT) return;
         if (this.inputs?.[slot]?.name !== "model") return;
-        const v = connected ? loaderVariant(upstream(this, "model")) : null;
+        const v = connected ? loaderVariant(modelSource(this).loader) : null;
         if (v) fillSampler(this, v);
         else refreshSampler(this);
       });

@@ -267,7 +267,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pick_device(args.device)  # an absent device is refused before anything loads
     magcache = _magcache(args, variant)
     if args.block_swap is not None:
-        from .variants import block_swap_problem
+        from .settings import block_swap_problem
 
         problem = block_swap_problem(variant, "--block-swap", args.block_swap)
         if problem:

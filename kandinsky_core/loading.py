@@ -7,7 +7,7 @@ to recognise. What every weights reader shares (headers, prefixes, fp8, "what is
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,3 +332,19 @@ def variant_for_run(header_or_shapes: Mapping, frames: int, image: str | None = 
     others = [c.name for c in cands if c.name != best.name]
     note = f" (the same tensors fit {', '.join(others)})" if others else ""
     return best, f"took {best.name} ({best.title}) for {frames} frame(s){note}"
+
+
+def magcache_variant(header_or_shapes: Mapping, with_ratios: Iterable[str]) -> tuple[Variant, str]:
+    """For MagCache's official ratios on a DiT known only by its tensors: among the variants with these tensors that
+    have ratios (`with_ratios`), an sft one, the longest (the Lite 5 s and 10 s sft ratios differ by under 1%); and a
+    sentence saying which it took. WeightsError when none of them has ratios."""
+    det = detect_variant(header_or_shapes)
+    names = set(with_ratios)
+    cands = [get_variant(n) for n in det.candidates if n in names]
+    if not cands:
+        raise WeightsError(
+            f"ratios: the model is {', '.join(det.candidates)} by its tensors, and none of them has official MagCache "
+            "ratios. Calibrate them with Kandinsky 5 MagCache Calibrate and paste them into ratios."
+        )
+    best = max(cands, key=lambda v: (v.stage == "sft", v.max_frames))
+    return best, f"MagCache took the official ratios of {best.name} ({best.title})"

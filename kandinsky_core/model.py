@@ -22,13 +22,11 @@ from .layers import (
     rope_1d,
     rope_3d,
 )
-from .nabla import NablaParams, tile_tokens, untile_tokens
+from .nabla import TILE, NablaParams, tile_tokens, untile_tokens
 from .variants import DiTArch
 
 # (visual tokens before the visual blocks, function running the blocks) -> visual tokens after them
 BlockCacheHook = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
-
-NABLA_TILE = 8  # NABLA groups visual tokens into 8x8 tiles per frame (64-token blocks)
 
 
 class Kandinsky5DiT(nn.Module):
@@ -86,17 +84,10 @@ class Kandinsky5DiT(nn.Module):
                 "Use pixel widths/heights that are multiples of 16."
             )
         grid = (t // pt, h // ph, w // pw)
-        if nabla is not None and (grid[1] % NABLA_TILE or grid[2] % NABLA_TILE):
-            px = 8 * ph * NABLA_TILE
+        if nabla is not None and (grid[1] % TILE or grid[2] % TILE):
+            from .settings import nabla_grid_problems, raise_problems
 
-            def near(n: int) -> str:
-                return " or ".join(str(v) for v in sorted({max(px, n // px * px), -(-n // px) * px}))
-
-            raise InputError(
-                f"NABLA attention needs width and height that are multiples of {px} px; got "
-                f"{w * 8}x{h * 8} px (latent {w}x{h}). Nearest valid width: {near(w * 8)} px, "
-                f"nearest valid height: {near(h * 8)} px. Resize, or turn NABLA off."
-            )
+            raise_problems(nabla_grid_problems(w * 8, h * 8))
         return grid
 
     def forward(

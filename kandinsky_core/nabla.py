@@ -50,18 +50,9 @@ class NablaParams:
 def _check_grid(grid: tuple[int, int, int]) -> None:
     _, h, w = grid
     if h % TILE or w % TILE:
+        from .settings import nabla_grid_problems, raise_problems
 
-        def nearest(n: int) -> str:
-            lo = max(TILE, n // TILE * TILE)
-            hi = -(-n // TILE) * TILE
-            sizes = sorted({lo * _PIXELS_PER_TOKEN, hi * _PIXELS_PER_TOKEN})
-            return " or ".join(f"{s}" for s in sizes)
-
-        raise InputError(
-            f"NABLA sparse attention needs width and height that are multiples of 128 px, got "
-            f"{w * _PIXELS_PER_TOKEN}x{h * _PIXELS_PER_TOKEN} px. Nearest valid width: {nearest(w)} px, "
-            f"nearest valid height: {nearest(h)} px. Resize, or turn NABLA off."
-        )
+        raise_problems(nabla_grid_problems(w * _PIXELS_PER_TOKEN, h * _PIXELS_PER_TOKEN))
 
 
 def tile_tokens(x: Tensor, grid: tuple[int, int, int]) -> Tensor:

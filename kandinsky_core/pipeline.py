@@ -19,17 +19,8 @@ from .download import ModelPaths
 from .errors import InputError, MissingFilesError
 from .magcache import MagCache, MagCacheParams, MagCalibration
 from .media import image_size, read_image, resize, resize_center_crop, to_uint8_frames
-from .variants import (
-    GUIDANCE_MAX,
-    SCHEDULER_SCALE_MAX,
-    Variant,
-    crops_input_image,
-    encode_template,
-    get_variant,
-    number_problem,
-    size_for_image,
-    validate_size,
-)
+from .settings import CLI_WORDING, NablaChoice, Problem, raise_problems, resolve, uses_cfg
+from .variants import Variant, crops_input_image, encode_template, get_variant, size_for_image
 
 __all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device", "read_mag_ratios"]
 
@@ -70,12 +61,6 @@ def _image_size(image: str | os.PathLike | Tensor) -> tuple[int, int]:
     return image_size(image)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name}={value!r} is not allowed: it must be a whole number >= 1.")
-    return value
-
-
 def resolve_request(
     variant: str | Variant,
     prompt: str,
@@ -100,75 +85,41 @@ def resolve_request(
     whole image at about the variant's `i2v_max_area`, I2I takes the nearest trained aspect and cover-crops.
     """
     v = get_variant(variant)
+    problems: list[Problem] = []
     if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("The prompt is empty. Describe what to generate with --prompt TEXT.")
-    needs_image = v.task in ("i2v", "i2i")
-    if needs_image and image is None:
-        what = "start frame" if v.task == "i2v" else "image to edit"
-        raise InputError(f"Variant {v.name} ({v.task.upper()}) needs an input image (the {what}). Pass --image FILE.")
-    if not needs_image and image is not None:
-        raise InputError(
-            f"Variant {v.name} ({v.task.upper()}) does not take an input image. Remove --image, or pick an i2v / i2i "
-            "variant (`python -m kandinsky_core variants`)."
-        )
-    if (width is None) != (height is None):
-        raise InputError("Give both --width and --height, or neither (then the variant's default size is used).")
-    size_from_image = width is None and image is not None
-    if width is None:
-        if image is not None:
-            image_w, image_h = _image_size(image)
-            width, height = size_for_image(v, image_w, image_h)
-        else:
-            width, height = v.default_size
-    if frames is None:
-        frames = v.default_frames if v.is_video else 1
-    try:
-        validate_size(v, width, height, frames)
-    except InputError as e:
-        if not size_from_image:
-            raise
-        raise InputError(
-            f"The input image ({image_w}x{image_h}) gives {width}x{height} for {v.name}, which cannot be generated: "
-            f"{e} Crop the image closer to a common aspect ratio, or set --width and --height."
-        ) from e
-
+        problems.append(Problem("prompt", "The prompt is empty. Describe what to generate with --prompt TEXT."))
+    size_from_image = width is None and height is None and image is not None
+    image_w = image_h = 0
+    if size_from_image and v.task in ("i2v", "i2i"):
+        image_w, image_h = _image_size(image)
+        width, height = size_for_image(v, image_w, image_h)
     seed = int(seed)
     if not 0 <= seed < 2**64:
-        raise InputError(f"seed={seed} is not allowed: use a whole number between 0 and 2**64 - 1.")
-    steps = _positive_int("steps", v.steps if steps is None else steps)
-    guidance = float(v.guidance if guidance is None else guidance)
-    problem = number_problem("guidance", guidance, 0, GUIDANCE_MAX, note=f" (1 disables CFG; default {v.guidance:g})")
-    if problem:
-        raise InputError(problem)
-    scheduler_scale = float(v.scheduler_scale if scheduler_scale is None else scheduler_scale)
-    problem = number_problem(
-        "scheduler_scale",
-        scheduler_scale,
-        0,
-        SCHEDULER_SCALE_MAX,
-        lo_open=True,
-        note=f" (default {v.scheduler_scale:g})",
-    )
-    if problem:
-        raise InputError(problem)
+        problems.append(Problem("seed", f"seed={seed} is not allowed: use a whole number between 0 and 2**64 - 1."))
+    if nabla is None:
+        choice = NablaChoice("auto")
+    elif nabla is False:
+        choice = NablaChoice("off")
+    elif nabla is True:
+        choice = NablaChoice("on")
+    else:
+        choice = NablaChoice("on", nabla.P, nabla.wT, nabla.wH, nabla.wW)
+    settings, found = resolve(
+        v, width=width, height=height, length=frames, steps=steps, guidance=guidance,
+        scheduler_scale=scheduler_scale, nabla=choice, has_start=v.is_video and image is not None,
+        has_edit=not v.is_video and image is not None, wording=CLI_WORDING,
+    )  # fmt: skip
+    if size_from_image and v.task in ("i2v", "i2i"):
+        found = [
+            Problem(p.input, f"The input image ({image_w}x{image_h}) gives {width}x{height} for {v.name}, which "
+                             f"cannot be generated: {p.message} Crop the image closer to a common aspect ratio, or set "
+                             "--width and --height.") if p.input in ("width", "height") else p
+            for p in found
+        ]  # fmt: skip
+    raise_problems(problems + found)
+    width, height = settings.width, settings.height
     if negative is None:
         negative = VIDEO_NEGATIVE if v.is_video else ""
-
-    if nabla is None:
-        nabla = v.nabla
-    elif nabla is False:
-        nabla = None
-    elif nabla is True:
-        if v.nabla is None:
-            raise InputError(
-                f"Variant {v.name} has no NABLA setting; pass NABLA parameters explicitly or leave it off."
-            )
-        nabla = v.nabla
-    if nabla is not None and (width % 128 or height % 128):
-        raise InputError(
-            f"NABLA attention needs width and height in multiples of 128 px (8x8-token tiles); got {width}x{height}. "
-            "Pick a size from the variants table or turn NABLA off."
-        )
 
     pixels = resized = None
     if image is not None:
@@ -183,14 +134,14 @@ def resolve_request(
         negative=negative,
         width=width,
         height=height,
-        frames=frames,
+        frames=settings.length,
         seed=seed,
-        steps=steps,
-        guidance=guidance,
-        scheduler_scale=scheduler_scale,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        scheduler_scale=settings.scheduler_scale,
         image=resized,
         expand_prompt=bool(expand_prompt),
-        nabla=nabla,
+        nabla=settings.nabla,
         source_image=pixels if expand_prompt else None,
     )
 
@@ -329,7 +280,7 @@ def run(
     template = encode_template(v, request.frames)
     cond = encoders.encode([prompt], template, v.text_max_length, images=images)
     uncond = None
-    if abs(request.guidance - 1.0) > 1e-6:
+    if uses_cfg(request.guidance):
         uncond = encoders.encode([request.negative], template, v.text_max_length, images=images)
     cond, uncond = cond.to("cpu"), (uncond.to("cpu") if uncond is not None else None)
     del encoders  # used once: dropping them frees the accelerator without copying 16 GB back to the CPU

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .nabla import NablaParams
+from .settings import uses_cfg
 
 LATENT_CHANNELS = 16
 
@@ -151,7 +152,7 @@ def _check_inputs(
                 f"{name} conditioning has batch {c.text_embeds.shape[0]} but the latent has batch {B}: "
                 "encode one prompt (batch 1) or one per latent."
             )
-    if abs(guidance - 1.0) > 1e-6 and uncond is None:
+    if uses_cfg(guidance) and uncond is None:
         raise InputError(
             f"guidance={guidance} needs a negative conditioning: connect one, or set guidance to 1.0 "
             "(distilled and no-CFG variants)."
@@ -215,7 +216,7 @@ def sample(
     _check_inputs(noise, cond, uncond, guidance, visual_cond, instruct, first_frame_latent, edit_latent)
     B, _, T, H, W = noise.shape
     device = noise.device
-    use_cfg = abs(guidance - 1.0) > 1e-6  # the official threshold
+    use_cfg = uses_cfg(guidance)
 
     cond_args = _prepare(cond, B, device)
     uncond_args = _prepare(uncond, B, device) if use_cfg else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import InputError
 from .nabla import NablaParams
@@ -119,17 +118,8 @@ class Variant:
         return self.stage == "distilled"
 
     @property
-    def uses_cfg(self) -> bool:
-        return abs(self.guidance - 1.0) > 1e-6
-
-    @property
     def default_frames(self) -> int:
         return self.max_frames
-
-    @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this many pixels (NABLA tiles are 8x8 tokens of 16 px)."""
-        return 128 if self.nabla is not None else 16
 
     @property
     def default_width(self) -> int:
@@ -348,143 +338,20 @@ def variants_markdown() -> str:
 
 
 MAX_SIZE = 4096  # px per side (ComfyUI's own limit for image sizes; far beyond every trained size)
-AREA_SLACK = 1.5  # sizes up to 1.5x the largest trained area are allowed (e.g. 768x768 on a 768x512 model)
-
-
-def _nearest(value: int, m: int) -> str:
-    """The multiples of m around value, kept between m and MAX_SIZE."""
-    top = MAX_SIZE // m * m
-    lo = min(max(m, value // m * m), top)
-    hi = min(max(m, -(-value // m) * m), top)
-    return f"{lo}" if lo == hi else f"{lo} or {hi}"
-
-
-def _nearest_frames(frames: int, max_frames: int) -> list[int]:
-    lo = min(max(1, (frames - 1) // 4 * 4 + 1), max_frames)
-    return sorted({lo, min(lo + 4, max_frames)})
-
-
-def size_problem(width: Any, height: Any, multiple: int, why: str = "") -> str | None:
-    """What is wrong with width / height whatever the model (None when nothing is): whole numbers, multiples of
-    `multiple` px, between `multiple` and MAX_SIZE. The one rule behind the nodes' validation and the CLI's."""
-    for label, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return (
-                f"{label}={value!r} is not a whole number of pixels. Give a multiple of {multiple} between "
-                f"{multiple} and {MAX_SIZE}."
-            )
-        if value < multiple or value > MAX_SIZE or value % multiple:
-            return (
-                f"{label}={value} must be a multiple of {multiple} px between {multiple} and {MAX_SIZE}{why}. "
-                f"Nearest: {_nearest(value, multiple)}."
-            )
-    return None
-
-
-def length_problem(length: Any, label: str = "length") -> str | None:
-    """Frame counts must be whole numbers 4k+1 (the VAE packs 4 frames per latent); None when it is one."""
-    if isinstance(length, bool) or not isinstance(length, int):
-        return f"{label}={length!r} is not a whole number of frames. Give 4k+1 frames: 1, 5, 9, ..., 121 (5 s)."
-    if length < 1 or (length - 1) % 4:
-        lo = max(1, (length - 1) // 4 * 4 + 1)
-        return (
-            f"{label}={length} frames must be 4k+1 (1, 5, 9, ..., 121 = 5 s, 241 = 10 s at {FPS} fps): the VAE packs "
-            f"4 frames per latent. Nearest: {lo} or {lo + 4}."
-        )
-    return None
-
-
-def area_problem(variant: Variant | str, width: int, height: int) -> str | None:
-    """A size far above what the variant was trained at (more than AREA_SLACK x its largest trained area)."""
-    v = get_variant(variant)
-    largest = max(w * h for w, h in v.resolutions)
-    if width * height <= AREA_SLACK * largest:
-        return None
-    sizes = ", ".join(f"{w}x{h}" for w, h in v.resolutions)
-    hd = " or load a Pro HD model for 1024 px class video" if v.is_video and v.quality != "hd" else ""
-    return (
-        f"width x height = {width}x{height} is too large for {v.name} ({v.quality.upper()}, trained at {sizes}). "
-        f"Pick one of those sizes (at most {AREA_SLACK:g}x the largest area){hd}."
-    )
-
-
-def text_width_problem(variant: Variant | str, label: str, qwen_width: int, clip_width: int) -> str | None:
-    """Embeddings from text encoders of another width than the DiT takes (e.g. a Qwen2.5-VL-3B folder instead of
-    the 7B): what the model needs and which files give it. None when the widths fit."""
-    v = get_variant(variant)
-    a = v.arch
-    if (qwen_width, clip_width) == (a.in_text_dim, a.in_text_dim2):
-        return None
-    return (
-        f"{label} was encoded by text encoders {qwen_width} (Qwen) / {clip_width} (CLIP) wide, but {v.name} takes "
-        f"Qwen2.5-VL-7B ({a.in_text_dim} wide) and CLIP ViT-L/14 ({a.in_text_dim2} wide) embeddings. In Load "
-        "Kandinsky 5 Text Encoders pick qwen_2.5_vl_7b*.safetensors (or the Qwen2.5-VL-7B-Instruct folder) and "
-        "clip_l.safetensors (or the clip-vit-large-patch14 folder)."
-    )
-
-
-def block_swap_problem(variant: Variant | str, label: str, blocks: Any) -> str | None:
-    """Block swap keeps 0 .. num_visual_blocks visual blocks on the accelerator; None when `blocks` is one of those."""
-    v = get_variant(variant)
-    total = v.arch.num_visual_blocks
-    if not isinstance(blocks, bool) and isinstance(blocks, int) and 0 <= blocks <= total:
-        return None
-    return (
-        f"{label}={blocks!r}: {v.name} has {total} visual blocks. Use 0 .. {total} ({total} keeps them all on the "
-        "GPU, i.e. no swapping; 0 swaps them all)."
-    )
-
-
-GUIDANCE_MAX = 30.0
-SCHEDULER_SCALE_MAX = 50.0
-
-
-def number_problem(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, note: str = "") -> str | None:
-    """A finite number within lo..hi (above lo when lo_open); NaN and infinity never pass (they would give black
-    frames or silently switch CFG off). None when the value is fine."""
-    import math
-
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if ok:
-        return None
-    low = f"above {lo:g}" if lo_open else f"from {lo:g}"
-    return f"{name}={value!r} is not allowed: give a finite number {low} to {hi:g}{note}."
-
-
-def validate_size(variant: Variant | str, width: int, height: int, frames: int = 1) -> None:
-    """Raise InputError (naming the nearest valid values) if the size cannot be generated by this variant."""
-    v = get_variant(variant)
-    m = v.size_multiple
-    why = " (NABLA sparse attention works on 8x8-token tiles = 128 px)" if v.nabla else ""
-    problem = size_problem(width, height, m, why)
-    if problem:
-        raise InputError(f"{problem} {v.name} is trained at (WxH): {_fmt_size(v)}.")
-    if not v.is_video:
-        if frames != 1:
-            raise InputError(f"frames={frames} is not valid for {v.name}: image variants generate 1 frame. Use 1.")
-    elif length_problem(frames, "frames") or frames > v.max_frames:
-        near = " or ".join(str(x) for x in _nearest_frames(int(frames), v.max_frames))
-        raise InputError(
-            f"frames={frames} is not valid for {v.name}: frame counts must be 4k+1 (the VAE packs 4 frames "
-            f"per latent) between 1 and {v.max_frames} ({v.max_frames // FPS} s at {FPS} fps). "
-            f"Nearest valid frame counts: {near}."
-        )
-    problem = area_problem(v, width, height)
-    if problem:
-        raise InputError(problem)
 
 
 def i2v_size(variant: Variant | str, image_width: int, image_height: int) -> tuple[int, int]:
     """(width, height) the official I2V pipeline generates for a start image of image_width x image_height: the
-    image's aspect at about `i2v_max_area` pixels, each side rounded to the nearest multiple of `size_multiple`
+    image's aspect at about `i2v_max_area` pixels, each side rounded to the nearest multiple of `settings.size_multiple`
     (i2v_pipeline.py resize_image: k = sqrt(max_area / area) / d, side -> round(side * k) * d with Python's round,
     d = 16 at 512 px, 128 at 1024 px, which are exactly the I2V variants without / with NABLA). The whole image is
     kept: it is resized to this size, never cropped."""
+    from .settings import size_multiple
+
     v = get_variant(variant)
     if v.task != "i2v" or v.i2v_max_area is None:
         raise ValueError(f"{v.name} is not an I2V variant")
-    d = v.size_multiple
+    d = size_multiple(v.nabla is not None)
     k = (v.i2v_max_area / (image_width * image_height)) ** 0.5 / d
     return max(1, round(image_width * k)) * d, max(1, round(image_height * k)) * d
 

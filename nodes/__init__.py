@@ -6,11 +6,11 @@ its define_schema. IDs start with K5 so that none collides with the official kan
 
 from comfy_api.latest import ComfyExtension, io
 
-from .block_swap import BlockSwap
 from .compile import Compile
 from .loaders import LoadDiT, LoadTextEncoders, LoadVAE
 from .lora import LoadLoRA
 from .magcache import MagCacheCalibrate, MagCacheNode
+from .nabla import Nabla
 from .sampler import Sampler
 from .text import PromptExpansion, TextEncode
 from .vae import VAEDecode, VAEEncode
@@ -27,7 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     VAEEncode,
     MagCacheNode,
     MagCacheCalibrate,
-    BlockSwap,
+    Nabla,
     Compile,
 ]
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from kandinsky_core.errors import InputError
-from kandinsky_core.variants import Variant, size_problem
+from kandinsky_core.settings import NABLA_TILE_PX, NABLA_WHY, raise_problems, side_problems
+from kandinsky_core.variants import Variant
 
 from .model_options import options_in
 
@@ -123,13 +124,9 @@ def model_class() -> type:
             when NABLA is on and the size is not a multiple of 128 px."""
             nabla = options.nabla.params(self._variant)
             if nabla is not None:
-                problem = size_problem(
-                    int(shape[-1]) * 8, int(shape[-2]) * 8, 128,
-                    f" (NABLA is on for {self._variant.name}; it works on 8x8-token tiles = 128 px. Resize the "
-                    f"empty latent, or set NABLA off with the {NABLA_NODE} node)",
-                )  # fmt: skip
-                if problem:
-                    raise InputError(problem)
+                why = (f"{NABLA_WHY}; NABLA is on for {self._variant.name}: resize the empty latent, or set NABLA "
+                       f"off with the {NABLA_NODE} node")  # fmt: skip
+                raise_problems(side_problems(int(shape[-1]) * 8, int(shape[-2]) * 8, NABLA_TILE_PX, why))
             return nabla
 
         def memory_required(self, input_shape, cond_shapes={}, **kwargs):  # noqa: B006 (BaseModel's signature)

@@ -3,6 +3,7 @@ reach ComfyUI."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +38,16 @@ def fail(node: str) -> Iterator[None]:
     except KandinskyError as e:
         if getattr(e, "node", None):
             raise
-        err = type(e)(f"{node}: {e}")
+        err = copy.copy(e)  # the same class and attributes (SettingsInputError.problems), the message prefixed
+        err.args = (f"{node}: {e}",)
         err.node = node
         raise err from e
+
+
+def validation_result(problems: list) -> str | bool:
+    """What validate_inputs returns for kandinsky_core.settings problems: True, or every problem, one per line
+    (each message names its input)."""
+    return "\n".join(p.message for p in problems) or True
 
 
 def widget_range_problem(node: type[io.ComfyNode], **values) -> str | None:

@@ -58,7 +58,7 @@ class Compile(io.ComfyNode):
             "faster. If compiling fails (no Triton / compiler), the sampler runs uncompiled with the same result and "
             "logs a warning.",
             inputs=[
-                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT (or MagCache / Block Swap)."),
+                io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Combo.Input("mode", options=list(MODES), default="default", tooltip=
                                "torch.compile mode. max-autotune searches faster kernels (much longer compile); it "
                                "runs without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap "
@@ -68,7 +68,8 @@ class Compile(io.ComfyNode):
                                "aot_eager and eager only trace (for debugging, no speed-up)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip=
-                                   "The same DiT; the Kandinsky 5 Sampler compiles its blocks.")],
+                                   "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler "
+                                   "compiles its blocks.")],
         )  # fmt: skip
 
     @classmethod

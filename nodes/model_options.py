@@ -1,6 +1,6 @@
 """The Kandinsky 5 options a model carries, as a ComfyUI model patch.
 
-Option nodes (NABLA, MagCache, MagCache Calibrate, Compile, Block Swap) do what ComfyUI's own model-patch nodes do:
+Option nodes (NABLA, MagCache, MagCache Calibrate, Compile) do what ComfyUI's own model-patch nodes do:
 clone the ModelPatcher and write into its model options. Ours live in one declared place,
 `model_options["transformer_options"]["kandinsky5"]`, as a frozen `Kandinsky5Options`; nothing else is attached to
 the model. Clones share the weights, so options compose with each other and with LoRA patches in any order.
@@ -12,30 +12,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kandinsky_core.nabla import NablaParams
+from kandinsky_core.settings import NABLA_MODES, NablaChoice
 
 KEY = "kandinsky5"
-NABLA_MODES = ("auto", "on", "off")
-OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
-
-
-@dataclass(frozen=True)
-class NablaSetting:
-    """NABLA as chosen on a node: auto follows the variant (on for the 10 s and HD variants trained with it); on uses
-    the variant's P and windows (or the official 0.9 / 11, 3, 3) where P / windows are 0; off is dense attention."""
-
-    mode: str = "auto"
-    P: float = 0.0
-    wT: int = 0
-    wH: int = 0
-    wW: int = 0
-
-    def params(self, variant: Any) -> NablaParams | None:
-        """The NABLA parameters for `variant`, or None for dense attention."""
-        if self.mode == "off" or (self.mode == "auto" and variant.nabla is None):
-            return None
-        base = variant.nabla or OFFICIAL_NABLA
-        return NablaParams(P=self.P or base.P, wT=self.wT or base.wT, wH=self.wH or base.wH, wW=self.wW or base.wW)
+NablaSetting = NablaChoice  # NABLA as a node chooses it; its rules and parameters live in kandinsky_core.settings
+__all__ = [
+    "KEY", "NABLA_MODES", "Kandinsky5Options", "NablaSetting", "options_in", "options_of", "patcher_of", "with_options",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,13 +28,11 @@ class Kandinsky5Options:
     nabla: NABLA (auto / on / off with P and windows, 0 = the variant's).
     block_cache: a MagCache or MagCache Calibrate setting (`make(variant)` gives a fresh cache per run).
     compile: a torch.compile setting (`applied(dit)` compiles for one run).
-    block_swap: a block-swap setting (`place(...)` / `release(...)`).
     """
 
     nabla: NablaSetting = NablaSetting()
     block_cache: Any = None
     compile: Any = None
-    block_swap: Any = None
 
 
 def patcher_of(model: Any) -> Any:

@@ -233,7 +233,7 @@ def install(patcher: Any, nabla: bool = False, cache: bool = False, stats: dict 
     import comfy.patcher_extension
 
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    shapes = {k: tuple(v.shape) for k, v in patcher.model.diffusion_model.state_dict().items()}
+    shapes = shapes_of(patcher)
     if nabla:
         patcher.remove_wrappers_with_key(kind, NABLA_KEY)
         patcher.add_wrapper_with_key(kind, NABLA_KEY, NativeNabla(shapes, stats))
@@ -311,3 +311,14 @@ class NativeKandinsky5:
         dtype = self.diffusion_model.compute_dtype
         peak = step_peak_bytes(self.variant.arch, dtype, tuple(shape), int(text_len), cfg, nabla)
         return int(peak * ALLOCATOR_MARGIN)
+
+
+def shapes_of(model: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the network of a MODEL link (what variant detection reads)."""
+    return {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def patched(model: Any, nabla: bool = False, cache: bool = False) -> Any:
+    """An option node's output clone: on ComfyUI's own Kandinsky 5 model, with our wrappers added (`install`) so
+    that KSampler honours the options; any other model unchanged (our Kandinsky5Model reads the options itself)."""
+    return install(model, nabla=nabla, cache=cache) if is_native(model) else model

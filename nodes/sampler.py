@@ -3,111 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
-from kandinsky_core.nabla import NablaParams
-from kandinsky_core.variants import (
-    FPS,
+from kandinsky_core.settings import (
     GUIDANCE_MAX,
-    MAX_SIZE,
     SCHEDULER_SCALE_MAX,
-    Variant,
-    area_problem,
-    length_problem,
-    number_problem,
-    size_problem,
+    STEPS_MAX,
+    Problem,
+    input_problems,
+    raise_problems,
+    resolve,
     text_width_problem,
 )
+from kandinsky_core.variants import FPS, MAX_SIZE, Variant
 
 from . import comfy_glue, comfy_model
-from .common import CATEGORY, fail, widget_range_problem
+from .common import CATEGORY, fail, validation_result, widget_range_problem
 from .model_options import options_of
 from .text import from_conditioning
-
-NABLA_MODES = ("auto", "on", "off")
-OFFICIAL_NABLA = NablaParams(P=0.9, wT=11, wH=3, wW=3)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Sampler settings with every auto value resolved from the variant."""
-
-    steps: int
-    guidance: float
-    scheduler_scale: float
-    nabla: NablaParams | None
-
-
-def resolve_settings(
-    v: Variant, steps: int, guidance: float, scheduler_scale: float, nabla: str, P: float, wT: int, wH: int, wW: int
-) -> Settings:
-    """steps 0, guidance < 0 and scheduler_scale 0 mean the variant's value; NABLA auto follows the variant, on uses
-    the variant's P and windows (or the official 0.9 / 11, 3, 3) unless P / windows are given (non-zero)."""
-    if nabla not in NABLA_MODES:
-        raise InputError(f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}.")
-    params = None
-    if nabla == "on" or (nabla == "auto" and v.nabla is not None):
-        base = v.nabla or OFFICIAL_NABLA
-        params = NablaParams(P=P or base.P, wT=wT or base.wT, wH=wH or base.wH, wW=wW or base.wW)
-    return Settings(
-        steps=steps or v.steps,
-        guidance=v.guidance if guidance < 0 else guidance,
-        scheduler_scale=scheduler_scale or v.scheduler_scale,
-        nabla=params,
-    )
-
-
-def check_size(width: int, height: int, length: int, nabla_on: bool) -> str | None:
-    """What is wrong with a size regardless of the model (None when nothing is): multiples of 16 px (128 with
-    NABLA: 8x8-token tiles) and 4k+1 frames; the rules of kandinsky_core.variants, shared with the CLI."""
-    m = 128 if nabla_on else 16
-    why = " (NABLA works on 8x8-token tiles = 128 px; or set nabla to off)" if nabla_on else ""
-    return size_problem(width, height, m, why) or length_problem(length)
-
-
-def check_numbers(guidance: float, scheduler_scale: float) -> str | None:
-    """guidance -1..30 (-1: the variant's) and scheduler_scale 0..50 (0: the variant's), finite (NaN / inf would
-    give black frames or switch CFG off); the widgets' ranges, checked here because validate_inputs takes them."""
-    return number_problem("guidance", guidance, -1, GUIDANCE_MAX, note=" (-1 = the variant's, 1 = no CFG)") or (
-        number_problem("scheduler_scale", scheduler_scale, 0, SCHEDULER_SCALE_MAX, note=" (0 = the variant's)")
-    )
-
-
-def check_fit(v: Variant, width: int, height: int, length: int, has_start: bool, has_edit: bool) -> None:
-    """InputError when the loaded model cannot make this: missing/unexpected start or edit image, too many frames,
-    frames for an image model, or an HD size on an SD model."""
-    if v.task == "i2v" and not has_start:
-        raise InputError(
-            f"start_latent: {v.name} is an image-to-video model and needs a start image. Encode one with Kandinsky 5 "
-            "VAE Encode and connect it to start_latent, or load a T2V model."
-        )
-    if v.task != "i2v" and has_start:
-        raise InputError(
-            f"start_latent is connected but {v.name} is a {v.task.upper()} model. Disconnect it, or load an I2V model."
-        )
-    if v.task == "i2i" and not has_edit:
-        raise InputError(
-            f"edit_latent: {v.name} is an image-edit model and needs the image to edit. Encode it with Kandinsky 5 "
-            "VAE Encode and connect it to edit_latent, or load a T2I model."
-        )
-    if v.task != "i2i" and has_edit:
-        raise InputError(
-            f"edit_latent is connected but {v.name} is a {v.task.upper()} model. Disconnect it, or load the I2I model."
-        )
-    if v.is_video and length > v.max_frames:
-        raise InputError(
-            f"length={length} frames is more than {v.name} makes: at most {v.max_frames} ({v.max_frames // FPS} s at "
-            f"{FPS} fps). Lower length, or load a 10 s model."
-        )
-    if not v.is_video and length != 1:
-        raise InputError(f"length={length}: {v.name} is an image model and makes 1 frame. Set length to 1.")
-    problem = area_problem(v, width, height)
-    if problem:
-        raise InputError(problem)
 
 
 def latent_frames(length: int) -> int:
@@ -128,31 +44,32 @@ class Sampler(io.ComfyNode):
             display_name="Kandinsky 5 Sampler",
             category=f"{CATEGORY}/sampling",
             description="Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with "
-            "classifier-free guidance, optional NABLA sparse attention, a start image (I2V) or an edit image (I2I). "
-            "0 / -1 mean the variant's official setting. It also runs ComfyUI's own Kandinsky 5 model (Load "
-            "Diffusion Model, with ComfyUI's LoRA and fp8 weights; the variant is taken from its tensors and the run "
-            "and logged) and takes ComfyUI's Kandinsky 5 text encode. Note: ComfyUI's text encoder corrects the "
-            "official video template's spelling ('promt engineer' -> 'prompt engineer'); the DiT was trained with "
-            "the misspelt template, which Kandinsky 5 Text Encode keeps.",
+            "classifier-free guidance, NABLA sparse attention where the variant uses it (or as Kandinsky 5 NABLA "
+            "sets it), a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's official setting. It "
+            "also runs ComfyUI's own Kandinsky 5 model (Load Diffusion Model, with ComfyUI's LoRA and fp8 weights; the "
+            "variant is taken from its tensors and the run, and logged) and takes ComfyUI's Kandinsky 5 text encode. "
+            "Note: ComfyUI's text encoder corrects the official video template's spelling ('promt engineer' -> "
+            "'prompt engineer'); the DiT was trained with the misspelt template, which Kandinsky 5 Text Encode keeps.",
             inputs=[
                 io.Model.Input("model", tooltip="A Kandinsky 5 DiT: from Load Kandinsky 5 DiT or ComfyUI's Load "
-                               "Diffusion Model, a LoRA loader (ours or ComfyUI's) or a Kandinsky 5 option node."),
+                               "Diffusion Model, a LoRA loader (ours or ComfyUI's) or a Kandinsky 5 option node "
+                               "(NABLA, MagCache, Compile)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode (or ComfyUI's "
                                       "CLIPTextEncodeKandinsky5, whose video template differs: see the description)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (ignored when guidance is 1)."),
                 io.Int.Input("width", default=768, min=0, max=MAX_SIZE, step=16, tooltip=
-                             "Width in pixels: a multiple of 16 (128 with NABLA). Lite/Pro SD: 768x512, 512x512, "
+                             "Width in pixels: a multiple of 16 (128 when NABLA is on). Lite/Pro SD: 768x512, 512x512, "
                              "512x768; Pro HD and Image: 1024 px class. 0 (with height 0) = the size of start_latent "
                              "/ edit_latent (set by Kandinsky 5 VAE Encode), else the variant's default."),
                 io.Int.Input("height", default=512, min=0, max=MAX_SIZE, step=16, tooltip=
-                             "Height in pixels: a multiple of 16 (128 with NABLA). 0 = from the input latent (see "
-                             "width)."),
+                             "Height in pixels: a multiple of 16 (128 when NABLA is on). 0 = from the input latent "
+                             "(see width)."),
                 io.Int.Input("length", default=121, min=1, max=481, step=4, tooltip=
                              f"Frames, 4k+1, at {FPS} fps: 121 = 5 s, 241 = 10 s, 25 = 1 s. 1 for image models."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Videos/images per run."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=True, tooltip=
                              "Noise seed (CPU generator: the same seed gives the same result on any device)."),
-                io.Int.Input("steps", default=0, min=0, max=200, tooltip=
+                io.Int.Input("steps", default=0, min=0, max=STEPS_MAX, tooltip=
                              "Sampling steps. 0 = the variant's (50; distilled: 16)."),
                 io.Float.Input("guidance", default=-1.0, min=-1.0, max=GUIDANCE_MAX, step=0.1, tooltip=
                                "Classifier-free guidance. -1 = the variant's (5 video, 3.5 image, 1 distilled/no-CFG); "
@@ -160,17 +77,6 @@ class Sampler(io.ComfyNode):
                 io.Float.Input("scheduler_scale", default=0.0, min=0.0, max=SCHEDULER_SCALE_MAX, step=0.5, tooltip=
                                "Timestep shift of the flow schedule. 0 = the variant's (10, or 5 / 3 where the "
                                "official config says so)."),
-                io.Combo.Input("nabla", options=list(NABLA_MODES), default="auto", tooltip=
-                               "NABLA sparse attention. auto: on for the 10 s and HD variants trained with it; on / "
-                               "off force it. On needs width and height in multiples of 128."),
-                io.Float.Input("nabla_P", default=0.0, min=0.0, max=1.0, step=0.05, tooltip=
-                               "NABLA attention mass kept per block (0 = the variant's, e.g. 0.9; 1 = dense)."),
-                io.Int.Input("nabla_wT", default=0, min=0, max=63, tooltip=
-                             "NABLA sliding window in latent frames, odd (0 = the variant's, 11)."),
-                io.Int.Input("nabla_wH", default=0, min=0, max=63, tooltip=
-                             "NABLA sliding window in tiles along the height, odd (0 = the variant's, 3)."),
-                io.Int.Input("nabla_wW", default=0, min=0, max=63, tooltip=
-                             "NABLA sliding window in tiles along the width, odd (0 = the variant's, 3)."),
                 io.Latent.Input("start_latent", optional=True, tooltip=
                                 "I2V: the start image from Kandinsky 5 VAE Encode, at width x height. Needed by I2V "
                                 "models, refused by the others."),
@@ -186,22 +92,19 @@ class Sampler(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, width, height, length, nabla, guidance, scheduler_scale):
-        if nabla not in NABLA_MODES:
-            return f"nabla {nabla!r} is unknown. Allowed: {', '.join(NABLA_MODES)}."
-        if (width == 0) != (height == 0):
-            return f"width={width}, height={height}: set both, or 0 for both to take the size from the input latent."
-        return (
-            widget_range_problem(cls, length=length)
-            or (check_size(width, height, length, nabla == "on") if width else length_problem(length))
-            or check_numbers(guidance, scheduler_scale)
-            or True
-        )
+    def validate_inputs(cls, width, height, length, guidance, scheduler_scale):
+        """Every problem the widgets alone show (the model, and so NABLA, is not known yet), one per line."""
+        problems = input_problems(width=width, height=height, length=length, guidance=guidance,
+                                  scheduler_scale=scheduler_scale, steps=None)  # fmt: skip
+        length_range = widget_range_problem(cls, length=length)
+        if length_range and not any(p.input == "length" for p in problems):
+            problems.append(Problem("length", length_range))
+        return validation_result(problems)
 
     @classmethod
     def execute(
         cls, model, positive, negative, width, height, length, batch_size, seed, steps, guidance, scheduler_scale,
-        nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW, start_latent=None, edit_latent=None,
+        start_latent=None, edit_latent=None,
     ) -> io.NodeOutput:  # fmt: skip
         from kandinsky_core.sampling import dit_to_latent, flow_timesteps, latent_to_dit, make_noise
         from kandinsky_core.sampling import sample as run_sampler
@@ -211,21 +114,20 @@ class Sampler(io.ComfyNode):
             k5 = comfy_model.run_model(model, length, image)
             v = k5.variant
             width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
-            s = resolve_settings(v, steps, guidance, scheduler_scale, nabla, nabla_P, nabla_wT, nabla_wH, nabla_wW)
-            problem = check_numbers(guidance, scheduler_scale)
-            if problem:
-                raise InputError(problem)
-            problem = check_size(width, height, length, s.nabla is not None)
-            if problem:
-                raise InputError(problem + f" (NABLA is {'on' if s.nabla else 'off'} for {v.name}.)")
-            check_fit(v, width, height, length, start_latent is not None, edit_latent is not None)
+            options = options_of(model)  # from the option nodes (NABLA, MagCache, Compile); nothing else is read
+            s, problems = resolve(
+                v, width=width, height=height, length=length, steps=steps, guidance=guidance,
+                scheduler_scale=scheduler_scale, nabla=options.nabla, has_start=start_latent is not None,
+                has_edit=edit_latent is not None,
+            )  # fmt: skip
             cond = from_conditioning(positive, "positive")
-            warn_template(v, length, positive)
-            uncond = from_conditioning(negative, "negative") if abs(s.guidance - 1.0) > 1e-6 else None
+            uncond = from_conditioning(negative, "negative") if s.cfg else None
             for label, c in (("positive", cond), ("negative", uncond)):
                 problem = c and text_width_problem(v, label, c.text_embeds.shape[-1], c.pooled.shape[-1])
                 if problem:
-                    raise InputError(problem)
+                    problems.append(problem)
+            raise_problems(problems)
+            warn_template(v, length, positive)
 
             shape = (batch_size, 16, latent_frames(length), height // 8, width // 8)
             comfy_glue.log.info(
@@ -235,27 +137,16 @@ class Sampler(io.ComfyNode):
             cfg = uncond is not None
             text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
             estimate = k5.memory_estimate((batch_size, 16, *shape[2:]), text_len, cfg, s.nabla)
-            options = options_of(model)
-            if k5 is not getattr(model, "model", None) and (options.block_swap or options.compile):
+            if k5 is not getattr(model, "model", None) and options.compile:
                 raise InputError(
-                    "model: Kandinsky 5 Block Swap and Compile work on Load Kandinsky 5 DiT's model; ComfyUI's own "
-                    "Kandinsky 5 model (Load Diffusion Model) keeps ComfyUI's partial loading and TorchCompileModel "
-                    "node. Remove them, or load the DiT with Load Kandinsky 5 DiT."
+                    "model: Kandinsky 5 Compile works on Load Kandinsky 5 DiT's model; ComfyUI's own Kandinsky 5 model "
+                    "(Load Diffusion Model) has ComfyUI's TorchCompileModel node. Remove Kandinsky 5 Compile, or load "
+                    "the DiT with Load Kandinsky 5 DiT."
                 )
-            swap_setting = options.block_swap  # from Kandinsky 5 Block Swap
-            cache_setting = options.block_cache  # from Kandinsky 5 MagCache / MagCache Calibrate
-            compile_setting = options.compile  # from Kandinsky 5 Compile
             problem = comfy_model.scaled_weight_patch_problem(model)
             if problem:
                 raise InputError(problem)
-            if swap_setting is None:
-                comfy_glue.load(model, estimate)  # ComfyUI applies the LoRA weight patches here
-            elif getattr(model, "patches", None):
-                raise InputError(
-                    "model: Kandinsky 5 Block Swap cannot run a DiT with a LoRA (Load Kandinsky 5 LoRA): it moves the "
-                    "weights itself, outside ComfyUI's weight patching, so the LoRA would be ignored. Remove the "
-                    "Block Swap node; ComfyUI's own partial loading keeps the LoRA and fits small GPUs."
-                )
+            comfy_glue.load(model, estimate)  # ComfyUI applies the LoRA weight patches here
             device = comfy_glue.load_device()
             dit = k5.diffusion_model
             dtype = dit.compute_dtype
@@ -267,32 +158,28 @@ class Sampler(io.ComfyNode):
             callback = comfy_glue.step_callback(
                 noise, flow_timesteps(s.steps, s.scheduler_scale), v.latent_scale, v.vae, s.steps
             )
+            cache_setting, compile_setting = options.block_cache, options.compile
             block_cache = None if cache_setting is None else cache_setting.make(v)
-            swap = None if swap_setting is None else swap_setting.place(model, estimate)
             compiled = compile_setting.applied(dit) if compile_setting else contextlib.nullcontext()
             # Cancel stops between DiT blocks too (not in compiled blocks: a check there would break the graph)
             cancellable = contextlib.nullcontext() if compile_setting else comfy_glue.cancellable(dit)
-            try:
-                with compiled, cancellable:
-                    x = run_sampler(
-                        dit,
-                        noise,
-                        cond.to(device, dtype),
-                        uncond.to(device, dtype) if cfg else None,
-                        steps=s.steps,
-                        guidance=s.guidance,
-                        scheduler_scale=s.scheduler_scale,
-                        rope_scale=v.rope_scale,
-                        nabla=s.nabla,
-                        first_frame_latent=conditions.get("start_latent"),
-                        edit_latent=conditions.get("edit_latent"),
-                        callback=callback,
-                        attention_backend=None if k5.attention == "auto" else k5.attention,
-                        block_cache=block_cache,
-                    )
-            finally:
-                if swap is not None:
-                    swap_setting.release(model, swap)
+            with compiled, cancellable:
+                x = run_sampler(
+                    dit,
+                    noise,
+                    cond.to(device, dtype),
+                    uncond.to(device, dtype) if cfg else None,
+                    steps=s.steps,
+                    guidance=s.guidance,
+                    scheduler_scale=s.scheduler_scale,
+                    rope_scale=v.rope_scale,
+                    nabla=s.nabla,
+                    first_frame_latent=conditions.get("start_latent"),
+                    edit_latent=conditions.get("edit_latent"),
+                    callback=callback,
+                    attention_backend=None if k5.attention == "auto" else k5.attention,
+                    block_cache=block_cache,
+                )
             if cache_setting is not None:
                 cache_setting.done(block_cache, s.steps, cfg, v)
             # the VAE it belongs to, so that VAE Decode refuses the other one

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
 
 from . import comfy_glue, comfy_model
-from .common import ADVANCED, CATEGORY, K5_VAE, fail, widget_range_problem
+from .common import ADVANCED, CATEGORY, K5_VAE, fail, validation_result, widget_range_problem
 
 TILING = ("auto", "on", "off")
 
@@ -176,11 +178,12 @@ class VAEEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width, height):
-        from kandinsky_core.variants import size_problem
+        from kandinsky_core.settings import NODE_WORDING, input_problems
 
-        if (width == 0) != (height == 0):
-            return f"width={width}, height={height}: give both (multiples of 16), or 0 for both to keep the size."
-        return (width == 0 or size_problem(width, height, 16)) or True
+        wording = dataclasses.replace(NODE_WORDING, both_sizes="0 for both to take the size from the image")
+        return validation_result(
+            input_problems(width=width, height=height, steps=None, guidance=None, scheduler_scale=None, wording=wording)
+        )
 
     @classmethod
     def execute(cls, vae, images, width, height, model=None) -> io.NodeOutput:

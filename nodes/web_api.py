@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kandinsky_core.errors import KandinskyError
+from kandinsky_core.settings import NABLA_TILE_PX
 from kandinsky_core.variants import FPS, VARIANTS, Variant
 
 ROUTE = "/kandinsky5/variants"
-NABLA_TILE_PX = 128  # 8x8 tokens of 16 px (patch 2 x VAE 8)
 log = logging.getLogger("kandinsky5")
 _detected: dict[tuple[str, int, int], dict[str, Any]] = {}  # (path, mtime_ns, size) -> answer; headers never change
 
@@ -23,7 +23,6 @@ _detected: dict[tuple[str, int, int], dict[str, Any]] = {}  # (path, mtime_ns, s
 def sampler_defaults(v: Variant) -> dict[str, Any]:
     """The Kandinsky 5 Sampler widget values that reproduce the variant's official settings. I2V / I2I: width and
     height 0, so that the sampler follows its input latent, which VAE Encode sized from the image."""
-    p = v.nabla
     from_image = v.task in ("i2v", "i2i")
     return {
         "width": 0 if from_image else v.default_width,
@@ -32,11 +31,6 @@ def sampler_defaults(v: Variant) -> dict[str, Any]:
         "steps": v.steps,
         "guidance": v.guidance,
         "scheduler_scale": v.scheduler_scale,
-        "nabla": "on" if p else "off",
-        "nabla_P": p.P if p else 0.0,
-        "nabla_wT": p.wT if p else 0,
-        "nabla_wH": p.wH if p else 0,
-        "nabla_wW": p.wW if p else 0,
     }
 
 

@@ -217,12 +217,11 @@ class Graph:
 
 
 def sampler_widgets(v: Variant) -> list:
+    """NABLA is not a sampler widget: the sampler takes the variant's (auto) unless a Kandinsky 5 NABLA node says
+    otherwise."""
     width, height = v.default_size
-    nabla = v.nabla
     return [
         width, height, v.max_frames if v.is_video else 1, 1, SEED, "fixed", v.steps, v.guidance, v.scheduler_scale,
-        "on" if nabla else "off", nabla.P if nabla else 0.0, nabla.wT if nabla else 0, nabla.wH if nabla else 0,
-        nabla.wW if nabla else 0,
     ]  # fmt: skip
 
 

@@ -13,6 +13,6 @@ EXPECTED_IDS = {
     "K5VAEEncode": "Kandinsky 5 VAE Encode",
     "K5MagCache": "Kandinsky 5 MagCache",
     "K5MagCacheCalibrate": "Kandinsky 5 MagCache Calibrate",
-    "K5BlockSwap": "Kandinsky 5 Block Swap",
+    "K5Nabla": "Kandinsky 5 NABLA",
     "K5Compile": "Kandinsky 5 Compile",
 }

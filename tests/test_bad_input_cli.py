@@ -157,25 +157,16 @@ def test_queue_output_dir_under_a_file_is_refused_before_queueing(tmp_path, caps
         ("t2v-lite-sft-5s", (1280, 768), "or load a Pro HD model"),
     ],
 )
-def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(
-    capsys, no_models, tmp_path, variant, size, expected, comfy_api
-):
-    from nodes.sampler import check_fit, check_size
-
+def test_cli_sizes_are_refused_by_the_nodes_rules_before_loading(capsys, no_models, tmp_path, variant, size, expected):
     out = tmp_path / ("o.mp4" if "v" in variant.split("-")[0] else "o.png")
     args = ["--variant", variant, "--width", str(size[0]), "--height", str(size[1]), "--output", str(out)]
     err = cli_error(GEN + args + (["--frames", "1"] if out.suffix == ".mp4" else []), capsys)
     assert expected in err, err
     # the node refuses the same size with the same words (one validation layer)
-    from kandinsky_core.errors import InputError
-    from kandinsky_core.variants import VARIANTS
+    from kandinsky_core.settings import resolve
 
-    node = check_size(*size, 1, False)
-    if node is None:
-        with pytest.raises(InputError) as e:
-            check_fit(VARIANTS[variant], *size, 1, False, False)
-        node = str(e.value)
-    assert expected in node
+    _, problems = resolve(variant, width=size[0], height=size[1], length=1)
+    assert [expected in p.message for p in problems] == [True], problems
 
 
 # --- 5: no silent wrong results ---------------------------------------------------------------------------------------
@@ -219,9 +210,9 @@ def test_cli_16_bit_png_is_scaled_not_clipped(tmp_path, capsys, fake_run):
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
-        ("--guidance", "inf", "guidance=inf is not allowed: give a finite number from 0 to 30"),
-        ("--guidance", "nan", "guidance=nan is not allowed: give a finite number from 0 to 30"),
-        ("--scheduler-scale", "inf", "scheduler_scale=inf is not allowed: give a finite number above 0 to 50"),
+        ("--guidance", "inf", "guidance=inf is not allowed: give a finite number from -1 to 30"),
+        ("--guidance", "nan", "guidance=nan is not allowed: give a finite number from -1 to 30"),
+        ("--scheduler-scale", "inf", "scheduler_scale=inf is not allowed: give a finite number from 0 to 50"),
         ("--scheduler-scale", "nan", "scheduler_scale=nan is not allowed"),
     ],
 )

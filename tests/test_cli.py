@@ -59,12 +59,12 @@ GEN = ["generate", "--prompt", "a fox"]
         (["--variant", "t2v-lite-sft-5s", "--frames", "10"], ["frames=10", "4k+1", "9 or 13"]),
         (["--variant", "t2v-lite-sft-5s", "--frames", "125"], ["frames=125", "121"]),
         (["--variant", "t2v-lite-sft-5s", "--seconds", "10"], ["--seconds 10", "5"]),
-        (["--variant", "t2v-lite-sft-5s", "--width", "512"], ["both --width and --height"]),
-        (["--variant", "i2v-lite-5s"], ["needs an input image", "--image"]),
-        (["--variant", "i2i-lite"], ["needs an input image", "--image"]),
+        (["--variant", "t2v-lite-sft-5s", "--width", "512"], ["give both, or neither --width nor --height"]),
+        (["--variant", "i2v-lite-5s"], ["needs a start image", "Pass --image FILE"]),
+        (["--variant", "i2i-lite"], ["needs the image to edit", "Pass --image FILE"]),
         (["--variant", "t2i-lite", "--frames", "5"], ["frames=5", "1 frame"]),
-        (["--variant", "t2i-lite", "--steps", "0"], ["steps=0"]),
-        (["--variant", "t2i-lite", "--scheduler-scale", "0"], ["scheduler_scale=0"]),
+        (["--variant", "t2i-lite", "--steps", "500"], ["steps=500", "0 to 200"]),
+        (["--variant", "t2i-lite", "--scheduler-scale", "-1"], ["scheduler_scale=-1.0", "0 to 50"]),
         (["--variant", "t2i-lite", "--output", "x.mp4"], [".png"]),
         (["--variant", "t2v-lite-sft-5s", "--output", "x.png"], [".mp4"]),
     ],
@@ -79,7 +79,7 @@ def test_bad_arguments_fail_before_loading(extra, expected, capsys, no_models):
 
 def test_image_for_text_variant_refused(png, capsys, no_models):
     rc, _, err = run_cli(GEN + ["--variant", "t2v-lite-sft-5s", "--image", str(png)], capsys)
-    assert rc == 2 and "does not take an input image" in err
+    assert rc == 2 and "--image is given but t2v-lite-sft-5s is a T2V model. Remove --image" in err
 
 
 def test_missing_image_file(tmp_path, capsys, no_models):

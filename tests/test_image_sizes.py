@@ -255,9 +255,9 @@ def test_sampler_zero_size_follows_the_input_latent_else_the_variant_default(com
     assert sampler_node.follow_size(v, 0, 0, latent) == (832, 464)
     assert sampler_node.follow_size(v, 0, 0, None) == v.default_size
     assert sampler_node.follow_size(v, 512, 512, latent) == (512, 512)
-    assert sampler_node.Sampler.validate_inputs(0, 0, 121, "auto", -1.0, 0.0) is True
-    assert "set both" in sampler_node.Sampler.validate_inputs(0, 512, 121, "auto", -1.0, 0.0)
-    assert "length=4" in sampler_node.Sampler.validate_inputs(0, 0, 4, "auto", -1.0, 0.0)
+    assert sampler_node.Sampler.validate_inputs(0, 0, 121, -1.0, 0.0) is True
+    assert "give both" in sampler_node.Sampler.validate_inputs(0, 512, 121, -1.0, 0.0)
+    assert "length=4" in sampler_node.Sampler.validate_inputs(0, 0, 4, -1.0, 0.0)
 
 
 def test_sampler_warns_when_a_one_frame_video_run_was_encoded_under_video(comfy_api):

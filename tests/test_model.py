@@ -251,7 +251,7 @@ def test_nabla_needs_128px_multiples():
     arch = TINY_ARCHS["lite"]
     model = make_tiny_dit(arch)
     inp = make_inputs(arch, grid=(1, 12, 16))  # 96 x 128 px
-    with pytest.raises(InputError, match=r"multiples of 128 px.*128x96 px"):
+    with pytest.raises(InputError, match=r"height=96 must be a multiple of 128 px.*NABLA"):
         model(**inp, nabla=NablaParams(P=0.9))
 
 

@@ -89,7 +89,11 @@ def test_tile_round_trip_on_rope_shapes():
 
 
 def test_grid_not_multiple_of_tiles_is_input_error():
-    with pytest.raises(InputError, match=r"multiples of 128 px.*400x144 px.*width: 384 or 512 px.*height: 128 or 256"):
+    with pytest.raises(
+        InputError,
+        match=r"(?s)width=400 must be a multiple of 128 px.*Nearest: 384 or 512.*"
+        r"height=144 must be a multiple of 128 px.*Nearest: 128 or 256",
+    ):
         tile_tokens(torch.zeros(1, 2 * 9 * 25), (2, 9, 25))
     with pytest.raises(InputError, match="128"):
         nabla_attention(*structured_qkv(1, 2, 1, 8), (1, 8, 12), NablaParams(0.9))  # 96 tokens, 12 not tile-able

@@ -26,7 +26,6 @@ from comfy_api.latest import io  # noqa: E402
 
 from kandinsky_core import variants  # noqa: E402
 from kandinsky_core.errors import InputError, WeightsError  # noqa: E402
-from kandinsky_core.nabla import NablaParams  # noqa: E402
 from kandinsky_core.sampling import TextConditioning, dit_to_latent, latent_to_dit, make_noise, sample  # noqa: E402
 from nodes import NODES, comfy_glue, comfy_model, common, files, loaders, node_ids, text  # noqa: E402
 from nodes import sampler as sampler_node  # noqa: E402
@@ -90,6 +89,7 @@ class FakeComfy:
                 self.model_options: dict = {"transformer_options": {}}
 
             def clone(self):
+                # as ComfyUI: patches and model options (dicts / lists copied, their values shared) come along
                 n = ModelPatcher(self.model, self.load_device, self.offload_device)
                 n.patches = {k: list(v) for k, v in self.patches.items()}
                 n.model_options = {**self.model_options}
@@ -290,54 +290,49 @@ def test_pack_registers_its_nodes_through_comfy_entrypoint_without_loading_model
 # Pure helpers
 
 
-def test_auto_settings_come_from_the_variant():
-    v = variants.VARIANTS["t2v-lite-distilled16steps-5s"]
-    s = sampler_node.resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
-    assert (s.steps, s.guidance, s.scheduler_scale, s.nabla) == (16, 1.0, 5.0, None)
-    s = sampler_node.resolve_settings(v, 8, 2.5, 7.0, "auto", 0.0, 0, 0, 0)
-    assert (s.steps, s.guidance, s.scheduler_scale) == (8, 2.5, 7.0)
-    sparse = variants.VARIANTS["t2v-pro-sft-10s-hd"]
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "auto", 0, 0, 0, 0).nabla == NablaParams(0.7, 11, 3, 3)
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "off", 0, 0, 0, 0).nabla is None
-    assert sampler_node.resolve_settings(sparse, 0, -1, 0, "on", 0.5, 0, 5, 0).nabla == NablaParams(0.5, 11, 5, 3)
-    # "on" for a dense variant: the official Lite 10 s settings
-    assert sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 0, 0, 0).nabla == NablaParams(0.9, 11, 3, 3)
-    with pytest.raises(InputError, match="odd"):
-        sampler_node.resolve_settings(v, 0, -1, 0, "on", 0, 4, 0, 0)
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ((768, 512, 121, False), None),
-        ((100, 512, 121, False), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
-        ((768, 520, 5, False), "height=520 must be a multiple of 16"),
-        ((768, 512, 120, False), "length=120 frames must be 4k+1"),
-        ((768, 576, 5, True), "height=576 must be a multiple of 128 px between 128 and 4096 (NABLA"),
-        ((768, 512, 1, True), None),
+        ((768, 512, 121), None),
+        ((100, 512, 121), "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112."),
+        ((768, 520, 5), "height=520 must be a multiple of 16"),
+        ((768, 512, 120), "length=120 frames must be 4k+1"),
+        ((768, 512, 1), None),
     ],
 )
-def test_check_size(args, expected):
-    got = sampler_node.check_size(*args)
-    assert got == expected if expected is None else expected in got
+def test_sampler_validation_of_the_widgets(comfy, args, expected):
+    got = sampler_node.Sampler.validate_inputs(*args, -1.0, 0.0)
+    assert got is True if expected is None else expected in got
 
 
-def test_check_fit_names_the_input_and_the_fix():
+def test_sampler_validation_lists_every_problem_of_the_node(comfy):
+    got = sampler_node.Sampler.validate_inputs(100, 520, 120, float("nan"), 99.0)
+    lines = got.split("\n")
+    assert [line.split("=")[0] for line in lines] == ["width", "height", "length", "guidance", "scheduler_scale"], got
+
+
+def test_the_model_fit_rules_name_the_node_input_and_the_fix():
+    from kandinsky_core.settings import raise_problems, resolve
+
+    def check_fit(v, width, height, length, has_start, has_edit):
+        raise_problems(resolve(v, width=width, height=height, length=length, has_start=has_start,
+                               has_edit=has_edit)[1])  # fmt: skip
+
     i2v, lite, pro_hd = (variants.VARIANTS[n] for n in ("i2v-lite-5s", "t2v-lite-sft-5s", "t2v-pro-sft-5s-hd"))
     with pytest.raises(InputError, match="start_latent: i2v-lite-5s is an image-to-video model.*VAE Encode"):
-        sampler_node.check_fit(i2v, 768, 512, 121, False, False)
-    sampler_node.check_fit(i2v, 768, 512, 121, True, False)
-    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
-        sampler_node.check_fit(lite, 768, 512, 121, True, False)
+        check_fit(i2v, 768, 512, 121, False, False)
+    check_fit(i2v, 768, 512, 121, True, False)
+    with pytest.raises(InputError, match="start_latent is given but t2v-lite-sft-5s is a T2V model. Disconnect it"):
+        check_fit(lite, 768, 512, 121, True, False)
     with pytest.raises(InputError, match="1280x768 is too large for t2v-lite-sft-5s.*Pro HD"):
-        sampler_node.check_fit(lite, 1280, 768, 121, False, False)
-    sampler_node.check_fit(pro_hd, 1280, 768, 121, False, False)
-    with pytest.raises(InputError, match="at most 121"):
-        sampler_node.check_fit(lite, 768, 512, 241, False, False)
+        check_fit(lite, 1280, 768, 121, False, False)
+    check_fit(pro_hd, 1280, 768, 121, False, False)
+    with pytest.raises(InputError, match="at most 121.*or load a 10 s model"):
+        check_fit(lite, 768, 512, 241, False, False)
     with pytest.raises(InputError, match="image model and makes 1 frame"):
-        sampler_node.check_fit(variants.VARIANTS["t2i-lite"], 1024, 1024, 5, False, False)
+        check_fit(variants.VARIANTS["t2i-lite"], 1024, 1024, 5, False, False)
     with pytest.raises(InputError, match="edit_latent: i2i-lite"):
-        sampler_node.check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
+        check_fit(variants.VARIANTS["i2i-lite"], 1024, 1024, 1, False, False)
 
 
 def test_conditioning_round_trip_and_foreign_conditioning():
@@ -408,7 +403,6 @@ def test_load_dit_validation_refuses_other_files_and_wrong_variants(comfy):
 def run_sampler_node(model, **overrides):
     kw = dict(
         width=64, height=32, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0,
-        nabla="auto", nabla_P=0.0, nabla_wT=0, nabla_wH=0, nabla_wW=0,
     )  # fmt: skip
     kw.update(overrides)
     pos, neg = text.to_conditioning(conditioning(1), "video"), text.to_conditioning(conditioning(2), "video")
@@ -448,13 +442,16 @@ def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     comfy.interrupt_at = None
     with pytest.raises(InputError, match=r"^Kandinsky 5 Sampler: length=6 frames must be 4k\+1"):
         run_sampler_node(model, length=6)
-    with pytest.raises(InputError, match="multiple of 128 px.*NABLA is on"):
-        run_sampler_node(model, nabla="on")
     start = {"samples": torch.zeros(1, 16, 1, 4, 8)}
-    with pytest.raises(InputError, match="start_latent is connected but t2v-lite-sft-5s is a T2V model"):
+    with pytest.raises(InputError, match="start_latent is given but t2v-lite-sft-5s is a T2V model"):
         run_sampler_node(model, start_latent=start)
-    assert sampler_node.Sampler.validate_inputs(64, 32, 5, "auto", -1.0, 0.0) is True
-    assert "length=4" in sampler_node.Sampler.validate_inputs(64, 32, 4, "auto", -1.0, 0.0)
+    with pytest.raises(InputError) as e:  # every problem at once, each naming its input
+        run_sampler_node(model, length=6, start_latent=start)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("Kandinsky 5 Sampler: length=6 frames") and lines[1].startswith("start_latent is given")
+    assert [p.input for p in e.value.problems] == ["length", "start_image"] and len(lines) == 2
+    assert sampler_node.Sampler.validate_inputs(64, 32, 5, -1.0, 0.0) is True
+    assert "length=4" in sampler_node.Sampler.validate_inputs(64, 32, 4, -1.0, 0.0)
 
 
 def test_vae_nodes_match_the_vae_and_return_comfy_layouts(comfy):
@@ -521,7 +518,7 @@ def test_text_encoder_loader_uses_comfyui_tokenizers_only_for_single_files(comfy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# MagCache, MagCache Calibrate and Block Swap: MODEL -> MODEL settings the Sampler honours
+# MagCache and MagCache Calibrate: MODEL -> MODEL options the Sampler honours
 
 
 def tiny_model(comfy):
@@ -545,6 +542,7 @@ def test_magcache_node_gives_the_latent_of_sample_with_the_same_magcache(comfy):
     model = tiny_model(comfy)
     (cached_model,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
     assert cached_model.model is model.model and options_of(model).block_cache is None  # the input is unchanged
+    assert options_of(cached_model).block_cache is not None  # the clone carries the option
     latent = run_sampler_node(cached_model, steps=8)
 
     cache = MagCache(MagCacheParams(OFFICIAL_MAG_RATIOS["t2v-lite-sft-5s"], threshold=0.5, K=2, retention=0.0))
@@ -592,40 +590,6 @@ def test_magcache_node_errors_name_the_input_and_the_fix(comfy):
         MagCacheNode.execute(model, 0.12, 2, 0.2, "1.0, fast")
     with pytest.raises(InputError, match="retention=1.5 is not allowed"):
         MagCacheNode.execute(model, 0.12, 2, 1.5, "1.0, 1.0")
-
-
-def test_block_swap_node_same_latent_comfy_memory_freed_and_model_parked(comfy, monkeypatch):
-    from kandinsky_core import offload
-    from nodes.block_swap import BlockSwap
-    from nodes.magcache import MagCacheNode
-
-    mm = sys.modules["comfy.model_management"]
-    freed, unloaded, swaps = [], [], []
-    model = tiny_model(comfy)
-    held = types.SimpleNamespace(model=model, model_unload=lambda: unloaded.append(True))
-    monkeypatch.setattr(mm, "free_memory", lambda need, device: freed.append((need, device)), False)
-    monkeypatch.setattr(mm, "current_loaded_models", [held], False)
-    real_swap = offload.enable_block_swap
-    monkeypatch.setattr(offload, "enable_block_swap", lambda *a, **k: swaps.append(real_swap(*a, **k)) or swaps[-1])
-
-    plain = run_sampler_node(model, steps=3)
-    loads = len(comfy.loads)
-    (swapping,) = BlockSwap.execute(model, 1, True)
-    latent = run_sampler_node(swapping, steps=3)
-    torch.testing.assert_close(latent, plain, rtol=0, atol=0)
-    assert len(comfy.loads) == loads  # ComfyUI was not asked to load the whole DiT...
-    assert unloaded == [True] and mm.current_loaded_models == []  # ...it was asked to let go of it
-    ((need, device),) = freed
-    weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
-    assert device == torch.device("cpu") and 0 < need and need - comfy.loads[-1][1] <= weights
-    assert swaps[0].swapped == [1] and swaps[0].loads == 3 * 2  # steps x CFG branches, one swapped block
-    blocks = model.model.diffusion_model.visual_transformer_blocks
-    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)  # swapping ended with the run
-
-    (both,) = MagCacheNode.execute(swapping, 0.12, 2, 0.2, "")
-    assert options_of(both).block_swap == options_of(swapping).block_swap and options_of(both).block_cache
-    with pytest.raises(InputError, match=r"^Kandinsky 5 Block Swap: blocks_on_device=3: t2v-lite-sft-5s has 2 visual"):
-        BlockSwap.execute(model, 3, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -804,22 +768,75 @@ def test_lora_node_refuses_a_lora_for_another_size_or_model(comfy):
     assert model.patches == {}
 
 
-def test_lora_node_keeps_speed_settings_and_block_swap_with_a_lora_is_refused(comfy, monkeypatch):
-    from nodes.block_swap import BlockSwap
+def test_lora_node_keeps_every_option_and_options_keep_the_lora(comfy):
+    from nodes.compile import Compile
     from nodes.lora import LoadLoRA
     from nodes.magcache import MagCacheNode
 
-    mm = sys.modules["comfy.model_management"]  # what Block Swap asks of ComfyUI (it would run without the check)
-    monkeypatch.setattr(mm, "free_memory", lambda need, device: None, False)
-    monkeypatch.setattr(mm, "current_loaded_models", [], False)
     model = tiny_model(comfy)
     write_lora(comfy.root / "loras" / "model.safetensors", TINY_T2V, LORA_MODULES, 1)
     (cached,) = MagCacheNode.execute(model, 0.5, 2, 0.0, "")
-    out = LoadLoRA.execute(cached, "model.safetensors", 1.0).result[0]
-    assert options_of(out).block_cache == options_of(cached).block_cache and out.patches
-    swapped = BlockSwap.execute(out, 0, False)[0]
-    with pytest.raises(InputError, match="Block Swap cannot run a DiT with a LoRA.*Remove the Block Swap node"):
-        run_sampler_node(swapped, steps=2)
+    (compiled,) = Compile.execute(cached, "default", "eager")
+    out = LoadLoRA.execute(compiled, "model.safetensors", 1.0).result[0]
+    assert options_of(out) == options_of(compiled) and out.patches
+    (again,) = MagCacheNode.execute(out, 0.12, 2, 0.2, "")
+    assert again.patches == out.patches and options_of(again).compile == options_of(out).compile
+    assert options_of(model) == options_of(model).__class__() and model.patches == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kandinsky 5 NABLA: a model option the Sampler takes NABLA from
+
+
+def nabla_node(model, mode: str, **tuning):
+    """Kandinsky 5 NABLA as ComfyUI calls it: the DynamicCombo's dict where ComfyUI has one, else plain inputs."""
+    from nodes import nabla
+
+    if nabla.DYNAMIC:
+        return nabla.Nabla.execute(model, {"mode": mode, **tuning})[0]
+    return nabla.Nabla.execute(model, mode, **tuning)[0]
+
+
+def test_nabla_node_sets_the_option_and_the_sampler_takes_nabla_from_it(comfy):
+    from kandinsky_core.nabla import NablaParams
+    from kandinsky_core.settings import NablaChoice
+
+    model = tiny_model(comfy)  # t2v-lite-sft-5s: dense by default (auto)
+    sparse = nabla_node(model, "on", P=0.1, wT=1, wH=1, wW=1)
+    assert options_of(sparse).nabla == NablaChoice("on", 0.1, 1, 1, 1)
+    assert options_of(model).nabla == NablaChoice() and sparse.model is model.model  # input unchanged
+    assert options_of(nabla_node(model, "off", P=0.5)).nabla == NablaChoice("off")  # P only counts when on
+    with pytest.raises(InputError, match=r"(?s)^Kandinsky 5 Sampler: width=64 must be a multiple of 128 px.*"
+                       r"or set mode to off in Kandinsky 5 NABLA.*height=32 must be a multiple of 128"):  # fmt: skip
+        run_sampler_node(sparse)
+    size = dict(width=256, height=256)
+    latent = run_sampler_node(sparse, **size)
+    v = model.model.variant
+    want = sample(
+        model.model.diffusion_model, make_noise((1, 16, 2, 32, 32), 3), conditioning(1), conditioning(2), steps=3,
+        guidance=v.guidance, scheduler_scale=v.scheduler_scale, rope_scale=v.rope_scale,
+        nabla=NablaParams(0.1, 1, 1, 1),
+    )  # fmt: skip
+    torch.testing.assert_close(latent, dit_to_latent(want, v.latent_scale), rtol=0, atol=0)
+    dense = run_sampler_node(model, **size)
+    assert (dense - latent).abs().max() > 1e-3  # NABLA really was on: the comparison can fail
+    torch.testing.assert_close(run_sampler_node(nabla_node(model, "auto"), **size), dense, rtol=0, atol=0)
+    with pytest.raises(InputError, match="^Kandinsky 5 NABLA: NABLA window wT=4 is not allowed"):
+        nabla_node(model, "on", wT=4)
+
+
+def test_nabla_node_shows_p_and_windows_only_when_on_where_comfyui_can(comfy):
+    from nodes import nabla
+
+    inputs = nabla.Nabla.define_schema().inputs
+    if nabla.DYNAMIC:  # v0.33.0: a DynamicCombo whose "on" option holds P and the windows
+        (model, mode) = inputs
+        options = {o.key: [i.id for i in o.inputs] for o in mode.options}
+        assert options == {"auto": [], "on": ["P", "wT", "wH", "wW"], "off": []}
+        assert all(i.tooltip for o in mode.options for i in o.inputs)
+    else:  # v0.3.64: plain inputs, optional
+        assert [i.id for i in inputs] == ["model", "mode", "P", "wT", "wH", "wW"]
+        assert all(i.optional for i in inputs[2:])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

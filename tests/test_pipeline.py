@@ -187,7 +187,7 @@ def test_stages_free_each_model_before_the_next_loads(models_dir, monkeypatch):
 
 def test_generate_validates_before_touching_files(tmp_path):
     nowhere = download.ModelPaths(*(tmp_path / n for n in ("dit", "qwen", "clip", "vae")))
-    with pytest.raises(InputError, match="needs an input image"):
+    with pytest.raises(InputError, match="needs a start image"):
         pipeline.generate("i2v-lite-5s", "a fox", models=nowhere)
     with pytest.raises(InputError, match="4k\\+1"):
         pipeline.generate("t2v-lite-sft-5s", "a fox", models=nowhere, frames=6)

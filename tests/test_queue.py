@@ -319,9 +319,9 @@ def test_bad_workflow_files(tmp_path, capsys):
 
 def test_set_keeps_types():
     api = json.loads(API.read_text())
-    queue.apply_overrides(api, sets=["K5Sampler.guidance=2", "6.nabla=on", "2.dit_name=123", "6.steps=4"])
+    queue.apply_overrides(api, sets=["K5Sampler.guidance=2", "5.template=image", "2.dit_name=123", "6.steps=4"])
     s = api["6"]["inputs"]
     assert s["guidance"] == 2.0 and isinstance(s["guidance"], float)
-    assert s["nabla"] == "on" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
+    assert api["5"]["inputs"]["template"] == "image" and s["steps"] == 4 and api["2"]["inputs"]["dit_name"] == "123"
     queue.apply_overrides(api, sets=["Kandinsky 5 Sampler.width=128"])  # by title
     assert s["width"] == 128

@@ -3,7 +3,8 @@
 import pytest
 
 from kandinsky_core.errors import InputError
-from kandinsky_core.variants import VARIANTS, get_variant, seconds_to_frames, validate_size, variants_markdown
+from kandinsky_core.settings import resolve, uses_cfg
+from kandinsky_core.variants import VARIANTS, get_variant, seconds_to_frames, variants_markdown
 
 # name -> (config file, steps, guidance, NABLA P or None, rope scale, scheduler scale), from configs/*.yaml
 # (scheduler_scale from metrics.scheduler_scale, else the pipeline default: 10 for video, 3 for image).
@@ -52,7 +53,7 @@ def test_numbers_match_official_configs(name):
         assert v.nabla is None
     else:
         assert (v.nabla.P, v.nabla.wT, v.nabla.wH, v.nabla.wW) == (p, 11, 3, 3)
-    assert v.uses_cfg == (guidance != 1.0)
+    assert uses_cfg(v.guidance) == (guidance != 1.0)
 
 
 def test_architectures():
@@ -108,8 +109,8 @@ def test_every_variant_is_consistent(name):
     v = get_variant(name)
     assert v.default_size in v.resolutions
     for w, h in v.resolutions:  # trained sizes work with the variant's NABLA tiling
-        validate_size(v, w, h, v.default_frames)
-    assert v.size_multiple == (128 if v.nabla else 16)
+        has = {"has_start": v.task == "i2v", "has_edit": v.task == "i2i"}
+        assert resolve(v, width=w, height=h, length=v.default_frames, **has)[1] == []
     assert (v.max_frames - 1) % 4 == 0
     assert v.hf_filename.startswith("model/") and v.hf_filename.endswith(".safetensors")
     assert v.hf_repo.startswith("kandinskylab/Kandinsky-5.0-")
@@ -130,21 +131,6 @@ def test_get_variant_errors():
     msg = str(e.value)
     assert "did you mean" in msg.lower() and "t2v-lite-sft-5s" in msg and "i2i-lite" in msg
     assert get_variant(" T2V-Lite-SFT-5s ").name == "t2v-lite-sft-5s"
-
-
-def test_validate_size_errors_name_nearest_values():
-    with pytest.raises(InputError, match=r"width=500 .*multiple of 128.*384 or 512"):
-        validate_size("t2v-lite-sft-10s", 500, 512, 241)
-    with pytest.raises(InputError, match=r"height=500 .*multiple of 16.*496 or 512"):
-        validate_size("t2v-lite-sft-5s", 512, 500, 121)
-    with pytest.raises(InputError, match=r"frames=100 .*4k\+1.*97 or 101"):
-        validate_size("t2v-lite-sft-5s", 768, 512, 100)
-    with pytest.raises(InputError, match=r"frames=245 .*121"):
-        validate_size("t2v-lite-sft-5s", 768, 512, 245)
-    with pytest.raises(InputError, match=r"frames=5 .*1 frame"):
-        validate_size("t2i-lite", 1024, 1024, 5)
-    validate_size("t2v-lite-sft-5s", 528, 512, 1)  # any multiple of 16 without NABLA
-    validate_size("t2v-pro-sft-10s-hd", 1280, 768, 241)
 
 
 def test_markdown_lists_every_variant():

@@ -15,9 +15,10 @@ from tiny import TINY_ARCHS, make_tiny_dit_file
 require_comfy_api(module_level=True)  # before the node layer is imported
 
 from kandinsky_core import variants  # noqa: E402
-from kandinsky_core.variants import VARIANTS, validate_size  # noqa: E402
+from kandinsky_core.settings import resolve  # noqa: E402
+from kandinsky_core.variants import VARIANTS  # noqa: E402
 from nodes import web_api  # noqa: E402
-from nodes.sampler import Sampler, check_fit, check_size, resolve_settings  # noqa: E402
+from nodes.sampler import Sampler  # noqa: E402
 
 
 def _payload() -> dict:
@@ -55,23 +56,26 @@ def test_every_variant_is_served_with_its_table_numbers(models):
     "name, expected",
     [
         # by hand from the official configs (configs/k5_*.yaml) and README, not from our table
-        ("t2v-lite-sft-5s", (50, 5.0, 10.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-lite-sft-10s", (50, 5.0, 10.0, "on", 0.9, 768, 512, 241)),
-        ("t2v-lite-distilled16steps-5s", (16, 1.0, 5.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-lite-nocfg-5s", (50, 1.0, 10.0, "off", 0.0, 768, 512, 121)),
-        ("t2v-pro-sft-10s-hd", (50, 5.0, 10.0, "on", 0.7, 1280, 768, 241)),
-        ("t2v-pro-sft-5s-hd", (50, 5.0, 10.0, "on", 0.8, 1280, 768, 121)),
-        ("i2v-pro-5s-hd", (50, 5.0, 5.0, "on", 0.8, 0, 0, 121)),  # 0x0: the size of the start latent
-        ("i2i-lite", (50, 3.5, 3.0, "off", 0.0, 0, 0, 1)),
-        ("t2i-lite", (50, 3.5, 3.0, "off", 0.0, 1024, 1024, 1)),
+        ("t2v-lite-sft-5s", (50, 5.0, 10.0, None, 768, 512, 121)),
+        ("t2v-lite-sft-10s", (50, 5.0, 10.0, 0.9, 768, 512, 241)),
+        ("t2v-lite-distilled16steps-5s", (16, 1.0, 5.0, None, 768, 512, 121)),
+        ("t2v-lite-nocfg-5s", (50, 1.0, 10.0, None, 768, 512, 121)),
+        ("t2v-pro-sft-10s-hd", (50, 5.0, 10.0, 0.7, 1280, 768, 241)),
+        ("t2v-pro-sft-5s-hd", (50, 5.0, 10.0, 0.8, 1280, 768, 121)),
+        ("i2v-pro-5s-hd", (50, 5.0, 5.0, 0.8, 0, 0, 121)),  # 0x0: the size of the start latent
+        ("i2i-lite", (50, 3.5, 3.0, None, 0, 0, 1)),
+        ("t2i-lite", (50, 3.5, 3.0, None, 1024, 1024, 1)),
     ],
 )
 def test_sampler_defaults_are_the_official_settings(models, name, expected):
-    d = _payload()["variants"][name]["defaults"]
-    keys = ("steps", "guidance", "scheduler_scale", "nabla", "nabla_P", "width", "height", "length")
-    assert tuple(d[k] for k in keys) == expected
-    if d["nabla"] == "on":
-        assert (d["nabla_wT"], d["nabla_wH"], d["nabla_wW"]) == (11, 3, 3)
+    served = _payload()["variants"][name]
+    d = served["defaults"]
+    keys = ("steps", "guidance", "scheduler_scale", "width", "height", "length")
+    steps, guidance, sched, nabla_p, *size = expected
+    assert tuple(d[k] for k in keys) == (steps, guidance, sched, *size)
+    # NABLA is no Sampler widget: the Sampler takes it from the model (auto = the variant's, shown to the front end)
+    assert not any(k.startswith("nabla") for k in d)
+    assert served["nabla"] == (None if nabla_p is None else {"P": nabla_p, "wT": 11, "wH": 3, "wW": 3})
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -80,16 +84,17 @@ def test_filled_values_run_as_the_variants_own_settings(models, name):
     (0 / -1 / auto = the variant's) resolve, and pass the node's and the table's size checks."""
     v = VARIANTS[name]
     d = _payload()["variants"][name]["defaults"]
-    filled = resolve_settings(v, d["steps"], d["guidance"], d["scheduler_scale"], d["nabla"], d["nabla_P"],
-                              d["nabla_wT"], d["nabla_wH"], d["nabla_wW"])  # fmt: skip
-    assert filled == resolve_settings(v, 0, -1.0, 0.0, "auto", 0.0, 0, 0, 0)
+    has = {"has_start": v.task == "i2v", "has_edit": v.task == "i2i"}
+    filled, problems = resolve(
+        v, width=d["width"], height=d["height"], length=d["length"], steps=d["steps"], guidance=d["guidance"],
+        scheduler_scale=d["scheduler_scale"], **has,
+    )  # fmt: skip
+    assert problems == []  # NABLA auto (no Kandinsky 5 NABLA node): the variant's, and the size fits its tiles
+    assert filled == resolve(v, width=0, height=0, length=d["length"], steps=0, guidance=-1.0, scheduler_scale=0.0,
+                             **has)[0]  # fmt: skip
+    assert Sampler.validate_inputs(d["width"], d["height"], d["length"], d["guidance"], d["scheduler_scale"]) is True
     if v.task in ("i2v", "i2i"):  # 0x0: the sampler takes the input latent's size (sized from the image)
         assert (d["width"], d["height"]) == (0, 0)
-        assert Sampler.validate_inputs(0, 0, d["length"], d["nabla"], d["guidance"], d["scheduler_scale"]) is True
-        return
-    assert check_size(d["width"], d["height"], d["length"], d["nabla"] == "on") is None
-    check_fit(v, d["width"], d["height"], d["length"], v.task == "i2v", v.task == "i2i")
-    validate_size(v, d["width"], d["height"], d["length"])
 
 
 def test_dit_files_are_served_with_their_detected_variant(models, monkeypatch):

@@ -13,6 +13,7 @@ from workflow_script import load_make_workflows
 
 from kandinsky_core.errors import InputError
 from kandinsky_core.queue import ui_to_api, widget_names
+from kandinsky_core.settings import resolve
 from kandinsky_core.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,13 +173,10 @@ def test_defaults_equal_the_variants_table(name):
     assert (i["width"], i["height"]) == v.default_size and (i["width"], i["height"]) in v.resolutions
     assert i["length"] == (v.max_frames if v.is_video else 1)
     assert (i["steps"], i["guidance"], i["scheduler_scale"]) == (v.steps, v.guidance, v.scheduler_scale)
-    if v.nabla is None:
-        assert i["nabla"] == "off"
-    else:
-        assert i["nabla"] == "on"
-        assert (i["nabla_P"], i["nabla_wT"], i["nabla_wH"], i["nabla_wW"]) == (
-            v.nabla.P, v.nabla.wT, v.nabla.wH, v.nabla.wW,
-        )  # fmt: skip
+    # NABLA is the variant's (the Sampler's auto, no Kandinsky 5 NABLA node): the size fits its tiles
+    assert not any(k.startswith("nabla") for k in i) and not by_type(g, "K5Nabla")
+    assert resolve(v, width=i["width"], height=i["height"], length=i["length"], has_start=v.task == "i2v",
+                   has_edit=v.task == "i2i")[1] == []  # fmt: skip
     assert i["batch_size"] == 1 and isinstance(i["seed"], int)
     did = dit and one(g, "K5LoadDiT")[0]
     assert i["model"] == [did, 0] and enc["inputs"]["model"] == [did, 0]
@@ -231,11 +229,11 @@ def test_text_variants_have_no_image_inputs():
 def test_known_official_numbers():
     """A few values checked by hand against the official configs (independent of the table's code)."""
     s = one(api("t2v-lite-distilled16steps-5s"), "K5Sampler")[1]["inputs"]
-    assert (s["steps"], s["guidance"], s["scheduler_scale"], s["nabla"], s["length"]) == (16, 1.0, 5.0, "off", 121)
+    assert (s["steps"], s["guidance"], s["scheduler_scale"], s["length"]) == (16, 1.0, 5.0, 121)
     s = one(api("t2v-pro-sft-10s-hd"), "K5Sampler")[1]["inputs"]
-    assert (s["width"], s["height"], s["length"], s["nabla"], s["nabla_P"]) == (1280, 768, 241, "on", 0.7)
+    assert (s["width"], s["height"], s["length"]) == (1280, 768, 241)
     s = one(api("i2v-pro-5s-hd"), "K5Sampler")[1]["inputs"]
-    assert (s["scheduler_scale"], s["nabla_P"]) == (5.0, 0.8)
+    assert s["scheduler_scale"] == 5.0
     s = one(api("t2i-lite"), "K5Sampler")[1]["inputs"]
     assert (s["width"], s["height"], s["length"], s["guidance"], s["scheduler_scale"]) == (1024, 1024, 1, 3.5, 3.0)
     assert one(api("t2v-lite-nocfg-10s"), "K5Sampler")[1]["inputs"]["guidance"] == 1.0

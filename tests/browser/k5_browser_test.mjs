@@ -19,13 +19,11 @@ const FLAGS = [
 // Official numbers, by hand from the authors' configs (not from our variants table):
 // k5_lite_t2v_5s_sft_sd.yaml, k5_lite_t2v_5s_distil_sd.yaml, k5_pro_t2v_10s_sft_hd.yaml, k5_lite_t2i_sft_hd.yaml.
 const OFFICIAL = {
-  "t2v-lite-sft-5s": { steps: 50, guidance: 5, scheduler_scale: 10, nabla: "off", width: 768, height: 512, length: 121 },
-  "t2v-lite-distilled16steps-5s": { steps: 16, guidance: 1, scheduler_scale: 5, nabla: "off", length: 121 },
-  "t2v-pro-sft-10s-hd": {
-    steps: 50, guidance: 5, scheduler_scale: 10, nabla: "on", nabla_P: 0.7, nabla_wT: 11, nabla_wH: 3, nabla_wW: 3,
-    width: 1280, height: 768, length: 241,
-  },
-  "t2i-lite": { steps: 50, guidance: 3.5, scheduler_scale: 3, nabla: "off", width: 1024, height: 1024, length: 1 },
+// NABLA is no sampler widget: the sampler takes it from the model (auto = the variant's; Kandinsky 5 NABLA sets it).
+  "t2v-lite-sft-5s": { steps: 50, guidance: 5, scheduler_scale: 10, width: 768, height: 512, length: 121 },
+  "t2v-lite-distilled16steps-5s": { steps: 16, guidance: 1, scheduler_scale: 5, length: 121 },
+  "t2v-pro-sft-10s-hd": { steps: 50, guidance: 5, scheduler_scale: 10, width: 1280, height: 768, length: 241 },
+  "t2i-lite": { steps: 50, guidance: 3.5, scheduler_scale: 3, width: 1024, height: 1024, length: 1 },
 };
 
 // A small UI-format workflow (what Load / drag-and-drop take): loaders -> encode -> sampler -> decode -> SaveImage.
@@ -253,18 +251,18 @@ try {
   assert.deepEqual(await edits(), ["steps"]);
   assert.equal(s.guidance, 1);
   assert.equal(s.scheduler_scale, 5);
-  assert.equal(s.nabla, "off");
+  assert.equal(s.nabla, undefined, "the sampler has no NABLA widget");
   results.user_edit_kept = s;
 
-  // 4. Sizes that do not fit NABLA's 128-px tiles, or the variant's sizes, are flagged on the node.
+  // 4. Sizes that do not fit NABLA's 128-px tiles (the variant's NABLA: auto), or the variant's sizes, are flagged.
   await set("K5LoadDiT", "variant", "t2v-pro-sft-10s-hd");
   await set("K5Sampler", "width", 1040);
   w = await warnings();
   assert.ok(w.warnings.some((x) => /NABLA needs multiples of 128 px/.test(x) && /1024 or 1152/.test(x)), w.warnings.join("; "));
-  await set("K5Sampler", "nabla", "off");
-  w = await warnings();
-  assert.ok(!w.warnings.some((x) => /NABLA/.test(x)), "NABLA off: no tile warning");
   assert.ok(w.warnings.some((x) => /1040x768 is not a t2v-pro-sft-10s-hd size/.test(x)), w.warnings.join("; "));
+  await set("K5Sampler", "width", 1024);
+  w = await warnings();
+  assert.ok(!w.warnings.some((x) => /NABLA/.test(x)), "1024 fits the tiles: no NABLA warning");
   await set("K5Sampler", "width", 1280);
   assert.deepEqual((await warnings()).warnings, []);
   await set("K5Sampler", "length", 121);
@@ -272,7 +270,7 @@ try {
 
   // 5. Back to the runnable tiny T2V model at a tiny size: flagged (not a trained size) but queued anyway.
   await set("K5LoadDiT", "variant", "auto");
-  await setAll("K5Sampler", { width: 96, height: 64, length: 5, steps: 2, nabla: "auto" });
+  await setAll("K5Sampler", { width: 96, height: 64, length: 5, steps: 2 });
   w = await warnings();
   assert.equal(w.variant, "t2v-lite-sft-5s");
   assert.ok(w.warnings.some((x) => /96x64 is not a t2v-lite-sft-5s size/.test(x)), w.warnings.join("; "));

@@ -32,11 +32,6 @@ def sampler_inputs(width: int, height: int, length: int, seed: int, steps: int, 
         "steps": steps,
         "guidance": -1.0,
         "scheduler_scale": 0.0,
-        "nabla": "auto",
-        "nabla_P": 0.0,
-        "nabla_wT": 0,
-        "nabla_wH": 0,
-        "nabla_wW": 0,
     }
     inputs.update(extra)
     return inputs

@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 
+record: dict = {}
+
+
 def install(free_gib: float, total_gib: float, record_only: bool) -> dict:
     sys.path.insert(0, os.environ["COMFYUI_DIR"])
     sys.path.insert(0, str(REPO))
@@ -63,7 +66,7 @@ def install(free_gib: float, total_gib: float, record_only: bool) -> dict:
     mm.soft_empty_cache = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
 
-    record = {"moved": [], "moved_bytes": 0, "load_calls": []}
+    record.update({"moved": [], "moved_bytes": 0, "load_calls": []})
     real_patch = mp.ModelPatcher.patch_weight_to_device
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kw):
@@ -141,12 +144,12 @@ def vae_decode(frames: int, width: int, height: int, models: str) -> dict:
     path = Path(models) / "hunyuan_video_vae_bf16.safetensors"
     if not path.exists():
         write_full_size_vae(path)
-    (vae,) = nodes.loaders.LoadVAE().load(path.name, "bf16")
+    (vae,) = nodes.loaders.LoadVAE.execute(path.name, "bf16")
     requested = record_memory_requests(nodes)
     z = torch.zeros(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
     names = [n for n, _ in vae.patcher.model.named_parameters()]
     try:
-        nodes.vae.VAEDecode().decode(vae, {"samples": z}, "auto", 256, 64, 16, 8)
+        nodes.vae.VAEDecode.execute(vae, {"samples": z}, "auto", 256, 64, 16, 8)
         error = None
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -190,12 +193,54 @@ def text_encode(record_only: bool) -> dict:
     requested = record_memory_requests(nodes)
     names = [n for n, _ in model.patcher.model.named_parameters()]
     try:
-        nodes.text.TextEncode().encode(model, "a red fox", "", "video")
+        nodes.text.TextEncode.execute(model, "a red fox", "", "video")
         error = None
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     return {"memory_required": requested, "swaps": swaps, "error": error, "weights": names,
             "model_bytes": model.patcher.model_size()}  # fmt: skip
+
+
+def dit_partial(arch: str, activations_gib: float, blocks_on_device: int) -> dict:
+    """Where the DiT's weights are while it samples on a card too small for it, with `activations_gib` of
+    activations asked for, two ways (record-only, meta weights: sizes without the 8-70 GB):
+    - ComfyUI's own partial loading: the DiT as the loader builds it (comfy.ops.manual_cast layers) handed to
+      `comfy_glue.load` -> load_models_gpu; what it moved stays on the card, every other layer is cast to the card
+      at use (one layer, plus the next one on ComfyUI's offload stream);
+    - block swap (kandinsky_core.offload) with `blocks_on_device` visual blocks kept: the non-block layers and those
+      blocks stay on the card, the other blocks come in whole, the running one and its prefetched successor."""
+    import torch
+
+    from kandinsky_core import variants
+    from kandinsky_core.model import Kandinsky5DiT
+    from kandinsky_core.offload import block_bytes
+
+    nodes = pack()
+    v = variants.VARIANTS[{"lite": "t2v-lite-sft-5s", "pro": "t2v-pro-sft-5s-sd"}[arch]]
+    with torch.device("meta"):
+        dit = Kandinsky5DiT(v.arch, dtype=torch.bfloat16, operations=nodes.comfy_glue.dit_operations())
+    patcher = nodes.comfy_model.make_patcher(dit, v, "auto", f"{arch} (meta)")  # as Load Kandinsky 5 DiT wraps it
+    nodes.comfy_glue.load(patcher, int(activations_gib * GIB))
+    moved = set(record["moved"])
+    cast_layers = []  # bytes of each module ComfyUI casts at use (its weights were not moved)
+    for name, module in patcher.model.named_modules():
+        own = [(f"{name}.{k}", p) for k, p in module._parameters.items() if p is not None]
+        left = [p for key, p in own if key not in moved]
+        if left:
+            cast_layers.append(sum(p.numel() * p.element_size() for p in left))
+    cast_layers.sort()
+    blocks = [block_bytes(b) for b in dit.visual_transformer_blocks]
+    total = patcher.model_size()
+    swapped = blocks[blocks_on_device:]
+    return {
+        "model_bytes": total,
+        "comfy_resident": record["moved_bytes"],
+        "comfy_in_flight": sum(cast_layers[-2:]),
+        "comfy_cast_layers": len(cast_layers),
+        "swap_resident": total - sum(swapped),
+        "swap_in_flight": sum(sorted(swapped)[-2:]),
+        "block_bytes": max(blocks),
+    }
 
 
 def main() -> None:
@@ -207,6 +252,7 @@ def main() -> None:
         scenarios = {
             "vae_decode": lambda: vae_decode(int(rest[0]), int(rest[1]), int(rest[2]), rest[3]),
             "text_encode": lambda: text_encode(record_only),
+            "dit_partial": lambda: dit_partial(rest[0], float(rest[1]), int(rest[2])),
         }
         result = scenarios[scenario]()
     except Exception:

@@ -265,6 +265,7 @@ def sampler(plant: str = "") -> dict:
     from kandinsky_core.sampling import TextConditioning
     from nodes import comfy_model, text
     from nodes import sampler as sampler_node
+    from nodes.model_options import NablaSetting, with_options
 
     arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
     for name, v in list(variants.VARIANTS.items()):
@@ -294,12 +295,11 @@ def sampler(plant: str = "") -> dict:
         return TextConditioning(text_embeds=embeds, text_mask=mask, pooled=torch.randn(1, 768, generator=g))
 
     pos, neg = cond(6, 10), cond(9, 10)
-    kw = dict(width=768, height=256, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0,
-              nabla="on", nabla_P=0.0, nabla_wT=0, nabla_wH=0, nabla_wW=0)  # fmt: skip
+    kw = dict(width=768, height=256, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0)
 
-    def run(model, p, n, **over):
-        args_ = {**kw, **over}
-        return sampler_node.Sampler.execute(model, p, n, **args_)[0]["samples"]
+    def run(model, p, n, nabla="on", **over):  # NABLA as Kandinsky 5 NABLA sets it (official P and windows)
+        model = with_options(model, nabla=NablaSetting(nabla))
+        return sampler_node.Sampler.execute(model, p, n, **{**kw, **over})[0]["samples"]
 
     out: dict = {}
     ours_t2v = run(ours, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"))

@@ -93,6 +93,30 @@ def test_comfyuis_lora_loader_into_our_sampler_matches_a_hand_merged_dit(comfyui
     assert (got - want).abs().max() < 1e-3, float((got - want).abs().max())
 
 
+def test_magcache_lora_and_compile_stacked_give_the_hand_merged_dit(comfyui):
+    """our loader -> MagCache (threshold 0: every block runs) -> Load Kandinsky 5 LoRA -> Compile (eager) -> our
+    Sampler: the MODEL clones keep each other's options and the LoRA, and the latent is the hand-merged DiT's."""
+    dit = comfyui.models["dit"][T2V]
+    base = load_file(str(dit))
+    deltas = write_comfy_format_lora(comfyui.base / "models" / "loras" / "k5_stacked.safetensors", base, 6)
+    merged = {k: (v + 0.9 * deltas[k] if k in deltas else v).contiguous() for k, v in base.items()}
+    save_file(merged, str(dit.parent / "k5_lite_t2v_merged_for_stack.safetensors"))
+    g = base_graph(comfyui, T2V, "s_merged", FRAMES)
+    g["1"]["inputs"]["dit_name"] = "k5_lite_t2v_merged_for_stack.safetensors"
+    want = latent(comfyui, comfyui.run(g))
+    g = base_graph(comfyui, T2V, "s_stacked", FRAMES)
+    g["20"] = {"class_type": "K5MagCache",
+               "inputs": {"model": ["1", 0], "threshold": 0.0, "K": 2, "retention": 0.2, "ratios": ""}}
+    g["21"] = {"class_type": "K5LoadLoRA",
+               "inputs": {"model": ["20", 0], "lora_name": "k5_stacked.safetensors", "strength": 0.9}}
+    g["22"] = {"class_type": "K5Compile", "inputs": {"model": ["21", 0], "mode": "default", "backend": "eager"}}
+    g["5"]["inputs"]["model"] = ["22", 0]  # fmt: skip
+    entry = comfyui.run(g)
+    got = latent(comfyui, entry)
+    assert (got - want).abs().max() < 1e-3, float((got - want).abs().max())
+    assert "Kandinsky 5 MagCache: 0 of" in comfyui.log.read_text()  # MagCache ran (and skipped nothing)
+
+
 def test_our_lora_node_into_ksampler_t2v_matches_our_sampler(comfyui):
     """our loader -> Load Kandinsky 5 LoRA -> KSampler (T2V, euler / simple / cfg 5) equals our Sampler on the same
     LoRA'd model and seed."""

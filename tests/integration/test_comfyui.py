@@ -269,7 +269,6 @@ def execution_error(comfyui, graph: dict) -> dict:
         (dict(width=100), "width=100 must be a multiple of 16 px"),
         (dict(height=40), "height=40 must be a multiple of 16 px"),
         (dict(length=6), "length=6 frames must be 4k+1"),
-        (dict(nabla="on", width=96), "multiple of 128 px"),
     ],
 )
 def test_bad_sizes_are_refused_at_validation(comfyui, change, expected):
@@ -277,6 +276,37 @@ def test_bad_sizes_are_refused_at_validation(comfyui, change, expected):
     g["5"]["inputs"].update(change)
     errors = validation_errors(comfyui, g)
     assert "5:" in errors and expected in errors, errors
+
+
+def test_every_problem_of_the_sampler_is_reported_not_just_the_first(comfyui):
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
+    g["5"]["inputs"].update(width=100, length=6, guidance=float("nan"))
+    status, body = comfyui.queue(g)
+    assert status == 400, body
+    (details,) = {e["details"].split(" - ", 1)[1] for e in body["node_errors"]["5"]["errors"]}  # one message
+    assert details.splitlines() == [
+        "width=100 must be a multiple of 16 px between 16 and 4096. Nearest: 96 or 112.",
+        "length=6 frames must be 4k+1 (1, 5, 9, ..., 121 = 5 s, 241 = 10 s at 24 fps): the VAE packs 4 frames per "
+        "latent. Nearest: 5 or 9.",
+        "guidance=nan is not allowed: give a finite number from -1 to 30 (-1 = the variant's, 1 = no CFG).",
+    ], details
+
+
+def test_nabla_on_at_a_size_its_tiles_cannot_cover_names_the_input_and_the_fix(comfyui):
+    """NABLA is an option of the model (Kandinsky 5 NABLA), so the Sampler refuses the size when it runs, before
+    any step, with the inputs to change."""
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0,
+                      prefix="never_written")  # fmt: skip
+    mode_type = comfyui.request("/object_info/K5Nabla")[1]["K5Nabla"]["input"]["required"]["mode"][0]
+    dynamic = mode_type == "COMFY_DYNAMICCOMBO_V3"
+    tuning = {f"{'mode.' if dynamic else ''}{k}": 0 for k in ("P", "wT", "wH", "wW")}
+    g["n"] = {"class_type": "K5Nabla", "inputs": {"model": ["1", 0], "mode": "on", **tuning}}
+    g["5"]["inputs"]["model"] = ["n", 0]
+    err = execution_error(comfyui, g)
+    assert err["node_id"] == "5", err
+    message = err["exception_message"]
+    assert "width=96 must be a multiple of 128 px" in message and "height=64 must be a multiple of 128 px" in message
+    assert "or set mode to off in Kandinsky 5 NABLA" in message
 
 
 def test_vae_file_in_the_dit_loader_is_refused_at_validation(comfyui):

@@ -87,3 +87,27 @@ def test_text_encode_on_a_15_gib_card_loads_the_encoders_whole(comfy_python):
     result = fake_cuda(comfy_python, "text_encode", 15, "--record-only")
     assert result["swaps"] == []
     assert sorted(set(result["moved"])) == sorted(result["weights"]), result["load_calls"]
+
+
+@pytest.mark.parametrize(
+    "arch, free_gib, activations_gib",
+    [("lite", 2.0, 1.2), ("lite", 3.0, 1.0), ("pro", 4.5, 4.0), ("pro", 12.0, 4.0)],
+)
+def test_comfyui_partial_loading_of_the_dit_holds_less_than_block_swap_would(comfy_python, arch, free_gib,
+                                                                            activations_gib):  # fmt: skip
+    """Why the pack has no Block Swap node (ComfyUI v0.33.0 turns third-party block-swap nodes into no-ops,
+    comfy_extras/nodes_nop.py). The DiT as the loader builds it (comfy.ops.manual_cast layers) on a card too small for
+    it: ComfyUI's own partial loading keeps what fits beside the activations and casts every other layer at use. Its
+    peak (resident weights + the two largest layers in flight + activations) always fits the card, and on a card
+    smaller than block swap's floor (non-block layers + two whole blocks, even with every block swapped) ComfyUI
+    still fits: block swap never holds a peak that ComfyUI's partial loading cannot."""
+    r = fake_cuda(comfy_python, "dit_partial", free_gib, arch, activations_gib, 0, "--record-only")
+    gib = 2**30
+    comfy_peak = r["comfy_resident"] + r["comfy_in_flight"] + activations_gib * gib
+    comfy_floor = r["comfy_in_flight"]  # nothing resident: ComfyUI casts every layer at use
+    swap_floor = r["swap_resident"] + r["swap_in_flight"]  # blocks_on_device=0
+    assert r["comfy_cast_layers"] > 0, r  # the card is too small for the whole DiT: ComfyUI loaded it partially
+    assert comfy_peak <= free_gib * gib, f"{comfy_peak / gib:.2f} GiB on a {free_gib} GiB card: {r}"
+    assert comfy_floor < swap_floor, r
+    if swap_floor + activations_gib * gib > free_gib * gib:  # block swap cannot run here at all; ComfyUI does
+        assert r["comfy_resident"] < swap_floor
