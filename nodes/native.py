@@ -24,7 +24,7 @@ from typing import Any
 from kandinsky_core.errors import InputError
 from kandinsky_core.loading import nabla_variant
 from kandinsky_core.nabla import mask_density, nabla_attention_raster
-from kandinsky_core.variants import size_problem
+from kandinsky_core.settings import NABLA_TILE_PX, NABLA_WHY, raise_problems, side_problems
 
 from .model_options import options_in
 
@@ -111,11 +111,8 @@ class NativeNabla:
             params = setting.params(self.variant(width, height))
         if params is None:
             return executor(x, *args, **kwargs)
-        problem = size_problem(
-            width, height, 128, " (NABLA works on 8x8-token tiles = 128 px: resize the latent, or set NABLA off)"
-        )
-        if problem:
-            raise InputError(problem)
+        why = f"{NABLA_WHY}; resize the latent, or set NABLA off with the Kandinsky 5 NABLA node"
+        raise_problems(side_problems(width, height, NABLA_TILE_PX, why))
         stats = self.stats if self.stats is not None else {}
         options = {k: v for k, v in transformer_options.items() if k not in ("block_type", "block_index")}
         override = _VisualSelfAttention(grid, params, transformer_options.get("optimized_attention_override"), stats)

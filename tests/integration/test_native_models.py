@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # float32 noise of two implementations of the same forward at model_dim 1792 (measured 2.4e-6 dense, 2.6e-6 NABLA
 # on outputs of magnitude 5.7); NABLA changes the output by 2.2e-2 there, so the bound separates the two
@@ -82,3 +84,58 @@ def test_our_sampler_runs_comfyuis_native_model_as_it_runs_ours():
     assert r["t2v_diff"] < bound and r["i2v_diff"] < bound, r
     assert r["nabla_vs_dense"] > 1e-2, r
     assert r["bare_diff"] == 0.0, r
+
+
+def test_ksampler_graph_on_comfyuis_own_model_with_our_nabla_node_is_sparse(comfyui):
+    """Load Diffusion Model (UNETLoader) of a Lite-width, 1-block file -> Kandinsky 5 NABLA (on, official P and
+    windows) -> KSampler (2 steps, cfg 5) -> SaveLatent runs end to end in the real ComfyUI; every forward put the
+    visual self-attention through NABLA (one per visual block, logged by the patch) and visited a measured share of the
+    key blocks, well below all of them; the same graph without the NABLA node gives another latent."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    from tiny import random_state_dict
+
+    from kandinsky_core import variants
+
+    if "Kandinsky5ImageToVideo" not in comfyui.request("/object_info")[1]:
+        pytest.skip("this ComfyUI has no native Kandinsky 5 model")
+    arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=1)
+    name = "k5_lite_width_for_native_nabla.safetensors"
+    sd = {k: v.to(torch.bfloat16) for k, v in random_state_dict(arch, seed=3).items()}
+    save_file(sd, str(comfyui.base / "models" / "diffusion_models" / name))
+
+    def graph(prefix: str, nabla: bool) -> dict:
+        g = {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}},
+            "2": {"class_type": "K5TestRandomConditioning", "inputs": {"seed": 1, "tokens": 8}},
+            "3": {"class_type": "K5TestRandomConditioning", "inputs": {"seed": 2, "tokens": 6}},
+            "4": {"class_type": "EmptyHunyuanLatentVideo",
+                  "inputs": {"width": 768, "height": 256, "length": 9, "batch_size": 1}},
+            "5": {"class_type": "KSampler",
+                  "inputs": {"model": ["6", 0] if nabla else ["1", 0], "seed": 5, "steps": 2, "cfg": 5.0,
+                             "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
+                             "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+            "7": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}},
+        }  # fmt: skip
+        if nabla:  # P and the windows are the DynamicCombo's mode.P ... where ComfyUI has it
+            mode = comfyui.request("/object_info/K5Nabla")[1]["K5Nabla"]["input"]["required"]["mode"][0]
+            prefix = "mode." if mode == "COMFY_DYNAMICCOMBO_V3" else ""
+            tuning = {prefix + k: v for k, v in {"P": 0.9, "wT": 11, "wH": 3, "wW": 3}.items()}
+            g["6"] = {"class_type": "K5Nabla", "inputs": {"model": ["1", 0], "mode": "on", **tuning}}
+        return g
+
+    def saved(entry: dict) -> torch.Tensor:
+        item = entry["outputs"]["7"]["latents"][0]
+        return load_file(str(comfyui.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+    before = len(comfyui.log.read_text())
+    sparse = saved(comfyui.run(graph("native_nabla", True)))
+    log = comfyui.log.read_text()[before:]
+    visits = re.findall(r"Kandinsky 5 NABLA: (\d+) visual self-attentions sparse, (\d+) of (\d+) key blocks", log)
+    # 2 steps x (positive, negative): batched or not, every visual self-attention ran through NABLA
+    assert visits and sum(int(n) for n, _, _ in visits) >= 2, log[-3000:]
+    kept, total = sum(int(k) for _, k, _ in visits), sum(int(t) for _, _, t in visits)
+    assert 0 < kept < 0.8 * total, (kept, total)
+    dense = saved(comfyui.run(graph("native_dense", False)))
+    assert sparse.shape == dense.shape and float((sparse - dense).abs().max()) > 1e-3
