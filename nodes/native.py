@@ -227,9 +227,9 @@ def install(patcher: Any, nabla: bool = False, cache: bool = False, stats: dict 
     """`patcher` (already a clone) with our wrappers on ComfyUI's native model: NABLA (added by the NABLA node only:
     the native model stays dense unless asked) and / or the block cache, each doing what the model's Kandinsky 5
     options say on every call; idempotent."""
-    import comfy.patcher_extension
+    from .comfy_glue import diffusion_model_wrapper
 
-    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    kind = diffusion_model_wrapper()
     shapes = shapes_of(patcher)
     if nabla:
         patcher.remove_wrappers_with_key(kind, NABLA_KEY)
@@ -264,7 +264,7 @@ class NativeDiT:
         rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0), nabla: Any = None, attention_backend: Any = None,
         block_cache: Any = None,
     ) -> Any:  # fmt: skip
-        import comfy.patcher_extension
+        from .comfy_glue import diffusion_model_wrapper
 
         if text_mask is not None and not bool(text_mask.all()):
             if text_mask.shape[0] != 1 or not bool(text_mask[0].any()):
@@ -276,8 +276,7 @@ class NativeDiT:
         options: dict = {"rope_options": {"scale_t": 1 / rope_scale[0], "scale_y": 1 / rope_scale[1],
                                           "scale_x": 1 / rope_scale[2]}}  # fmt: skip
         if nabla is not None:
-            kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-            options["wrappers"] = {kind: {NABLA_KEY: [NativeNabla({}, None, params=nabla)]}}
+            options["wrappers"] = {diffusion_model_wrapper(): {NABLA_KEY: [NativeNabla({}, None, params=nabla)]}}
         if block_cache is not None:
             options["patches_replace"] = {"dit": blocks_through(block_cache, self.visual_transformer_blocks)}
         return self.network(x, timestep, text_embeds, pooled, transformer_options=options)
