@@ -87,10 +87,11 @@ def test_our_sampler_runs_comfyuis_native_model_as_it_runs_ours():
 
 
 def test_ksampler_graph_on_comfyuis_own_model_with_our_nabla_node_is_sparse(comfyui):
-    """Load Diffusion Model (UNETLoader) of a Lite-width, 1-block file -> Kandinsky 5 NABLA (on, official P and
-    windows) -> KSampler (2 steps, cfg 5) -> SaveLatent runs end to end in the real ComfyUI; every forward put the
-    visual self-attention through NABLA (one per visual block, logged by the patch) and visited a measured share of the
-    key blocks, well below all of them; the same graph without the NABLA node gives another latent."""
+    """Load Diffusion Model (UNETLoader) of a Lite-width, 1-block file -> Kandinsky 5 NABLA (on, P 0.5, windows 1;
+    on random weights the official 0.9 / 11, 3, 3 keep 93% of this small grid) -> KSampler (2 steps, cfg 5) ->
+    SaveLatent runs end to end in the real ComfyUI; every forward put the visual self-attention through NABLA (one
+    per visual block, logged by the patch) and visited a measured share of the key blocks, well below all of them;
+    the same graph without the NABLA node gives another latent."""
     import re
 
     from safetensors.torch import load_file, save_file
@@ -121,7 +122,7 @@ def test_ksampler_graph_on_comfyuis_own_model_with_our_nabla_node_is_sparse(comf
         if nabla:  # P and the windows are the DynamicCombo's mode.P ... where ComfyUI has it
             mode = comfyui.request("/object_info/K5Nabla")[1]["K5Nabla"]["input"]["required"]["mode"][0]
             prefix = "mode." if mode == "COMFY_DYNAMICCOMBO_V3" else ""
-            tuning = {prefix + k: v for k, v in {"P": 0.9, "wT": 11, "wH": 3, "wW": 3}.items()}
+            tuning = {prefix + k: v for k, v in {"P": 0.5, "wT": 1, "wH": 1, "wW": 1}.items()}
             g["6"] = {"class_type": "K5Nabla", "inputs": {"model": ["1", 0], "mode": "on", **tuning}}
         return g
 
@@ -137,5 +138,6 @@ def test_ksampler_graph_on_comfyuis_own_model_with_our_nabla_node_is_sparse(comf
     assert visits and sum(int(n) for n, _, _ in visits) >= 2, log[-3000:]
     kept, total = sum(int(k) for _, k, _ in visits), sum(int(t) for _, _, t in visits)
     assert 0 < kept < 0.8 * total, (kept, total)
+    print(f"NABLA on ComfyUI's own model in KSampler: {kept} of {total} key blocks visited ({kept / total:.1%})")
     dense = saved(comfyui.run(graph("native_dense", False)))
     assert sparse.shape == dense.shape and float((sparse - dense).abs().max()) > 1e-3
