@@ -318,6 +318,31 @@ def sampler(plant: str = "") -> dict:
     i2v_native = run(native_model, text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"),
                      start_latent={"samples": start})  # fmt: skip
     out["i2v_diff"] = float((i2v_ours - i2v_native).abs().max())
+    # a LoRA in ComfyUI's layout applied by ComfyUI's own loader (what LoraLoaderModelOnly runs) to the native model,
+    # against our loader's model of the file merged by hand; and float8 weights stored by ComfyUI's loader
+    base = random_state_dict(arch, seed=3)
+    lora_sd, gl = {}, torch.Generator().manual_seed(9)
+    for key, w in list(base.items()):
+        if key.endswith(("to_query.weight", "feed_forward.out_layer.weight")):
+            stem = "diffusion_model." + key[: -len(".weight")]
+            down, up = torch.randn(2, w.shape[1], generator=gl) * 0.05, torch.randn(w.shape[0], 2, generator=gl) * 0.05
+            lora_sd.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                            f"{stem}.alpha": torch.tensor(2.0)})  # fmt: skip
+            base[key] = w + up @ down
+    merged_path = path.with_name("kandinsky5lite_t2v_sft_5s_merged.safetensors")
+    save_file(base, str(merged_path))
+    merged_dit, _ = load_dit(merged_path, dtype=torch.float32)
+    merged = comfy_model.make_patcher(merged_dit, variant, "auto", merged_path.name)
+    native_lora, _ = comfy.sd.load_lora_for_models(native_model, None, lora_sd, 1.0, 0)
+    t2v = (text.to_conditioning(pos, "video"), text.to_conditioning(neg, "video"))
+    lora_native = run(native_lora, *t2v)
+    out["lora_diff"] = float((lora_native - run(merged, *t2v)).abs().max())
+    out["lora_effect"] = float((lora_native - native_t2v).abs().max())
+    fp8_model = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
+    fp8 = run(fp8_model, *t2v)
+    out["fp8_storage"] = str(next(fp8_model.model.diffusion_model.visual_transformer_blocks.parameters()).dtype)
+    out["fp8_diff"] = float((fp8 - native_t2v).abs().max())
+    out["fp8_finite"] = bool(torch.isfinite(fp8).all())
     out["scale"] = float(ours_t2v.abs().max())
     return out
 

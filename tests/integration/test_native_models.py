@@ -78,12 +78,16 @@ def test_our_sampler_runs_comfyuis_native_model_as_it_runs_ours():
     gives the latent it gives on Load Kandinsky 5 DiT's model of the same file: T2V with NABLA on (which moves the
     latent by 0.16, so NABLA is applied on both) and I2V with a start latent, within float32 noise (measured 3e-5 on
     latents of magnitude 51); ComfyUI's own unpadded CONDITIONING (no attention_mask) gives the same latent as ours
-    with padding and a mask."""
+    with padding and a mask; a LoRA loaded by ComfyUI's loader and float8 weights stored by ComfyUI's loader apply."""
     r = run_check("", "sampler")
     bound = 1e-6 * r["scale"] * 10  # relative float32 noise of 3 steps through two implementations
     assert r["t2v_diff"] < bound and r["i2v_diff"] < bound, r
     assert r["nabla_vs_dense"] > 1e-2, r
     assert r["bare_diff"] == 0.0, r
+    # a LoRA applied by ComfyUI's own loader to its model equals our loader's model of the hand-merged file
+    assert r["lora_diff"] < bound and r["lora_effect"] > 1.0, r
+    # float8 weights stored by ComfyUI's loader run (measured 4.7 from the float32 run on latents of magnitude 51)
+    assert r["fp8_storage"] == "torch.float8_e4m3fn" and r["fp8_finite"] and 0 < r["fp8_diff"] < 0.25 * r["scale"], r
 
 
 def test_ksampler_graph_on_comfyuis_own_model_with_our_nabla_node_is_sparse(comfyui):
