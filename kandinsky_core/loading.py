@@ -7,7 +7,7 @@ to recognise. What every weights reader shares (headers, prefixes, fp8, "what is
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,3 +296,55 @@ def load_dit(
         # not in the state dict: the model keeps the checkpoint's keys; layers multiply it back at use
         model.get_submodule(name.rsplit(".", 1)[0]).register_buffer("weight_scale", scale, persistent=False)
     return model.eval().requires_grad_(False), v
+
+
+def nabla_variant(header_or_shapes: Mapping, width: int, height: int) -> tuple[Variant, str]:
+    """NABLA "auto" for a DiT known only by its tensors (ComfyUI's own loader keeps no variant): the variant whose
+    official NABLA applies at width x height px, and a sentence saying which it took. Among the variants with these
+    tensors it prefers one trained at that size, then a NABLA-trained one (the 10 s / HD checkpoints share their
+    tensors with dense 5 s / SD ones, so a NABLA patch means the NABLA-trained one), then the longest, then sft."""
+    det = detect_variant(header_or_shapes)
+    cands = [get_variant(n) for n in det.candidates]
+    best = max(
+        cands, key=lambda v: ((width, height) in v.resolutions, v.nabla is not None, v.max_frames, v.stage == "sft")
+    )
+    n = best.nabla
+    what = f"P={n.P:g}, windows wT={n.wT} wH={n.wH} wW={n.wW}" if n else "dense attention (trained without NABLA)"
+    others = [c.name for c in cands if c.name != best.name]
+    note = f"; the same tensors fit {', '.join(others)}: set NABLA on / off to choose" if others else ""
+    return best, f"NABLA auto took {best.name} ({best.title}) at {width}x{height} px: {what}{note}"
+
+
+def variant_for_run(header_or_shapes: Mapping, frames: int, image: str | None = None) -> tuple[Variant, str]:
+    """The variant whose settings apply to a run of a DiT known only by its tensors (ComfyUI's own loader keeps no
+    file name or variant): `frames` frames, `image` "start" (I2V), "edit" (I2I) or None. Among the variants with these
+    tensors it takes the task the inputs say, then one whose length fits (5 s before 10 s), then sft; and a
+    sentence saying which it took and what else the tensors fit."""
+    det = detect_variant(header_or_shapes)
+    cands = [get_variant(n) for n in det.candidates]
+    task = {"start": "i2v", "edit": "i2i"}.get(image or "")
+
+    def score(v: Variant) -> tuple:
+        fits_task = v.task == task if task else v.task in ("t2v", "t2i")
+        return (fits_task, frames <= v.max_frames, -v.max_frames, v.stage == "sft")
+
+    best = max(cands, key=score)
+    others = [c.name for c in cands if c.name != best.name]
+    note = f" (the same tensors fit {', '.join(others)})" if others else ""
+    return best, f"took {best.name} ({best.title}) for {frames} frame(s){note}"
+
+
+def magcache_variant(header_or_shapes: Mapping, with_ratios: Iterable[str]) -> tuple[Variant, str]:
+    """For MagCache's official ratios on a DiT known only by its tensors: among the variants with these tensors that
+    have ratios (`with_ratios`), an sft one, the longest (the Lite 5 s and 10 s sft ratios differ by under 1%); and a
+    sentence saying which it took. WeightsError when none of them has ratios."""
+    det = detect_variant(header_or_shapes)
+    names = set(with_ratios)
+    cands = [get_variant(n) for n in det.candidates if n in names]
+    if not cands:
+        raise WeightsError(
+            f"ratios: the model is {', '.join(det.candidates)} by its tensors, and none of them has official MagCache "
+            "ratios. Calibrate them with Kandinsky 5 MagCache Calibrate and paste them into ratios."
+        )
+    best = max(cands, key=lambda v: (v.stage == "sft", v.max_frames))
+    return best, f"MagCache took the official ratios of {best.name} ({best.title})"

@@ -392,3 +392,33 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, backend: str | None, return_mask: bo
 
     out = attention(q, k, v, backend=backend)
     return (out, None) if return_mask else out
+
+
+def nabla_attention_raster(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int, int],
+    params: NablaParams,
+    *,
+    executor: str = "auto",
+    return_mask: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """NABLA self-attention on q, k, v [B, S, H, D] in raster (t, h, w) order, the order of models that never tile
+    their tokens (ComfyUI's native Kandinsky 5). The rows are moved into tile order, attended by `nabla_attention`
+    and moved back. Attention is permutation-equivariant when q, k and v move together, so this equals NABLA inside
+    a model that keeps its tokens tiled (ours) for the same q, k, v after RoPE; the block mask (returned with
+    return_mask) is the same, in tile order."""
+    res = nabla_attention(
+        tile_tokens(q, grid), tile_tokens(k, grid), tile_tokens(v, grid), grid, params,
+        executor=executor, return_mask=True, backend=backend,
+    )  # fmt: skip
+    out, mask = res
+    out = untile_tokens(out, grid)
+    return (out, mask) if return_mask else out
+
+
+def mask_density(block_mask: Tensor) -> tuple[int, int]:
+    """(selected, total) (query block, key block) pairs of a [B, H, N, N] block mask: how sparse NABLA ran."""
+    return int(block_mask.sum()), block_mask.numel()

@@ -212,7 +212,6 @@ def _progress_callback(steps: int, enabled: bool) -> tuple[Callable[[int, int, T
     return (lambda i, n, x: bar.update(1)), bar
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Runtime:
     """How a run uses the machine, shared by its stages (see `run` for each field)."""
@@ -232,6 +231,7 @@ class Runtime:
     compile: bool = False
 
 
+@torch.no_grad()
 def run(
     request: Request,
     models: ModelPaths,

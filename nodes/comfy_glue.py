@@ -299,3 +299,10 @@ def _lora_adapter_class() -> type:
             return weight
 
     return Kandinsky5LoraAdapter
+
+
+def diffusion_model_wrapper() -> str:
+    """ComfyUI's wrapper kind around a diffusion model's forward (what nodes/native.py's patches register as)."""
+    import comfy.patcher_extension
+
+    return comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL

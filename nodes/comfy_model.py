@@ -248,7 +248,7 @@ def describe(model: Any) -> str:
 
 def k5_model(model: Any, label: str = "model") -> Any:
     """The Kandinsky5Model behind a MODEL link (a ModelPatcher made by Load Kandinsky 5 DiT); InputError naming what
-    came instead and what to load."""
+    came instead and what to load (the Kandinsky 5 Sampler also takes ComfyUI's own model: `run_model`)."""
     inner = getattr(model, "model", None)
     if inner is not None and isinstance(inner, model_class()):
         return inner
@@ -256,3 +256,14 @@ def k5_model(model: Any, label: str = "model") -> Any:
         f"{label} is {describe(model)}. This node runs the Kandinsky 5 DiT loaded by {LOADER_NODE}: load the "
         f"Kandinsky 5 .safetensors from models/diffusion_models with {LOADER_NODE} and connect its MODEL output."
     )
+
+
+def run_model(model: Any, frames: int, image: str | None = None) -> Any:
+    """What the Kandinsky 5 Sampler runs: the Kandinsky5Model of Load Kandinsky 5 DiT, or, for ComfyUI's own Kandinsky
+    5 model (core's Load Diffusion Model), a `native.NativeKandinsky5` whose variant suits `frames` and `image`
+    ("start" / "edit" / None); InputError for any other model."""
+    from . import native
+
+    if native.is_native(model):
+        return native.NativeKandinsky5(model, frames, image)
+    return k5_model(model)

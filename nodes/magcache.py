@@ -12,6 +12,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
+from kandinsky_core.loading import magcache_variant
 from kandinsky_core.magcache import (
     DEFAULT_K,
     DEFAULT_RETENTION,
@@ -22,7 +23,7 @@ from kandinsky_core.magcache import (
     MagCalibration,
 )
 
-from . import comfy_glue, comfy_model
+from . import comfy_glue, comfy_model, native
 from .common import CATEGORY, fail
 from .model_options import with_options
 
@@ -100,7 +101,9 @@ class MagCacheNode(io.ComfyNode):
             description="MagCache for the Kandinsky 5 Sampler: at steps where the visual blocks' residual is "
             "predictable from the last computed one (magnitude ratios calibrated per model), the blocks are skipped "
             "and the cached residual reused; about 1.5-2x faster sampling. Official ratios exist for Lite and Pro "
-            "sft / no-CFG video and Image Lite; calibrate others with Kandinsky 5 MagCache Calibrate.",
+            "sft / no-CFG video and Image Lite; calibrate others with Kandinsky 5 MagCache Calibrate. Works in "
+            "KSampler too on ComfyUI's own Kandinsky 5 model (Load Diffusion Model; official ratios from its tensors, "
+            "logged).",
             inputs=[
                 io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01, tooltip=
@@ -133,6 +136,10 @@ class MagCacheNode(io.ComfyNode):
     def execute(cls, model, threshold, K, retention, ratios) -> io.NodeOutput:
         with fail("Kandinsky 5 MagCache"):
             values = parse_ratios(ratios)
+            if values is None and native.is_native(model):
+                variant, said = magcache_variant(native.shapes_of(model), OFFICIAL_MAG_RATIOS)
+                comfy_glue.log.info("Kandinsky 5 MagCache on ComfyUI's own model: %s", said)
+                values = OFFICIAL_MAG_RATIOS[variant.name]
             if values is None:
                 name = comfy_model.k5_model(model).variant.name
                 if name not in OFFICIAL_MAG_RATIOS:
@@ -143,7 +150,7 @@ class MagCacheNode(io.ComfyNode):
                     )
                 values = OFFICIAL_MAG_RATIOS[name]
             params = MagCacheParams(values, threshold=threshold, K=K, retention=retention)
-            return io.NodeOutput(with_options(model, block_cache=MagCacheSetting(params)))
+            return io.NodeOutput(native.patched(with_options(model, block_cache=MagCacheSetting(params)), cache=True))
 
 
 class MagCacheCalibrate(io.ComfyNode):
@@ -155,7 +162,8 @@ class MagCacheCalibrate(io.ComfyNode):
             category=f"{CATEGORY}/speed",
             description="Measures this model's MagCache ratios during one full Kandinsky 5 Sampler run (nothing is "
             "skipped) and writes them to the output folder as JSON, for Kandinsky 5 MagCache's ratios. Use the step "
-            "count, guidance and a size you will generate with.",
+            "count, guidance and a size you will generate with. On ComfyUI's own Kandinsky 5 model KSampler's run "
+            "is measured too.",
             inputs=[
                 io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.String.Input("filename_prefix", default="kandinsky5_magcache", tooltip=
@@ -182,4 +190,5 @@ class MagCacheCalibrate(io.ComfyNode):
             problem = cls.validate_inputs(filename_prefix)
             if problem is not True:
                 raise InputError(problem)
-            return io.NodeOutput(with_options(model, block_cache=CalibrationSetting(filename_prefix)))
+            patched = with_options(model, block_cache=CalibrationSetting(filename_prefix))
+            return io.NodeOutput(native.patched(patched, cache=True))

@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from kandinsky_core.settings import NABLA_MODES, NablaChoice, raise_problems
 
+from . import native
 from .common import CATEGORY, fail
 from .model_options import with_options
 
@@ -64,10 +65,14 @@ class Nabla(io.ComfyNode):
             node_id="K5Nabla",
             display_name="Kandinsky 5 NABLA",
             category=f"{CATEGORY}/speed",
-            description="NABLA sparse attention for the Kandinsky 5 Sampler (the official block-sparse attention of "
-            "the 10 s and HD variants: each block of tokens attends to the blocks holding most of its attention plus "
-            "a sliding neighbourhood). Without this node the Sampler uses auto.",
-            inputs=[io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
+            description="NABLA sparse attention (the official block-sparse attention of the 10 s and HD variants: "
+            "each block of tokens attends to the blocks holding most of its attention plus a sliding neighbourhood), "
+            "for the Kandinsky 5 Sampler and, on ComfyUI's own Kandinsky 5 model (Load Diffusion Model), for KSampler "
+            "and SamplerCustomAdvanced too (exact: the tokens are put in NABLA's tile order inside the attention and "
+            "back; auto takes the variant from the model's tensors and logs which). Without this node the Sampler "
+            "uses auto and ComfyUI's own model stays dense.",
+            inputs=[io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT or ComfyUI's Load "
+                                   "Diffusion Model, a LoRA loader or an option node."),
                     *mode_inputs()],
             outputs=[io.Model.Output(display_name="model", tooltip=
                                    "The same DiT (a clone: the input keeps its options); the Kandinsky 5 Sampler uses "
@@ -90,4 +95,4 @@ class Nabla(io.ComfyNode):
     def apply(cls, model: Any, setting: NablaChoice) -> io.NodeOutput:
         with fail("Kandinsky 5 NABLA"):
             raise_problems(setting.problems())
-            return io.NodeOutput(with_options(model, nabla=setting))
+            return io.NodeOutput(native.patched(with_options(model, nabla=setting), nabla=True))

@@ -45,11 +45,17 @@ class Sampler(io.ComfyNode):
             category=f"{CATEGORY}/sampling",
             description="Generates a Kandinsky 5 video or image latent: flow-matching Euler sampling with "
             "classifier-free guidance, NABLA sparse attention where the variant uses it (or as Kandinsky 5 NABLA "
-            "sets it), a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's official setting.",
+            "sets it), a start image (I2V) or an edit image (I2I). 0 / -1 mean the variant's official setting. It "
+            "also runs ComfyUI's own Kandinsky 5 model (Load Diffusion Model, with ComfyUI's LoRA and fp8 weights; the "
+            "variant is taken from its tensors and the run, and logged) and takes ComfyUI's Kandinsky 5 text encode. "
+            "Note: ComfyUI's text encoder corrects the official video template's spelling ('promt engineer' -> "
+            "'prompt engineer'); the DiT was trained with the misspelt template, which Kandinsky 5 Text Encode keeps.",
             inputs=[
-                io.Model.Input("model", tooltip="A Kandinsky 5 DiT: from Load Kandinsky 5 DiT, a LoRA loader (ours or "
-                               "ComfyUI's) or a Kandinsky 5 option node (NABLA, MagCache, Compile)."),
-                io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode."),
+                io.Model.Input("model", tooltip="A Kandinsky 5 DiT: from Load Kandinsky 5 DiT or ComfyUI's Load "
+                               "Diffusion Model, a LoRA loader (ours or ComfyUI's) or a Kandinsky 5 option node "
+                               "(NABLA, MagCache, Compile)."),
+                io.Conditioning.Input("positive", tooltip="The prompt, from Kandinsky 5 Text Encode (or ComfyUI's "
+                                      "CLIPTextEncodeKandinsky5, whose video template differs: see the description)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (ignored when guidance is 1)."),
                 io.Int.Input("width", default=768, min=0, max=MAX_SIZE, step=16, tooltip=
                              "Width in pixels: a multiple of 16 (128 when NABLA is on). Lite/Pro SD: 768x512, 512x512, "
@@ -104,7 +110,8 @@ class Sampler(io.ComfyNode):
         from kandinsky_core.sampling import sample as run_sampler
 
         with fail("Kandinsky 5 Sampler"):
-            k5 = comfy_model.k5_model(model)
+            image = "start" if start_latent is not None else "edit" if edit_latent is not None else None
+            k5 = comfy_model.run_model(model, length, image)
             v = k5.variant
             width, height = follow_size(v, width, height, start_latent if start_latent is not None else edit_latent)
             options = options_of(model)  # from the option nodes (NABLA, MagCache, Compile); nothing else is read
@@ -129,7 +136,13 @@ class Sampler(io.ComfyNode):
             )  # fmt: skip
             cfg = uncond is not None
             text_len = max(cond.text_embeds.shape[1], uncond.text_embeds.shape[1] if cfg else 0)
-            estimate = memory_estimate(model, batch_size, *shape[2:], cfg, text_len, s.nabla)
+            estimate = k5.memory_estimate((batch_size, 16, *shape[2:]), text_len, cfg, s.nabla)
+            if k5 is not getattr(model, "model", None) and options.compile:
+                raise InputError(
+                    "model: Kandinsky 5 Compile works on Load Kandinsky 5 DiT's model; ComfyUI's own Kandinsky 5 model "
+                    "(Load Diffusion Model) has ComfyUI's TorchCompileModel node. Remove Kandinsky 5 Compile, or load "
+                    "the DiT with Load Kandinsky 5 DiT."
+                )
             problem = comfy_model.scaled_weight_patch_problem(model)
             if problem:
                 raise InputError(problem)

@@ -54,7 +54,8 @@ def to_conditioning(c: TextConditioning, template: str) -> list:
 
 
 def from_conditioning(conditioning: list, label: str) -> TextConditioning:
-    """The first entry of a CONDITIONING made by Kandinsky 5 Text Encode."""
+    """The first entry of a CONDITIONING made by Kandinsky 5 Text Encode, or by ComfyUI's own Kandinsky 5 text encode
+    (CLIPTextEncodeKandinsky5: no padding, so no mask needed)."""
     try:
         embeds, extra = conditioning[0][0], conditioning[0][1]
         pooled = extra["pooled_output"]
@@ -64,7 +65,9 @@ def from_conditioning(conditioning: list, label: str) -> TextConditioning:
             "Connect the output of Kandinsky 5 Text Encode."
         ) from None
     mask = extra.get("attention_mask")
-    if mask is None or embeds.ndim != 3 or pooled.ndim != 2:
+    if mask is None and embeds.ndim == 3:  # ComfyUI's CLIPTextEncodeKandinsky5: unpadded, every token real
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
+    if embeds.ndim != 3 or pooled.ndim != 2 or mask.shape != embeds.shape[:2]:
         raise InputError(
             f"{label} has shapes {tuple(embeds.shape)} / {tuple(pooled.shape)}: it was made by another text encoder. "
             "Connect the output of Kandinsky 5 Text Encode."

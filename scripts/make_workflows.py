@@ -42,6 +42,9 @@ NODE_TYPES = (
     "K5LoadDiT", "K5LoadTextEncoders", "K5LoadVAE", "K5TextEncode",
     "K5PromptExpansion", "K5Sampler", "K5VAEDecode", "K5VAEEncode",
     "LoadImage", "SaveImage", "CreateVideo", "SaveVideo",
+    # the workflow for ComfyUI's own Kandinsky 5 model (native_workflow)
+    "UNETLoader", "DualCLIPLoader", "CLIPTextEncodeKandinsky5", "VAELoader", "VAEDecode", "EmptyHunyuanLatentVideo",
+    "KSampler", "K5Nabla", "K5MagCache",
 )  # fmt: skip
 
 SEED = 42
@@ -273,6 +276,81 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     return g.workflow()
 
 
+NATIVE = WORKFLOWS / "native"  # not in the template browser's list (it numbers one workflow per variant)
+NATIVE_VARIANT = "t2v-lite-sft-10s"
+
+
+def native_name() -> str:
+    v = VARIANTS[NATIVE_VARIANT]
+    width, height = v.default_size
+    return f"Kandinsky 5 - {v.title} {width}x{height} - ComfyUI loaders and KSampler with NABLA and MagCache"
+
+
+def native_note() -> str:
+    v = VARIANTS[NATIVE_VARIANT]
+    names = model_names(v)
+    return "\n".join([
+        f"# {describe(v)}, with ComfyUI's own nodes",
+        "",
+        "ComfyUI's **Load Diffusion Model**, **DualCLIPLoader** (type kandinsky5), **CLIPTextEncodeKandinsky5**, "
+        "**KSampler** and **VAE Decode**, with two patches of this pack on the model:",
+        "",
+        "- **Kandinsky 5 NABLA** (auto: the Lite 10 s model's official sparse attention, P 0.9, windows 11 / 3 / 3; "
+        "exact, and several times faster than dense attention at this length). Width and height: multiples of 128.",
+        "- **Kandinsky 5 MagCache** (the official ratios of the model: about half of the DiT calls reuse a cached "
+        "residual).",
+        "",
+        f"Files: `diffusion_models/{names['dit']}`, `text_encoders/{names['qwen']}`, `text_encoders/{names['clip']}`, "
+        f"`vae/{names['vae']}` (`python -m kandinsky_core download --variant {v.name}` fetches them).",
+        "",
+        "Differences from the Kandinsky 5 Sampler workflow: ComfyUI's text encoder spells the official video "
+        "template's 'promt engineer' as 'prompt engineer' (the model was trained with the former; Kandinsky 5 Text "
+        "Encode keeps it), and ComfyUI's VAE Decode is not the official decoder on moving video (Kandinsky 5 VAE "
+        "Decode is).",
+    ]) + "\n"  # fmt: skip
+
+
+def native_workflow(object_info: dict) -> tuple[dict, dict]:
+    """The UI workflow for users of ComfyUI's own Kandinsky 5 model, and its API twin."""
+    v = VARIANTS[NATIVE_VARIANT]
+    names = model_names(v)
+    width, height = v.default_size
+    negative = video_negative()
+    g = Graph(object_info)
+    note = g.add("MarkdownNote", (-520, 0), (480, 640), [native_note()], title="Model links")
+    note.update({"color": "#222", "bgcolor": "#000", "properties": {}})
+    unet = g.add("UNETLoader", (0, 0), (340, 90), [names["dit"], "default"])
+    clip = g.add("DualCLIPLoader", (0, 140), (340, 130), [names["qwen"], names["clip"], "kandinsky5", "default"])
+    vae = g.add("VAELoader", (0, 320), (340, 60), [names["vae"]])
+    nabla = g.add("K5Nabla", (380, 0), (320, 60), ["auto"])
+    cache = g.add("K5MagCache", (380, 110), (320, 160), [0.12, 2, 0.2, ""])
+    pos = g.add("CLIPTextEncodeKandinsky5", (380, 320), (400, 200), [PROMPTS["t2v"], PROMPTS["t2v"]], title="Positive")
+    neg = g.add("CLIPTextEncodeKandinsky5", (380, 560), (400, 200), [negative, negative], title="Negative")
+    empty = g.add("EmptyHunyuanLatentVideo", (820, 320), (320, 130), [width, height, v.max_frames, 1])
+    sampler = g.add("KSampler", (820, 0), (320, 270),
+                    [SEED, "randomize", v.steps, v.guidance, "euler", "simple", 1.0])  # fmt: skip
+    decode = g.add("VAEDecode", (1180, 0), (220, 50), [])
+    video = g.add("CreateVideo", (1440, 0), (270, 100), [float(FPS), 8])
+    save = g.add("SaveVideo", (1750, 0), (420, 460), [f"kandinsky5/native-{v.name}", *MP4])
+    g.link(unet, 0, nabla, "model")
+    g.link(nabla, 0, cache, "model")
+    g.link(cache, 0, sampler, "model")
+    g.link(clip, 0, pos, "clip")
+    g.link(clip, 0, neg, "clip")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(empty, 0, sampler, "latent_image")
+    g.link(sampler, 0, decode, "samples")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, video, "images")
+    g.link(video, 0, save, "video")
+    unet["properties"]["models"] = [model_entries(v)["K5LoadDiT"][0]]
+    clip["properties"]["models"] = model_entries(v)["K5LoadTextEncoders"]
+    vae["properties"]["models"] = model_entries(v)["K5LoadVAE"]
+    workflow = g.workflow()
+    return workflow, ui_to_api(workflow, object_info)
+
+
 def dump(data: dict) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
@@ -353,6 +431,9 @@ def expected_files(object_info: dict) -> dict[Path, str]:
         ui = build_ui(v, object_info)
         files[WORKFLOWS / f"{template_name(v)}.json"] = dump(ui)
         files[API / f"{v.name}.json"] = dump(ui_to_api(ui, object_info))
+    ui, api = native_workflow(object_info)
+    files[NATIVE / f"{native_name()}.json"] = dump(ui)
+    files[NATIVE / "api" / f"native-{NATIVE_VARIANT}.json"] = dump(api)
     return files
 
 
@@ -384,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     thumbs = expected_thumbnails()
     present = set(WORKFLOWS.glob("*.json")) | set(API.glob("*.json")) | set(WORKFLOWS.glob("*.jpg"))
     present |= set(WORKFLOWS.glob("*.webp")) | set(WORKFLOWS.glob("*.png"))
+    present |= set(NATIVE.glob("*.json")) | set(NATIVE.glob("api/*.json"))
     stale = sorted(str(f.relative_to(REPO)) for f, text in files.items() if not f.is_file() or f.read_text() != text)
     stale_thumbs = sorted(str(f.relative_to(REPO)) for f, v in thumbs.items() if not thumbnail_is_current(f, v))
     stale = sorted(stale + stale_thumbs)
@@ -399,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(files) + len(thumbs)} workflow files are up to date.")
         return 0
     API.mkdir(parents=True, exist_ok=True)
+    (NATIVE / "api").mkdir(parents=True, exist_ok=True)
     for f, text in files.items():
         f.write_text(text)
     for f, v in thumbs.items():

@@ -347,9 +347,18 @@ def test_conditioning_round_trip_and_foreign_conditioning():
     back = text.from_conditioning(text.to_conditioning(c, "video"), "positive")
     assert torch.equal(back.text_embeds, c.text_embeds) and torch.equal(back.pooled, c.pooled)
     assert torch.equal(back.text_mask, c.text_mask)
+    # ComfyUI's own Kandinsky 5 conditioning (no mask, every token real) is taken; another model's is refused by
+    # its widths before sampling, naming the input and the files that fit
+    native = text.from_conditioning([[torch.zeros(1, 9, 3584), {"pooled_output": torch.zeros(1, 768)}]], "positive")
+    assert native.text_mask.all() and native.text_mask.shape == (1, 9)
     sdxl_style = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    c = text.from_conditioning(sdxl_style, "negative")
+    from kandinsky_core.settings import text_width_problem
+
+    problem = text_width_problem("t2v-lite-sft-5s", "negative", c.text_embeds.shape[-1], c.pooled.shape[-1])
+    assert problem.input == "negative" and "2048 (Qwen) / 1280 (CLIP)" in problem.message
     with pytest.raises(InputError, match="negative.*Kandinsky 5 Text Encode"):
-        text.from_conditioning(sdxl_style, "negative")
+        text.from_conditioning([[torch.zeros(1, 77, 2048), {}]], "negative")
     with pytest.raises(InputError, match="template is auto but no model"):
         text.pick_template("auto", None)
     assert text.pick_template("image", None) == ("image", 512)

@@ -444,3 +444,29 @@ def test_dynamic_combos_map_to_dotted_inputs_as_comfyui_expects():
     assert got["4"]["inputs"] == {"filename_prefix": "k5/v", "format": "mp4", "format.codec": "h264"}
     got = ui_to_api({"nodes": [node(4, "SaveVideo", ["k5/v", "webm"])], "links": []}, info)
     assert got["4"]["inputs"] == {"filename_prefix": "k5/v", "format": "webm"}
+
+
+def test_native_workflow_runs_comfyuis_own_model_through_our_nabla_and_magcache_into_ksampler():
+    """workflows/native/: ComfyUI's Load Diffusion Model -> Kandinsky 5 NABLA (auto) -> Kandinsky 5 MagCache ->
+    KSampler with the Lite 10 s file and its official steps, guidance and length; ComfyUI's text encoder and VAE; the
+    UI file's widgets are the twin's values (validated by a live v0.33.0 ComfyUI: only the model files were missing)."""
+    v = VARIANTS[SCRIPT.NATIVE_VARIANT]
+    ui = json.loads((WORKFLOWS / "native" / f"{SCRIPT.native_name()}.json").read_text())
+    api = json.loads((WORKFLOWS / "native" / "api" / f"native-{v.name}.json").read_text())
+    ((u, unet),) = by_type(api, "UNETLoader")
+    ((n, nabla),) = by_type(api, "K5Nabla")
+    ((c, cache),) = by_type(api, "K5MagCache")
+    ((_, ks),) = by_type(api, "KSampler")
+    assert unet["inputs"]["unet_name"] == Path(v.hf_filename).name
+    assert nabla["inputs"] == {"model": [u, 0], "mode": "auto"} and cache["inputs"]["model"] == [n, 0]
+    assert ks["inputs"]["model"] == [c, 0]
+    assert (ks["inputs"]["steps"], ks["inputs"]["cfg"]) == (v.steps, v.guidance)
+    ((_, empty),) = by_type(api, "EmptyHunyuanLatentVideo")
+    assert (empty["inputs"]["width"], empty["inputs"]["height"], empty["inputs"]["length"]) == (
+        *v.default_size,
+        v.max_frames,
+    )
+    kinds = [node["type"] for node in ui["nodes"]]
+    assert sorted(k for k in kinds if k != "MarkdownNote") == sorted(n["class_type"] for n in api.values())
+    widgets = {node["type"]: node["widgets_values"] for node in ui["nodes"]}
+    assert widgets["K5Nabla"] == ["auto"] and widgets["KSampler"][2:4] == [v.steps, v.guidance]

@@ -25,7 +25,28 @@ import logging
 import os
 import sys
 
-NODE_CLASS_MAPPINGS: dict = {}
+
+class RandomConditioning:
+    """A CONDITIONING of random Qwen-width embeddings and a pooled CLIP vector, as ComfyUI's own Kandinsky 5 text
+    encode gives (unpadded, no mask): ComfyUI's native model at real width needs 3584-wide text, which the tests' tiny
+    text encoders do not give."""
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's V1 API)
+        return {"required": {"seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 8, "min": 1})}}
+
+    def make(self, seed, tokens):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, 3584, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]],)
+
+
+NODE_CLASS_MAPPINGS: dict = {"K5TestRandomConditioning": RandomConditioning}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 _spec = os.environ.get("K5_TINY_VARIANTS")
