@@ -199,8 +199,8 @@ def _magcache(args: argparse.Namespace, variant):
         OFFICIAL_MAG_RATIOS,
         MagCacheParams,
         MagCalibration,
+        read_mag_ratios,
     )
-    from .pipeline import read_mag_ratios
 
     tuning = {"--magcache-threshold": args.magcache_threshold, "--magcache-k": args.magcache_k,
               "--magcache-retention": args.magcache_retention, "--magcache-ratios": args.magcache_ratios}  # fmt: skip
@@ -318,7 +318,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     _write_or_rescue(frames_out, output, args.overwrite)
     if calibration_file is not None:
-        from .pipeline import mag_ratios_json
+        from .magcache import mag_ratios_json
 
         calibration_file.parent.mkdir(parents=True, exist_ok=True)
         calibration_file.write_text(mag_ratios_json(magcache, request))

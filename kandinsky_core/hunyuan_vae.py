@@ -8,7 +8,8 @@ Numerically this is diffusers' AutoencoderKLHunyuanVideo; weights load from eith
 
 The networks and the config are in hunyuan_vae_layers.py (importable from here too). Our parameter names follow the
 original latent-diffusion layout ComfyUI uses (`encoder.down.{i}.block.{j}`, `mid.attn_1`, `norm_out`), with the
-attention projections as linear layers (2D weights).
+attention projections as linear layers (2D weights). This file stays a little over 500 lines on purpose: the tiled
+decode, its memory plan and the loader share the VAE's config and are read together when memory is the question.
 """
 
 import copy

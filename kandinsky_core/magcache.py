@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -345,3 +346,41 @@ class MagCalibration:
                 "least 2 steps first."
             )
         return tuple(self.measured.get((step, branch), 0.0) for step in range(1, self.steps) for branch in (0, 1))
+
+
+def read_mag_ratios(text: str, source: str) -> tuple[float, ...]:
+    """MagCache ratios from JSON text: a list of numbers, or an object with a "ratios" list (what a calibration run
+    writes). `source` names where the text came from, for the error message."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(
+            f"{source} is not valid JSON ({e}). Give the file a calibration run wrote (generate --calibrate-magcache "
+            "FILE.json), or a JSON list of numbers."
+        ) from None
+    ratios = data.get("ratios") if isinstance(data, dict) else data
+    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
+        raise InputError(
+            f'{source} holds no MagCache ratios: expected a JSON list of numbers, or an object with a "ratios" '
+            "list ([positive, negative] per step from step 1), as written by generate --calibrate-magcache."
+        )
+    return MagCacheParams(tuple(ratios)).ratios
+
+
+def mag_ratios_json(calibration: MagCalibration, request: Any) -> str:
+    """The JSON a calibration run writes: the measured ratios and what they were measured with (`request`: a
+    pipeline.Request)."""
+    import json
+
+    return json.dumps(
+        {
+            "variant": request.variant.name,
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "size": [request.width, request.height, request.frames],
+            "ratios": list(calibration.ratios()),
+        },
+        indent=1,
+    )

@@ -22,7 +22,7 @@ from .media import image_size, read_image, resize, resize_center_crop, to_uint8_
 from .settings import CLI_WORDING, NablaChoice, Problem, raise_problems, resolve, uses_cfg
 from .variants import Variant, crops_input_image, encode_template, get_variant, size_for_image
 
-__all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device", "read_mag_ratios"]
+__all__ = ["ModelPaths", "Request", "resolve_request", "generate", "run", "pick_device"]
 
 # t2v_pipeline.py / i2v_pipeline.py __call__ default; the image pipelines default to "".
 VIDEO_NEGATIVE = (
@@ -409,43 +409,6 @@ def _block_cache(magcache: Any) -> Any:
     raise InputError(
         f"magcache={magcache!r:.60} is not allowed: pass MagCacheParams (e.g. MagCacheParams.for_variant(variant)), a "
         "MagCalibration, or None."
-    )
-
-
-def read_mag_ratios(text: str, source: str) -> tuple[float, ...]:
-    """MagCache ratios from JSON text: a list of numbers, or an object with a "ratios" list (what a calibration run
-    writes). `source` names where the text came from, for the error message."""
-    import json
-
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise InputError(
-            f"{source} is not valid JSON ({e}). Give the file a calibration run wrote (generate --calibrate-magcache "
-            "FILE.json), or a JSON list of numbers."
-        ) from None
-    ratios = data.get("ratios") if isinstance(data, dict) else data
-    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
-        raise InputError(
-            f'{source} holds no MagCache ratios: expected a JSON list of numbers, or an object with a "ratios" '
-            "list ([positive, negative] per step from step 1), as written by generate --calibrate-magcache."
-        )
-    return MagCacheParams(tuple(ratios)).ratios
-
-
-def mag_ratios_json(calibration: MagCalibration, request: Request) -> str:
-    """The JSON a calibration run writes: the measured ratios and what they were measured with."""
-    import json
-
-    return json.dumps(
-        {
-            "variant": request.variant.name,
-            "steps": request.steps,
-            "guidance": request.guidance,
-            "size": [request.width, request.height, request.frames],
-            "ratios": list(calibration.ratios()),
-        },
-        indent=1,
     )
 
 

@@ -31,7 +31,7 @@ from .model_options import with_options
 def parse_ratios(text: str) -> tuple[float, ...] | None:
     """None for an empty string; else the ratios of a calibration file's JSON, a JSON list, or numbers separated
     by commas / whitespace."""
-    from kandinsky_core.pipeline import read_mag_ratios
+    from kandinsky_core.magcache import read_mag_ratios
 
     text = text.strip()
     if not text:

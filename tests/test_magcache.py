@@ -476,7 +476,7 @@ def test_cli_magcache_errors_come_before_any_model_is_touched(extra, expected, t
 
 
 def test_ratio_files_are_checked():
-    from kandinsky_core.pipeline import read_mag_ratios
+    from kandinsky_core.magcache import read_mag_ratios
 
     assert read_mag_ratios("[1, 0.5]", "x") == (1.0, 0.5)
     assert read_mag_ratios('{"ratios": [1.02, 1.03]}', "x") == (1.02, 1.03)
