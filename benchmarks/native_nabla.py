@@ -47,7 +47,7 @@ def main() -> None:
 
     from benchmarks.results import publish
     from kandinsky_core import variants
-    from nodes.model_options import KEY, Kandinsky5Options, NablaSetting
+    from nodes.model_options import KEY, Kandinsky5Options, NablaChoice
     from nodes.native import NABLA_KEY, NativeNabla
 
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main() -> None:
     n = lite_nabla = variants.VARIANTS["t2v-lite-sft-10s"].nabla
     stats: dict = {}
     wrapper = NativeNabla({}, stats)
-    setting = NablaSetting("on", P=n.P, wT=n.wT, wH=n.wH, wW=n.wW)
+    setting = NablaChoice("on", P=n.P, wT=n.wT, wH=n.wH, wW=n.wW)
 
     def forward(nabla: bool) -> float:
         to = {KEY: Kandinsky5Options(nabla=setting)}

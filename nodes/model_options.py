@@ -15,9 +15,8 @@ from typing import Any
 from kandinsky_core.settings import NABLA_MODES, NablaChoice
 
 KEY = "kandinsky5"
-NablaSetting = NablaChoice  # NABLA as a node chooses it; its rules and parameters live in kandinsky_core.settings
 __all__ = [
-    "KEY", "NABLA_MODES", "Kandinsky5Options", "NablaSetting", "options_in", "options_of", "patcher_of", "with_options",
+    "KEY", "NABLA_MODES", "Kandinsky5Options", "NablaChoice", "options_in", "options_of", "patcher_of", "with_options",
 ]  # fmt: skip
 
 
@@ -30,7 +29,7 @@ class Kandinsky5Options:
     compile: a torch.compile setting (`applied(dit)` compiles for one run).
     """
 
-    nabla: NablaSetting = NablaSetting()
+    nabla: NablaChoice = NablaChoice()  # NABLA as a node chooses it (rules and parameters: kandinsky_core.settings)
     block_cache: Any = None
     compile: Any = None
 

@@ -133,14 +133,14 @@ def nabla_case(plant: str) -> dict:
     from kandinsky_core.errors import InputError
     from kandinsky_core.sampling import TextConditioning, dit_to_latent, make_noise, sample
     from nodes import comfy_model, text
-    from nodes.model_options import NablaSetting, with_options
+    from nodes.model_options import NablaChoice, with_options
 
     arch = dataclasses.replace(TINY_ARCHS["lite"], in_text_dim=TEXT_DIM, in_text_dim2=TEXT_DIM)
     v = dataclasses.replace(variants.VARIANTS["t2v-lite-sft-10s"], arch=arch)
     dit = make_tiny_dit(arch, seed=3)
     patcher = comfy_model.make_patcher(dit, v, "auto", "tiny-10s")
     if plant == "nabla_off":
-        patcher = with_options(patcher, nabla=NablaSetting("off"))
+        patcher = with_options(patcher, nabla=NablaChoice("off"))
     g = torch.Generator().manual_seed(2)
     cond = TextConditioning(torch.randn(1, 6, TEXT_DIM, generator=g), torch.ones(1, 6, dtype=torch.bool),
                             torch.randn(1, TEXT_DIM, generator=g))  # fmt: skip

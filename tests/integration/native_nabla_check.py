@@ -46,7 +46,7 @@ def main(plant: str = "") -> dict:
     from kandinsky_core import variants
     from kandinsky_core.loading import load_dit
     from nodes import native
-    from nodes.model_options import KEY, Kandinsky5Options, NablaSetting
+    from nodes.model_options import KEY, Kandinsky5Options, NablaChoice
 
     torch.manual_seed(0)
     arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
@@ -71,8 +71,8 @@ def main(plant: str = "") -> dict:
 
     stats: dict = {"masks": []}
     if plant == "p":
-        orig_params = NablaSetting.params
-        NablaSetting.params = lambda self, v: dataclasses.replace(orig_params(self, v), P=0.8)
+        orig_params = NablaChoice.params
+        NablaChoice.params = lambda self, v: dataclasses.replace(orig_params(self, v), P=0.8)
     if plant == "cross":
         orig_call = native._VisualSelfAttention.__call__
 
@@ -112,13 +112,13 @@ def main(plant: str = "") -> dict:
         with torch.no_grad():
             return ours(x, context, pooled, timestep, rope_scale=variant.rope_scale, nabla=params).float()
 
-    dense_native = native_forward(patcher, NablaSetting("auto"))
+    dense_native = native_forward(patcher, NablaChoice("auto"))
     dense_ours = our_forward(None)
-    sparse_native = native_forward(nabla_patcher, NablaSetting("auto"))
+    sparse_native = native_forward(nabla_patcher, NablaChoice("auto"))
     auto_variant, said = native.nabla_variant(native_nabla_shapes(nabla_patcher), w * 8, h * 8)
     sparse_ours = our_forward(variants.VARIANTS["t2v-lite-sft-10s"].nabla)
-    off_native = native_forward(nabla_patcher, NablaSetting("off"))
-    on_native = native_forward(nabla_patcher, NablaSetting("on", P=0.5, wT=1, wH=1, wW=1))
+    off_native = native_forward(nabla_patcher, NablaChoice("off"))
+    on_native = native_forward(nabla_patcher, NablaChoice("on", P=0.5, wT=1, wH=1, wW=1))
     on_ours = our_forward(core_nabla.NablaParams(P=0.5, wT=1, wH=1, wW=1))
 
     masks = stats["masks"]
@@ -265,7 +265,7 @@ def sampler(plant: str = "") -> dict:
     from kandinsky_core.sampling import TextConditioning
     from nodes import comfy_model, text
     from nodes import sampler as sampler_node
-    from nodes.model_options import NablaSetting, with_options
+    from nodes.model_options import NablaChoice, with_options
 
     arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
     for name, v in list(variants.VARIANTS.items()):
@@ -298,7 +298,7 @@ def sampler(plant: str = "") -> dict:
     kw = dict(width=768, height=256, length=5, batch_size=1, seed=3, steps=3, guidance=-1.0, scheduler_scale=0.0)
 
     def run(model, p, n, nabla="on", **over):  # NABLA as Kandinsky 5 NABLA sets it (official P and windows)
-        model = with_options(model, nabla=NablaSetting(nabla))
+        model = with_options(model, nabla=NablaChoice(nabla))
         return sampler_node.Sampler.execute(model, p, n, **{**kw, **over})[0]["samples"]
 
     out: dict = {}
