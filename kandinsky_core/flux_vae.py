@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .errors import InputError, WeightsError
+from .vae_posterior import posterior_latent
 from .vae_tiling import tiled_map_2d
 from .weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
@@ -222,14 +223,8 @@ class FluxVAE(nn.Module):
         else:
             _check_tiling(tile, overlap, ds, "pixels")
             moments = tiled_map_2d(x, self.encoder, tile=tile, overlap=overlap, scale=Fraction(1, ds))
-        mean, logvar = moments.chunk(2, dim=1)
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            # Drawn like diffusers' posterior sample: on the generator's device, in the latent dtype.
-            noise_device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
-            mean = mean + std * noise.to(mean.device)
-        return _restore_layout(mean.to(images.dtype), video)
+        latent = posterior_latent(moments, sample, generator)
+        return _restore_layout(latent.to(images.dtype), video)
 
     def decode(self, latent: Tensor, *, tile: int | None = None, overlap: int = 8) -> Tensor:
         """Pixels (about -1..1) for an unscaled latent `[B, 16, h, w]` or `[B, 16, 1, h, w]`.

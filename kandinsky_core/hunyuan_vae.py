@@ -34,6 +34,7 @@ from kandinsky_core.hunyuan_vae_layers import (  # HunyuanVAEConfig, HUNYUAN_VAE
     HunyuanVAEConfig,
 )
 from kandinsky_core.memory import ALLOCATOR_MARGIN, measure_peak
+from kandinsky_core.vae_posterior import posterior_latent
 from kandinsky_core.vae_tiling import blend_chunks_1d, tile_spans, tiled_map_2d
 from kandinsky_core.weights import compare_shapes, listing, read_weights, strip_vae_prefix, what_is_it
 
@@ -97,13 +98,7 @@ class HunyuanVideoVAE(nn.Module):
         _check_tiling(tiling, cfg)
         x = video.to(device=self.device, dtype=self.dtype)
         moments = self._encode_moments(x, tiled, tiling)
-        mean, logvar = moments.chunk(2, dim=1)
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            gen_device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=mean.dtype)
-            mean = mean + std * noise.to(mean.device)
-        return mean.to(video.dtype)
+        return posterior_latent(moments, sample, generator).to(video.dtype)
 
     def decode(
         self,
