@@ -146,3 +146,19 @@ def vae_problem(vae: tuple[str, str] | None, dit: DitSource | None, what: str) -
         f"vae: {vae[0]} is {VAE_NAMES[vae[1]]}, but {what} {dit.dit_name}, a {dit.variant.name} model made for "
         f"{VAE_NAMES[dit.variant.vae]}. Pick that one in Load Kandinsky 5 VAE."
     )
+
+
+def sampler_length(prompt: Any, node_id: Any) -> int | None:
+    """The length of the Kandinsky 5 Samplers that node `node_id`'s conditioning feeds, when they all set the same
+    one as a widget value; None otherwise (no such sampler, a linked length, or several lengths)."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return None
+    lengths = set()
+    for node in prompt.values():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        if node.get("class_type") != "K5Sampler":
+            continue
+        links = [inputs.get(k) for k in ("positive", "negative")]
+        if any(isinstance(x, list) and x and str(x[0]) == str(node_id) for x in links):
+            lengths.add(inputs.get("length") if isinstance(inputs.get("length"), int) else None)
+    return lengths.pop() if len(lengths) == 1 else None

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from kandinsky_core.errors import InputError
 from kandinsky_core.sampling import TextConditioning
 
-from . import comfy_glue
+from . import comfy_glue, queued_graph
 from .common import CATEGORY, K5_TEXT_ENCODERS, fail
 
 AUTO = "auto"
@@ -20,23 +20,32 @@ NEGATIVE_DEFAULT = (
 )  # the official video pipelines' default; the image pipelines use ""
 TEMPLATE_TOOLTIP = (
     "Qwen prompt template. auto: the one of the connected model's variant (video for T2V and I2V, as the official "
-    "I2V pipeline encodes; image for T2I, image_edit for I2I). A one-frame run of a video model: pick image, as "
-    "the official pipelines do."
+    "I2V pipeline encodes; image for T2I, image_edit for I2I), and image when the Kandinsky 5 Sampler it feeds makes "
+    "one frame with a video model, as the official pipelines do."
 )
 
 
-def pick_template(template: str, model) -> tuple[str, int]:
-    """(template, Qwen max length): from the DiT's variant for auto, else the chosen template."""
+def pick_template(template: str, model, frames: int | None = None) -> tuple[str, int]:
+    """(template, Qwen max length): for auto, the DiT's variant's template for a run of `frames` frames (None: not
+    known, the variant's own); else the chosen template."""
     if template == AUTO:
         if model is None:
             raise InputError(
                 "template is auto but no model is connected: connect the Load Kandinsky 5 DiT output to `model`, or "
                 f"pick a template ({', '.join(TEMPLATES)})."
             )
+        from kandinsky_core.variants import encode_template
+
         from .comfy_model import k5_model
 
         v = k5_model(model).variant
-        return v.text_template, v.text_max_length
+        kind = v.text_template if frames is None else encode_template(v, frames)
+        if kind != v.text_template:
+            comfy_glue.log.info(
+                "Kandinsky 5 Text Encode: template auto -> %s: the sampler makes %d frame(s) with %s, as the official "
+                "pipelines encode such a run", kind, frames, v.name,
+            )  # fmt: skip
+        return kind, v.text_max_length
     if template not in TEMPLATES:
         raise InputError(f"template {template!r} is unknown. Allowed: auto, {', '.join(TEMPLATES)}.")
     return template, MAX_LENGTH[template]
@@ -111,6 +120,7 @@ class TextEncode(io.ComfyNode):
                 io.Image.Input("edit_image", optional=True, tooltip=
                                "I2I edit only: the image to edit, at the output size; Qwen sees it (image_edit)."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # the sampler's length, for template auto
             outputs=[
                 io.Conditioning.Output(display_name="positive", tooltip="The encoded prompt."),
                 io.Conditioning.Output(display_name="negative", tooltip=
@@ -123,7 +133,9 @@ class TextEncode(io.ComfyNode):
         with fail("Kandinsky 5 Text Encode"):
             if not prompt.strip():
                 raise InputError("prompt is empty. Describe what to generate in the prompt box.")
-            kind, max_length = pick_template(template, model)
+            hidden = cls.hidden
+            frames = hidden and queued_graph.sampler_length(hidden.prompt, hidden.unique_id)
+            kind, max_length = pick_template(template, model, frames or None)
             images = None
             if edit_image is not None:
                 if kind != "image_edit":

@@ -404,3 +404,17 @@ def test_dit_loads_from_comfy_ops_with_dynamic_vram_on(comfyui):
     cmd = [python, "-c", AIMDO_SCRIPT, os.environ["COMFYUI_DIR"], path, arch, str(REPO)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert "AIMDO-OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+def test_one_frame_of_a_video_model_is_encoded_under_the_image_template(comfyui):
+    """Text Encode's template auto follows the sampler it feeds in the queued graph: one frame of a video model is
+    encoded under "image", as the official pipelines do (kandinsky_core.variants.encode_template), so the Sampler has
+    nothing to warn about."""
+    log = comfyui.log
+    start = log.stat().st_size
+    g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=5,
+                      steps=1, prefix="one_frame")  # fmt: skip
+    assert comfyui.run(g)["status"]["status_str"] == "success"
+    text = log.read_bytes()[start:].decode(errors="replace")
+    assert "template auto -> image: the sampler makes 1 frame(s) with t2v-lite-sft-5s" in text, text[-3000:]
+    assert "encoded under the 'video' template" not in text
