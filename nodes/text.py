@@ -193,4 +193,5 @@ class PromptExpansion(io.ComfyNode):
                 comfy_glue.cancellable(enc.qwen),  # every generated token runs the layers
             ):
                 text = enc.expand_prompt(prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens)
-            return io.NodeOutput(text)
+            comfy_glue.log.info("Kandinsky 5 Prompt Expansion (%s): %s", kind, text)
+            return io.NodeOutput(text, ui={"text": [text]})  # in the log and /history, as the official node shows it

@@ -193,8 +193,8 @@ def expansion_note(v: Variant) -> list[str]:
         "## Prompt expansion (on, as in the official pipelines)",
         "",
         "Write your prompt in **Kandinsky 5 Prompt Expansion**: Qwen2.5-VL rewrites it into a detailed one, which "
-        f"goes to Kandinsky 5 Text Encode.{sees} To encode your prompt as written, set the node's **expand** to off "
-        "(Qwen then generates nothing).",
+        f"goes to Kandinsky 5 Text Encode.{sees} The expanded prompt is printed in ComfyUI's log. To encode your "
+        "prompt as written, set the node's **expand** to off (Qwen then generates nothing).",
         "",
         f"Cost: Qwen generates up to {EXPANSION_TOKENS} new tokens (the official `max_new_tokens`) before the "
         f"encode, each a pass through {QWEN_GENERATE_PARAMS / 1e9:.1f} B parameters ({per_token / 1e9:.1f} GB in "

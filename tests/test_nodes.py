@@ -385,7 +385,7 @@ def test_prompt_expansion_node_shows_qwen_the_image_as_loaded_and_expand_off_pas
     te = types.SimpleNamespace(encoders=Encoders(), patcher=None)
     image = torch.rand(1, 90, 150, 3)
     out = text.PromptExpansion.execute(te, "a fox", "image_edit", 7, 64, image=image)
-    assert out.result == ("a detailed a fox",)
+    assert out.result == ("a detailed a fox",) and out.ui == {"text": ["a detailed a fox"]}
     assert calls == [("a fox", "image_edit", (3, 90, 150), 7, 64)]
     calls.clear()
     off = text.PromptExpansion.execute(te, "a fox ", "image_edit", 7, 64, image=image, expand=False)
