@@ -224,11 +224,26 @@ def set_input(api: dict, node: str, name: str, raw: str | object, parse: bool = 
     return ids
 
 
+def _text_holder(api: dict, node: str, name: str) -> tuple[str, str]:
+    """The node and input that hold the text of input `name` of `node`: itself, or, up the links, the `prompt` of
+    the node a link comes from."""
+    seen = {node}
+    while isinstance(api[node]["inputs"].get(name), list):
+        source = api[node]["inputs"][name][0]
+        if source not in api or source in seen:
+            break
+        node, name = source, "prompt"
+        seen.add(node)
+    return node, name
+
+
 def apply_overrides(
     api: dict, prompt: str | None = None, negative: str | None = None, seed: int | None = None,
     sets: list[str] | tuple[str, ...] = (),
 ) -> dict:  # fmt: skip
-    """--prompt / --negative go to the Kandinsky 5 Text Encode node(s), --seed to the sampler(s), then --set."""
+    """--prompt / --negative go to the Kandinsky 5 Text Encode node(s) (a prompt fed by a link, as Prompt Expansion
+    feeds it in the bundled workflows, to the prompt of the node it comes from), --seed to the sampler(s), then
+    --set."""
     for value, name, cls in (
         (prompt, "prompt", "K5TextEncode"),
         (negative, "negative_prompt", "K5TextEncode"),
@@ -236,9 +251,11 @@ def apply_overrides(
     ):
         if value is None:
             continue
-        if not [i for i, n in api.items() if n["class_type"] == cls]:
+        ids = [i for i, n in api.items() if n["class_type"] == cls]
+        if not ids:
             raise InputError(f"--{name.split('_')[0]} needs a {cls} node; this workflow has none. Use --set instead.")
-        set_input(api, cls, name, value, parse=False)
+        for i in ids:
+            set_input(api, *_text_holder(api, i, name), value, parse=False)
     for item in sets:
         set_input(api, *parse_set(item))
     return api

@@ -61,8 +61,8 @@ class Compile(io.ComfyNode):
                 io.Model.Input("model", tooltip="From Load Kandinsky 5 DiT, a LoRA loader or an option node."),
                 io.Combo.Input("mode", options=list(MODES), default="default", tooltip=
                                "torch.compile mode. max-autotune searches faster kernels (much longer compile); it "
-                               "runs without CUDA graphs (max-autotune-no-cudagraphs), which conflict with block swap "
-                               "and ComfyUI offloading."),
+                               "runs without CUDA graphs (max-autotune-no-cudagraphs), which conflict with ComfyUI's "
+                               "offloading and partial loading."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="inductor", tooltip=
                                "inductor generates fused kernels (needs Triton on GPU, a C++ compiler on CPU); "
                                "aot_eager and eager only trace (for debugging, no speed-up)."),

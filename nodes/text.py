@@ -164,8 +164,8 @@ class PromptExpansion(io.ComfyNode):
             display_name="Kandinsky 5 Prompt Expansion",
             category=f"{CATEGORY}/conditioning",
             description="Rewrites a short prompt into a detailed one with Qwen2.5-VL, as the official pipelines' "
-            "expand_prompt does. Needs Qwen's LM head (the Hugging Face text_encoder/ folder; ComfyUI's single file "
-            "drops it).",
+            "expand_prompt does (on by default there). Needs Qwen's LM head (lm_head.weight); a Qwen file without it "
+            "is refused with the fix. expand off passes the prompt through as written.",
             inputs=[
                 K5_TEXT_ENCODERS.Input("text_encoders", tooltip="From Load Kandinsky 5 Text Encoders."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="The short prompt to expand."),
@@ -176,20 +176,27 @@ class PromptExpansion(io.ComfyNode):
                 io.Model.Input("model", optional=True, tooltip=
                              "The Kandinsky 5 DiT: template=auto takes its variant's template."),
                 io.Image.Input("image", optional=True, tooltip=
-                               "I2V start image or I2I source image: Qwen looks at it."),
+                               "I2V start image or I2I source image, as loaded: Qwen looks at it (I2I: at a quarter "
+                               "of its size, as the official I2I pipeline shows it)."),
+                io.Boolean.Input("expand", optional=True, default=True, label_on="on", label_off="off (as written)",
+                                 tooltip="off: the prompt goes to Text Encode as written; Qwen generates nothing."),
             ],
             outputs=[
                 io.String.Output(display_name="prompt", tooltip=
-                                 "The expanded prompt; connect it to Text Encode's prompt (convert the widget to an "
-                                 "input)."),
+                                 "The expanded prompt (the prompt as written when expand is off): connect it to "
+                                 "Kandinsky 5 Text Encode's prompt."),
             ],
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, text_encoders, prompt, template, seed, max_new_tokens, model=None, image=None) -> io.NodeOutput:
+    def execute(
+        cls, text_encoders, prompt, template, seed, max_new_tokens, model=None, image=None, expand=None
+    ) -> io.NodeOutput:
         with fail("Kandinsky 5 Prompt Expansion"):
             if not prompt.strip():
                 raise InputError("prompt is empty. Write a short prompt to expand.")
+            if expand is not None and not expand:  # absent (a graph saved before the switch): on
+                return io.NodeOutput(prompt)
             kind, _ = pick_template(template, model)
             picture = image_to_uint8(image) if image is not None else None
             enc = text_encoders.encoders
@@ -198,4 +205,5 @@ class PromptExpansion(io.ComfyNode):
                 comfy_glue.cancellable(enc.qwen),  # every generated token runs the layers
             ):
                 text = enc.expand_prompt(prompt, kind, image=picture, seed=seed, max_new_tokens=max_new_tokens)
-            return io.NodeOutput(text)
+            comfy_glue.log.info("Kandinsky 5 Prompt Expansion (%s): %s", kind, text)
+            return io.NodeOutput(text, ui={"text": [text]})  # in the log and /history, as the official node shows it

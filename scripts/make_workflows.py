@@ -58,6 +58,7 @@ PROMPTS = {
     "i2i": "Make it a snowy winter evening, keep the composition.",
 }
 MP4 = ["mp4", "h264"]  # SaveVideo's format and codec (CreateVideo + SaveVideo: v0.3.64 and later)
+EXPANSION_TOKENS = 256  # max_new_tokens of the official pipelines' expand_prompt (all four, and their ComfyUI node)
 
 
 def video_negative() -> str:
@@ -167,7 +168,46 @@ def note_text(v: Variant) -> str:
     if v.task in ("i2v", "i2i"):
         what = "start image" if v.task == "i2v" else "image to edit"
         lines += ["", f"Load your {what} in the Load Image node."]
+    lines += ["", *expansion_note(v)]
     return "\n".join(lines) + "\n"
+
+
+# Qwen2.5-VL-7B-Instruct's released config (kandinsky_core.text_encoders.QWEN25_VL_7B_CONFIG), counted on the meta
+# device: language model 7.07 B parameters, LM head 0.545 B, vision tower 0.677 B
+QWEN_GENERATE_PARAMS, QWEN_HEAD_PARAMS, QWEN_VISION_PARAMS = 7.07e9 + 0.545e9, 0.545e9, 0.677e9
+H100_BANDWIDTH = 3.35e12  # bytes/s, NVIDIA's H100 SXM figure (the GPU of the official latency tables)
+CPU_BANDWIDTH = 30e9  # bytes/s, a desktop's dual-channel DDR5
+
+
+def expansion_note(v: Variant) -> list[str]:
+    """What Prompt Expansion does in this workflow, how to turn it off, and what it costs."""
+    sees = {
+        "i2v": " It sees the start image as loaded, as the official I2V pipeline shows it to Qwen.",
+        "i2i": " It sees the image to edit at a quarter of its size, as the official I2I pipeline shows it to Qwen.",
+    }.get(v.task, "")
+    per_token = QWEN_GENERATE_PARAMS * 2  # bf16 bytes read for every generated token
+    floor = EXPANSION_TOKENS * per_token / H100_BANDWIDTH
+    vision = (f" and, for the image, the vision tower ({QWEN_VISION_PARAMS / 1e9:.2f} B, "
+              f"{QWEN_VISION_PARAMS * 2 / 1e9:.2f} GB)") if v.task == "i2v" else ""  # fmt: skip
+    return [
+        "## Prompt expansion (on, as in the official pipelines)",
+        "",
+        "Write your prompt in **Kandinsky 5 Prompt Expansion**: Qwen2.5-VL rewrites it into a detailed one, which "
+        f"goes to Kandinsky 5 Text Encode.{sees} The expanded prompt is printed in ComfyUI's log. To encode your "
+        "prompt as written, set the node's **expand** to off (Qwen then generates nothing).",
+        "",
+        f"Cost: Qwen generates up to {EXPANSION_TOKENS} new tokens (the official `max_new_tokens`) before the "
+        f"encode, each a pass through {QWEN_GENERATE_PARAMS / 1e9:.1f} B parameters ({per_token / 1e9:.1f} GB in "
+        f"bf16). Not measured on a GPU here; reading those weights once per token takes at least {floor:.1f} s "
+        f"for {EXPANSION_TOKENS} tokens at an H100's {H100_BANDWIDTH / 1e12:.2f} TB/s (about "
+        f"{EXPANSION_TOKENS * per_token / CPU_BANDWIDTH / 60:.0f} min at a CPU's {CPU_BANDWIDTH / 1e9:.0f} GB/s). "
+        f"Memory: Qwen's LM head ({QWEN_HEAD_PARAMS / 1e9:.3f} B parameters, {QWEN_HEAD_PARAMS * 2 / 1e9:.2f} GB in "
+        f"bf16){vision} {'are' if vision else 'is'} loaded at the first expansion and kept with the text encoders. "
+        "The expansion's seed is "
+        "fixed, so ComfyUI reuses it on the next Run until the prompt, image or model change. It needs Qwen's "
+        "LM head (lm_head.weight): a Qwen file without it is refused with that message; turn expand off or load "
+        f"the [{download.QWEN_REPO}](https://huggingface.co/{download.QWEN_REPO}) folder.",
+    ]
 
 
 class Graph:
@@ -202,6 +242,13 @@ class Graph:
             ]
         self.nodes.append(node)
         return node
+
+    def widget_input(self, node: dict, name: str) -> None:
+        """A widget that takes a link, as the frontend saves it: an input named after the widget, with
+        `widget: {name}`, after the node's other inputs; the widget keeps its place (and value) in widgets_values."""
+        spec = {**self.info[node["type"]]["input"].get("required", {}), **self.info[node["type"]]["input"].get(
+            "optional", {})}[name]  # fmt: skip
+        node["inputs"].append({"name": name, "type": spec[0], "widget": {"name": name}, "link": None})
 
     def link(self, src: dict, slot: int, dst: dict, input_name: str) -> None:
         link_id = len(self.links) + 1
@@ -243,7 +290,8 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     for loader in (dit, te, vae):
         loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
-    enc = g.add("K5TextEncode", (380, 0), (420, 300), [PROMPTS[v.task], negative, "auto"])
+    enc = g.add("K5TextEncode", (380, 370), (420, 260), ["", negative, "auto"])
+    g.widget_input(enc, "prompt")  # from Prompt Expansion (added last, so that the other nodes keep their ids)
     sampler = g.add("K5Sampler", (840, 0), (320, 470), sampler_widgets(v))
     g.link(te, 0, enc, "text_encoders")
     g.link(dit, 0, enc, "model")
@@ -254,7 +302,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
         image = g.add("LoadImage", (0, 480), (340, 320), [IMAGE, "image"])
         # 0 x 0: the size from the image by the official rule for the connected model (I2V keeps the whole image,
         # I2I takes the nearest trained aspect and cover-crops); the sampler follows the latent
-        encode = g.add("K5VAEEncode", (380, 480), (320, 130), [0, 0])
+        encode = g.add("K5VAEEncode", (380, 670), (320, 130), [0, 0])
         g.link(vae, 0, encode, "vae")
         g.link(image, 0, encode, "images")
         g.link(dit, 0, encode, "model")
@@ -273,6 +321,15 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     else:
         save = g.add("SaveImage", (1560, 0), (420, 460), [prefix])
         g.link(decode, 0, save, "images")
+    # the prompt goes through Prompt Expansion, on as in the official pipelines; its seed stays fixed, so ComfyUI
+    # reuses the expansion on the next Run until the prompt, image or model change
+    expand = g.add("K5PromptExpansion", (380, 0), (420, 330),
+                   [PROMPTS[v.task], "auto", SEED, "fixed", EXPANSION_TOKENS, True])  # fmt: skip
+    g.link(te, 0, expand, "text_encoders")
+    g.link(dit, 0, expand, "model")
+    if v.task in ("i2v", "i2i"):  # Qwen sees the image as loaded, as the official pipelines show it (I2I: quartered)
+        g.link(image, 0, expand, "image")
+    g.link(expand, 0, enc, "prompt")
     return g.workflow()
 
 
@@ -307,6 +364,13 @@ def native_note() -> str:
         "template's 'promt engineer' as 'prompt engineer' (the model was trained with the former; Kandinsky 5 Text "
         "Encode keeps it), and ComfyUI's VAE Decode is not the official decoder on moving video (Kandinsky 5 VAE "
         "Decode is).",
+        "",
+        "No prompt expansion here, unlike the official pipelines and this pack's Kandinsky 5 workflows: ComfyUI's "
+        "own Qwen2.5-VL (DualCLIPLoader, type kandinsky5) is built without Qwen's LM head (its Qwen2.5-VL config has "
+        "lm_head off), so ComfyUI's Generate Text would take its logits from the input embeddings (Qwen2.5-VL-7B "
+        "does not tie them) and not give Qwen's text; and Kandinsky 5 Prompt Expansion needs this pack's Load "
+        "Kandinsky 5 Text Encoders, a second Qwen beside ComfyUI's. To expand a prompt, run it through a Kandinsky 5 "
+        "workflow, or `python -m kandinsky_core generate`, which prints the expanded prompt.",
     ]) + "\n"  # fmt: skip
 
 

@@ -5,6 +5,7 @@ ask of ComfyUI, and the nodes run on tiny real-weight files against kandinsky_co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -365,6 +366,35 @@ def test_conditioning_round_trip_and_foreign_conditioning():
     with pytest.raises(InputError, match="template is auto but no model"):
         text.pick_template("auto", None)
     assert text.pick_template("image", None) == ("image", 512)
+
+
+def test_prompt_expansion_node_shows_qwen_the_image_as_loaded_and_expand_off_passes_the_prompt(comfy, monkeypatch):
+    """The bundled workflows feed Load Image's output to Prompt Expansion: the node hands Qwen that image at its own
+    size (kandinsky_core quarters it for image_edit, as the official I2I pipeline does). expand off (the bundled
+    workflows' switch) returns the prompt as written and runs nothing of Qwen."""
+    calls = []
+
+    class Encoders:
+        qwen = clip = None
+
+        def expand_prompt(self, prompt, kind, image=None, seed=None, max_new_tokens=256):
+            calls.append((prompt, kind, None if image is None else tuple(image.shape), seed, max_new_tokens))
+            return "a detailed " + prompt
+
+    monkeypatch.setattr(text, "qwen_layers", lambda enc: [])
+    monkeypatch.setattr(text, "activation_memory", lambda enc, n: 0)
+    monkeypatch.setattr(comfy_glue, "loaded_or_swapped", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(comfy_glue, "cancellable", lambda *a: contextlib.nullcontext())
+    te = types.SimpleNamespace(encoders=Encoders(), patcher=None)
+    image = torch.rand(1, 90, 150, 3)
+    out = text.PromptExpansion.execute(te, "a fox", "image_edit", 7, 64, image=image)
+    assert out.result == ("a detailed a fox",) and out.ui == {"text": ["a detailed a fox"]}
+    assert calls == [("a fox", "image_edit", (3, 90, 150), 7, 64)]
+    calls.clear()
+    off = text.PromptExpansion.execute(te, "a fox ", "image_edit", 7, 64, image=image, expand=False)
+    assert off.result == ("a fox ",) and calls == []
+    with pytest.raises(InputError, match="prompt is empty"):
+        text.PromptExpansion.execute(te, "  ", "video", 7, 64, expand=False)
 
 
 def test_image_layouts():

@@ -186,7 +186,10 @@ def test_ui_workflow_runs_with_overrides_and_downloads_outputs(fake, tmp_path, c
     sent = fake.posted[0]
     assert sent["client_id"] and len(fake.posted) == 1
     graph = sent["prompt"]
-    assert graph["5"]["inputs"]["prompt"] == "a cat" and graph["5"]["inputs"]["negative_prompt"] == "dogs"
+    # the bundled workflow's Text Encode takes its prompt from Prompt Expansion: --prompt goes there
+    (expansion,) = [i for i, n in graph.items() if n["class_type"] == "K5PromptExpansion"]
+    assert graph["5"]["inputs"]["prompt"] == [expansion, 0] and graph[expansion]["inputs"]["prompt"] == "a cat"
+    assert graph["5"]["inputs"]["negative_prompt"] == "dogs"
     assert graph["6"]["inputs"]["seed"] == 7 and graph["6"]["inputs"]["steps"] == 3
     assert graph["2"]["inputs"]["dit_name"] == "tiny.safetensors"
     assert "1" not in graph  # the Note node is frontend-only

@@ -173,7 +173,7 @@ def test_defaults_equal_the_variants_table(name):
     assert vae["inputs"]["vae_name"] == expected_vae
     _, enc = one(g, "K5TextEncode")
     assert enc["inputs"]["template"] == "auto"  # the model's variant's template at run time
-    assert enc["inputs"]["prompt"].strip()
+    assert one(g, "K5PromptExpansion")[1]["inputs"]["prompt"].strip()  # the prompt, expanded into Text Encode
     negative = enc["inputs"]["negative_prompt"]
     assert negative.startswith("Static, 2D cartoon") if v.is_video else negative == ""
     sid, s = one(g, "K5Sampler")
@@ -229,6 +229,51 @@ def test_image_inputs_go_through_vae_encode(name):
         assert text["edit_image"] == [eid, 1]
     else:
         assert "edit_image" not in text
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_prompt_goes_through_prompt_expansion(name):
+    """As in every official ComfyUI workflow and the four official pipelines (expand_prompts=True): the prompt is
+    written in Kandinsky 5 Prompt Expansion, on, with the official 256 new tokens; its output is Text Encode's
+    prompt (a widget taking a link, saved as the frontend saves one); I2V / I2I show Qwen the image as loaded (Load
+    Image's output, not VAE Encode's resized one; the node quarters it for I2I). The API twin carries the same
+    links, and the Note says how to turn it off and what it costs."""
+    v = VARIANTS[name]
+    g = api(name)
+    xid, x = one(g, "K5PromptExpansion")
+    i = x["inputs"]
+    assert i["expand"] is True and i["template"] == "auto" and i["max_new_tokens"] == 256
+    assert i["prompt"] == SCRIPT.PROMPTS[v.task]
+    assert i["text_encoders"] == [one(g, "K5LoadTextEncoders")[0], 0] and i["model"] == [one(g, "K5LoadDiT")[0], 0]
+    eid, enc = one(g, "K5TextEncode")
+    assert enc["inputs"]["prompt"] == [xid, 0]
+    assert one(g, "K5Sampler")[1]["inputs"]["positive"] == [eid, 0]
+    if v.task in ("i2v", "i2i"):
+        assert i["image"] == [one(g, "LoadImage")[0], 0]
+    else:
+        assert "image" not in i
+    w = ui(name)
+    nodes = {n["id"]: n for n in w["nodes"]}
+    (te,) = [n for n in w["nodes"] if n["type"] == "K5TextEncode"]
+    (slot,) = [s for s in te["inputs"] if s["name"] == "prompt"]
+    assert slot == {"name": "prompt", "type": "STRING", "widget": {"name": "prompt"}, "link": slot["link"]}
+    assert te["inputs"][-1] is slot  # after the node's sockets, as the frontend appends it
+    (link,) = [x for x in w["links"] if x[0] == slot["link"]]
+    assert nodes[link[1]]["type"] == "K5PromptExpansion" and link[2] == 0 and link[5] == "STRING"
+    (note,) = [n["widgets_values"][0] for n in w["nodes"] if n["type"] == "MarkdownNote"]
+    assert "**expand** to off" in note and "up to 256 new tokens" in note and "LM head" in note
+
+
+def test_queue_prompt_reaches_the_expansion_in_a_bundled_workflow():
+    """`queue --prompt` on a bundled workflow: Text Encode's prompt is a link, so the text goes to the Prompt
+    Expansion feeding it; the link stays, and --negative still goes to Text Encode."""
+    from comfy_client.workflow import apply_overrides
+
+    g = api("i2v-lite-5s")
+    apply_overrides(g, prompt="a cat", negative="blur")
+    xid, x = one(g, "K5PromptExpansion")
+    enc = one(g, "K5TextEncode")[1]["inputs"]
+    assert x["inputs"]["prompt"] == "a cat" and enc["prompt"] == [xid, 0] and enc["negative_prompt"] == "blur"
 
 
 def test_text_variants_have_no_image_inputs():
@@ -377,7 +422,7 @@ def test_widget_order_follows_the_frontend():
     # our sampler's seed declares control_after_generate; Prompt Expansion's seed gets one by its name
     assert widget_names(OBJECT_INFO["K5Sampler"])[3:6] == ["batch_size", "seed", None]
     assert widget_names(OBJECT_INFO["LoadImage"]) == ["image", None]  # the upload button serialises "image"
-    expansion = ["prompt", "template", "seed", None, "max_new_tokens"]
+    expansion = ["prompt", "template", "seed", None, "max_new_tokens", "expand"]
     assert widget_names(OBJECT_INFO["K5PromptExpansion"]) == expansion
 
 
@@ -470,3 +515,5 @@ def test_native_workflow_runs_comfyuis_own_model_through_our_nabla_and_magcache_
     assert sorted(k for k in kinds if k != "MarkdownNote") == sorted(n["class_type"] for n in api.values())
     widgets = {node["type"]: node["widgets_values"] for node in ui["nodes"]}
     assert widgets["K5Nabla"] == ["auto"] and widgets["KSampler"][2:4] == [v.steps, v.guidance]
+    # no expansion: ComfyUI's Qwen has no LM head, ours would be a second Qwen; the Note says so
+    assert "K5PromptExpansion" not in kinds and "No prompt expansion here" in widgets["MarkdownNote"][0]

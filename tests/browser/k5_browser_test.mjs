@@ -291,6 +291,15 @@ try {
   const sampler = Object.values(prompt).find((n) => n.class_type === "K5Sampler");
   assert.equal(sampler.inputs.steps, 2);
   assert.equal(sampler.inputs.width, 96);
+  if (process.env.K5_WORKFLOW) {
+    // The bundled Prompt Expansion feeds Text Encode's prompt (a widget with a link): the frontend queues the link.
+    const id = (type) => Object.keys(prompt).find((k) => prompt[k].class_type === type);
+    const expansion = id("K5PromptExpansion");
+    assert.ok(expansion, "the queued bundled workflow has no K5PromptExpansion");
+    assert.deepEqual(prompt[id("K5TextEncode")].inputs.prompt, [expansion, 0]);
+    assert.equal(prompt[expansion].inputs.expand, true);
+    results.expansion = prompt[expansion].inputs;
+  }
 
   const posted = page.waitForResponse((r) => r.url().endsWith("/prompt") && r.request().method() === "POST", {
     timeout: 60000,

@@ -205,6 +205,46 @@ def test_workflow_runs_end_to_end(comfyui, object_info, example_image, name):
             assert im.size == (width, height) and im.format == "PNG"
 
 
+def output_pixels(comfyui, entry: dict) -> np.ndarray:
+    (f,) = [f for out in entry["outputs"].values() for f in out.get("images", []) if f["type"] == "output"]
+    path = comfyui.base / "output" / f["subfolder"] / f["filename"]
+    if path.suffix == ".mp4":
+        from kandinsky_core.media import read_video
+
+        return read_video(path).numpy()
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+@pytest.mark.parametrize("name", ["t2v-lite-sft-5s", "i2v-lite-5s"])
+def test_the_workflow_encodes_what_prompt_expansion_gives(comfyui, object_info, example_image, name):
+    """The bundled workflow as shipped (expansion on, the official 256 new tokens: garbage text from the tiny
+    random Qwen, in about 2 s) runs Prompt Expansion (its text is in the node's UI output) and encodes its output:
+    with expand off (the prompt as written) the result is another, and (T2V) equals the graph whose Text Encode
+    takes the prompt itself. VAE Decode untiled: its auto tiling follows the free memory, which other processes
+    change between runs."""
+    graphs = {}
+    for key in ("on", "off", "direct"):
+        graphs[key] = tiny_graph(comfyui, object_info, name, f"expand/{name}-{key}")
+        set_input(graphs[key], "K5VAEDecode", "tiling", "off", parse=False)
+    set_input(graphs["off"], "K5PromptExpansion", "expand", "false")
+    direct = graphs["direct"]
+    xid = next(i for i, n in direct.items() if n["class_type"] == "K5PromptExpansion")
+    text = next(n for n in direct.values() if n["class_type"] == "K5TextEncode")
+    assert text["inputs"]["prompt"] == [xid, 0]
+    text["inputs"]["prompt"] = direct.pop(xid)["inputs"]["prompt"]
+    entries = {key: comfyui.run(graph, timeout=300) for key, graph in graphs.items()}
+    results = {key: output_pixels(comfyui, entry) for key, entry in entries.items()}
+    if VARIANTS[name].task == "t2v":
+        # I2V is left out of this equality: two runs of the same I2V Sampler in one server (same inputs, the rest
+        # cached) once differed by up to 57/255 on the tiny random DiT, T2V never (see the report of issue 13)
+        assert np.array_equal(results["off"], results["direct"])
+    assert not np.array_equal(results["on"], results["off"])
+    (expanded,) = entries["on"]["outputs"][xid]["text"]  # the node's UI output: the text Qwen wrote
+    assert expanded.strip() and expanded != graphs["on"][xid]["inputs"]["prompt"]
+    assert xid not in entries["off"]["outputs"]  # off: no expansion to show
+
+
 def test_i2i_has_a_tiny_stand_in():
     """Loud reminder: the I2I workflows can only run end to end once the harness swaps a tiny I2I architecture in."""
     if "i2i-lite" not in tiny_archs():
