@@ -409,6 +409,25 @@ try {
   const loaderTitle = await titleOf("K5LoadDiT");
   const samplerTitle = await titleOf("K5Sampler");
 
+  // The rules on a made-up refusal: a line naming no input stays under every input, a line about an input that got no
+  // error of its own (not an argument of validate_inputs) gets one, other nodes' and other kinds of errors are kept.
+  const split = await page.evaluate(() => {
+    const e = (input, details, type = "custom_validation_failed") =>
+      ({ type, message: "m", details: `${input} - ${details}`, extra_info: { input_name: input } });
+    const all = "width=1000 must be a multiple of 16\nstart_latent is given but the model is T2V\nsomething else";
+    return window.kandinsky5.splitRefusal({
+      1: { class_type: "K5Sampler", errors: [e("width", all), e("guidance", all), e("seed", "x", "value_bigger_than_max")] },
+      2: { class_type: "KSampler", errors: [e("cfg", "a\nb"), e("seed", "a\nb")] },
+    });
+  });
+  assert.deepEqual(split[1].errors.map((x) => [x.extra_info.input_name, x.details]), [
+    ["width", "width - width=1000 must be a multiple of 16\nsomething else"],
+    ["guidance", "guidance - something else"],
+    ["seed", "seed - x"],
+    ["start_latent", "start_latent - start_latent is given but the model is T2V"],
+  ]);
+  assert.equal(split[2].errors.length, 2, "another pack's node is left as it is");
+
   // (a) A variant that does not fit the file: refused by Load Kandinsky 5 DiT, one item, said once.
   await set("K5LoadDiT", "variant", "t2i-lite");
   let r = await refusal("loader_variant_does_not_fit");
