@@ -45,10 +45,11 @@ if __package__:  # ComfyUI imports the pack as a package. pytest imports this fi
     # checkout's folder name is not an identifier (e.g. comfyui-kandinsky5): then there is nothing to register.
     _import_engine()
 
-    from .nodes import K5Extension
+    from .nodes import K5Extension, queued_graph
     from .nodes.web_api import register_routes
 
     register_routes()  # GET /kandinsky5/variants for js/kandinsky5.js (a no-op outside ComfyUI)
+    queued_graph.register()  # the queued prompt, for validation that follows links (a no-op outside ComfyUI)
 
     async def comfy_entrypoint() -> K5Extension:
         return K5Extension()

@@ -48,6 +48,12 @@ class DetectionResult:
     prefix: str = ""
     reason: str = ""
     tied: tuple[str, ...] = ()  # the candidates the file name fits equally well, when more than one
+    released: tuple[str, ...] = ()  # the variants released under this very file name (it names one release)
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """The variants this file may be run as: those released under its name, else every one of its tensors."""
+        return self.released or self.candidates
 
     def get(self) -> Variant:
         return get_variant(self.variant)
@@ -191,7 +197,7 @@ def detect_variant(header_or_shapes: Mapping, filename: str | Path | None = None
     scored = sorted((-sum(_matches(v, k, h) for k, h in hints.items()), i, v) for i, v in enumerate(cands))
     best = scored[0][2]
     tied = tuple(v.name for score, _, v in scored if score == scored[0][0])
-    official = [v.name for v in cands if filename and Path(v.hf_filename).name == Path(filename).name]
+    official = _released_as(Path(filename).name, facts) if filename else []
     if len(official) == 1:  # the released file's own name (the image sft files name no stage)
         best, tied = get_variant(official[0]), ()
     reason = f"{_describe_facts(facts)} ({best.family})"
@@ -199,8 +205,47 @@ def detect_variant(header_or_shapes: Mapping, filename: str | Path | None = None
         reason += f"; file name hints {hints}"
     return DetectionResult(
         variant=best.name, candidates=tuple(v.name for v in cands), arch=best.arch, prefix=prefix, reason=reason,
-        tied=tied if len(tied) > 1 else (),
+        tied=tied if len(tied) > 1 else (), released=tuple(official),
     )  # fmt: skip
+
+
+def _released_as(filename: str, facts: dict) -> list[str]:
+    """The variants released under `filename` whose tensors are `facts` (SD and HD Pro share a file)."""
+    return [v.name for v in VARIANTS.values() if Path(v.hf_filename).name == filename and _arch_facts(v.arch) == facts]
+
+
+def chosen_variant(header_or_shapes: Mapping, filename: str, variant: str | Variant) -> Variant:
+    """`variant` for the DiT file `filename`, after checking that the file can be run as it: the tensors must fit,
+    and a file under its released name is run as what was released under it (the 10 s file with the 5 s variant's
+    frames and dense attention, or the sft file with the distilled 16 steps, would run silently with wrong settings).
+    Raises WeightsError naming the variants that fit."""
+    v = get_variant(variant)
+    name = Path(filename).name
+    _, facts = _file_facts(header_or_shapes, name)
+    if facts != _arch_facts(v.arch):
+        matching = [x.name for x in VARIANTS.values() if _arch_facts(x.arch) == facts]
+        raise WeightsError(
+            f"variant {v.name!r} does not fit {name!r}: the file holds {_describe_facts(facts)}, but {v.name} needs "
+            f"{_describe_facts(_arch_facts(v.arch))}. "
+            + (f"Variants that fit: {', '.join(matching)}." if matching else "No released variant fits this file.")
+            + " Pick one of those, or auto."
+        )
+    released = _released_as(name, facts)
+    if released and v.name not in released:
+        mine = get_variant(released[0])
+        raise WeightsError(
+            f"variant {v.name!r} does not fit {name!r}: that is the released {' / '.join(released)} file, and "
+            f"{v.name} would run it with {v.name}'s settings ({_settings(v)}) instead of its own ({_settings(mine)}). "
+            f"Set variant to auto (or {' / '.join(released)}); for {v.name}, load its own file "
+            f"{Path(v.hf_filename).name}."
+        )
+    return v
+
+
+def _settings(v: Variant) -> str:
+    frames = f"up to {v.max_frames} frames, " if v.is_video else ""
+    nabla = "NABLA" if v.nabla else "dense attention"
+    return f"{frames}{v.steps} steps, guidance {v.guidance:g}, {nabla}"
 
 
 def _target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, fp8: bool) -> torch.dtype:
@@ -231,20 +276,7 @@ def load_dit(
     if variant is None:
         v = get_variant(detect_variant(header, filename=path.name).variant)
     else:
-        v = get_variant(variant)
-        _, facts = _file_facts(header, path.name)
-        if facts != _arch_facts(v.arch):
-            matching = [x.name for x in VARIANTS.values() if _arch_facts(x.arch) == facts]
-            raise WeightsError(
-                f"Variant {v.name!r} does not match {path.name!r}: the file holds {_describe_facts(facts)}, "
-                f"but {v.name} needs {_describe_facts(_arch_facts(v.arch))}. "
-                + (
-                    f"Variants matching this file: {', '.join(matching)}."
-                    if matching
-                    else "No released variant matches this file."
-                )
-                + " Choose a matching variant, or leave the variant on auto-detect."
-            )
+        v = chosen_variant(header, path.name, variant)
 
     with torch.device("meta"):
         model = Kandinsky5DiT(v.arch, dtype=dtype, operations=operations, compute_dtype=dtype)

@@ -230,11 +230,12 @@ def input_problems(
     out: list[Problem] = []
     auto_w, auto_h = width in (0, None), height in (0, None)
     if auto_w != auto_h:
-        key = "height" if auto_h else "width"
+        key, other = ("height", "width") if auto_h else ("width", "height")
+        values = {"width": width, "height": height}
         out.append(
             Problem(
                 key,
-                f"{wording.name('width')}={width}, {wording.name('height')}={height}: give both, or "
+                f"{wording.name(key)}={values[key]} with {wording.name(other)}={values[other]}: give both, or "
                 f"{wording.both_sizes}.",
             )
         )

@@ -51,18 +51,9 @@ def inspect_dit(path: Path, variant: str) -> Variant:
     header = loading.read_safetensors_header(path)
     if variant == AUTO:
         return loading.detect_variant(header, filename=path.name).get()
-    v = VARIANTS.get(variant)
-    if v is None:
+    if variant not in VARIANTS:
         raise WeightsError(f"variant {variant!r} is unknown. Allowed: auto, {', '.join(VARIANTS)}.")
-    _, facts = loading._file_facts(header, path.name)
-    if facts != loading._arch_facts(v.arch):
-        matching = [x.name for x in VARIANTS.values() if loading._arch_facts(x.arch) == facts]
-        raise WeightsError(
-            f"variant {v.name!r} does not fit {path.name!r} ({loading._describe_facts(facts)}). "
-            + (f"Variants that fit: {', '.join(matching)}. " if matching else "No released variant fits this file. ")
-            + "Pick one of those, or auto."
-        )
-    return v
+    return loading.chosen_variant(header, path.name, variant)
 
 
 class LoadDiT(io.ComfyNode):
@@ -105,9 +96,14 @@ class LoadDiT(io.ComfyNode):
         if variant != AUTO and variant not in VARIANTS:
             return f"variant {variant!r} is unknown. Allowed: auto, {', '.join(VARIANTS)}."
         try:
-            inspect_dit(files.resolve("diffusion_models", dit_name, "dit_name"), variant)
+            path = files.resolve("diffusion_models", dit_name, "dit_name")
+            inspect_dit(path, AUTO)
         except KandinskyError as e:
             return f"dit_name: {e}"
+        try:
+            inspect_dit(path, variant)
+        except KandinskyError as e:
+            return f"variant: {e}"
         return True
 
     @classmethod

@@ -20,7 +20,7 @@ from kandinsky_core.settings import (
 )
 from kandinsky_core.variants import FPS, MAX_SIZE, Variant
 
-from . import comfy_glue, comfy_model
+from . import comfy_glue, comfy_model, queued_graph
 from .common import CATEGORY, fail, validation_result, widget_range_problem
 from .model_options import options_of
 from .text import from_conditioning
@@ -84,6 +84,7 @@ class Sampler(io.ComfyNode):
                                 "I2I edit: the image to edit from Kandinsky 5 VAE Encode, at width x height. Needed by "
                                 "I2I models, refused by the others."),
             ],
+            hidden=[io.Hidden.unique_id],  # validate_inputs finds the node in the queued graph (queued_graph.py)
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip=
                                  "[B, 16, T, H/8, W/8] in the VAE's own (unscaled) latent space: decode it with "
@@ -92,10 +93,24 @@ class Sampler(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, width, height, length, guidance, scheduler_scale):
-        """Every problem the widgets alone show (the model, and so NABLA, is not known yet), one per line."""
-        problems = input_problems(width=width, height=height, length=length, guidance=guidance,
-                                  scheduler_scale=scheduler_scale, steps=None)  # fmt: skip
+    def validate_inputs(
+        cls, width, height, length, guidance, scheduler_scale, model=None, start_latent=None, edit_latent=None
+    ):  # fmt: skip
+        """Every problem, one per line, each starting with the input it concerns: those the widgets alone show and,
+        when the server kept the queued graph, those of the variant of the DiT behind `model` (sizes, frames, NABLA
+        tiles as the NABLA node on the way sets them, a start / edit image it needs or refuses)."""
+        queued = queued_graph.queued_node(cls.hidden.unique_id if cls.hidden else None)
+        dit = queued and queued_graph.dit_behind(*queued)
+        if dit:
+            has = queued[1].get("inputs", {})
+            _, problems = resolve(
+                dit.variant, width=width, height=height, length=length, steps=None, guidance=guidance,
+                scheduler_scale=scheduler_scale, nabla=dit.nabla, has_start="start_latent" in has,
+                has_edit="edit_latent" in has,
+            )  # fmt: skip
+        else:
+            problems = input_problems(width=width, height=height, length=length, guidance=guidance,
+                                      scheduler_scale=scheduler_scale, steps=None)  # fmt: skip
         length_range = widget_range_problem(cls, length=length)
         if length_range and not any(p.input == "length" for p in problems):
             problems.append(Problem("length", length_range))

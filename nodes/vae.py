@@ -8,8 +8,9 @@ import torch
 from comfy_api.latest import io
 
 from kandinsky_core.errors import InputError
+from kandinsky_core.settings import Problem
 
-from . import comfy_glue, comfy_model
+from . import comfy_glue, comfy_model, queued_graph
 from .common import ADVANCED, CATEGORY, K5_VAE, fail, validation_result, widget_range_problem
 
 TILING = ("auto", "on", "off")
@@ -92,6 +93,7 @@ class VAEDecode(io.ComfyNode):
                 io.Int.Input("overlap_frames", **ADVANCED, default=8, min=0, max=128, step=4, tooltip=
                              "Temporal tile overlap in frames, a multiple of 4 and less than tile_frames."),
             ],
+            hidden=[io.Hidden.unique_id],  # validate_inputs finds the node in the queued graph (queued_graph.py)
             outputs=[
                 io.Image.Output(display_name="images", tooltip=
                                 "Frames [N, H, W, 3] in 0..1 (all frames of every batch item), for Save Image / video "
@@ -100,11 +102,20 @@ class VAEDecode(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, tile_px, overlap_px, tile_frames, overlap_frames):
+    def validate_inputs(cls, tile_px, overlap_px, tile_frames, overlap_frames, vae=None, samples=None):
+        """The tile sizes and, in a queued graph, a VAE of the other kind than the DiT behind the samples."""
         from kandinsky_core.hunyuan_vae import VAETiling, tiling_problem
 
         sizes = dict(tile_px=tile_px, overlap_px=overlap_px, tile_frames=tile_frames, overlap_frames=overlap_frames)
-        return widget_range_problem(cls, **sizes) or tiling_problem(VAETiling(**sizes)) or True
+        problems = [widget_range_problem(cls, **sizes) or tiling_problem(VAETiling(**sizes))]
+        queued = queued_graph.queued_node(cls.hidden.unique_id if cls.hidden else None)
+        if queued:
+            prompt, node = queued
+            sampler = queued_graph.linked(prompt, node, "samples")
+            dit = sampler and sampler.get("class_type") == "K5Sampler" and queued_graph.dit_behind(prompt, sampler)
+            problems.append(queued_graph.vae_problem(queued_graph.vae_behind(prompt, node), dit or None,
+                                                     "the samples come from"))  # fmt: skip
+        return "\n".join(p for p in problems if p) or True
 
     @classmethod
     def execute(cls, vae, samples, tiling, tile_px, overlap_px, tile_frames, overlap_frames) -> io.NodeOutput:
@@ -166,6 +177,7 @@ class VAEEncode(io.ComfyNode):
                              "The DiT, so that width = height = 0 sizes the image as the official pipeline of its "
                              "variant does. Leave the sampler's width and height at 0 to follow."),
             ],
+            hidden=[io.Hidden.unique_id],  # validate_inputs finds the node in the queued graph (queued_graph.py)
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip=
                                  "One one-frame latent [N, 16, 1, H/8, W/8] per image, in the VAE's own (unscaled) "
@@ -177,13 +189,21 @@ class VAEEncode(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, width, height):
+    def validate_inputs(cls, width, height, vae=None, model=None):
+        """The size and, in a queued graph, a VAE of the other kind than the connected DiT's."""
         from kandinsky_core.settings import NODE_WORDING, input_problems
 
         wording = dataclasses.replace(NODE_WORDING, both_sizes="0 for both to take the size from the image")
-        return validation_result(
-            input_problems(width=width, height=height, steps=None, guidance=None, scheduler_scale=None, wording=wording)
-        )
+        problems = input_problems(width=width, height=height, steps=None, guidance=None, scheduler_scale=None,
+                                  wording=wording)  # fmt: skip
+        queued = queued_graph.queued_node(cls.hidden.unique_id if cls.hidden else None)
+        if queued:
+            prompt, node = queued
+            dit = queued_graph.dit_behind(prompt, node)
+            problem = queued_graph.vae_problem(queued_graph.vae_behind(prompt, node), dit, "the model is")
+            if problem:
+                problems.append(Problem("vae", problem))
+        return validation_result(problems)
 
     @classmethod
     def execute(cls, vae, images, width, height, model=None) -> io.NodeOutput:

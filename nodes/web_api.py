@@ -57,8 +57,8 @@ def variant_json(v: Variant) -> dict[str, Any]:
 
 
 def detect_file(path: str) -> dict[str, Any]:
-    """{"variant": detected, "fits": every variant of the file's architecture, "guess": what to tell the user when the
-    file name left several variants (else None)} for a Kandinsky 5 DiT,
+    """{"variant": detected, "fits": the variants the loader accepts for it (DetectionResult.accepted), "guess": what
+    to tell the user when the file name left several variants (else None)} for a Kandinsky 5 DiT,
     {"variant": None, "error": why} for anything else. Reads the header only."""
     from kandinsky_core import loading
 
@@ -67,7 +67,7 @@ def detect_file(path: str) -> dict[str, Any]:
     if key not in _detected:
         try:
             found = loading.detect_variant(loading.read_safetensors_header(path), filename=Path(path).name)
-            _detected[key] = {"variant": found.variant, "fits": list(found.candidates), "guess": found.guess}
+            _detected[key] = {"variant": found.variant, "fits": list(found.accepted), "guess": found.guess}
         except KandinskyError as e:
             _detected[key] = {"variant": None, "error": str(e)}
     return _detected[key]

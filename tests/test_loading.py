@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from tiny import TINY_ARCHS, make_inputs, make_tiny_dit, make_tiny_dit_file, random_state_dict, tiny_variant
 
 from kandinsky_core.errors import InputError, MissingFilesError, WeightsError
-from kandinsky_core.loading import detect_variant, load_dit, read_safetensors_header
+from kandinsky_core.loading import chosen_variant, detect_variant, load_dit, read_safetensors_header
 from kandinsky_core.model import Kandinsky5DiT
 from kandinsky_core.variants import VARIANTS, get_variant
 
@@ -222,7 +222,7 @@ def test_scaled_fp8_export_is_named(tmp_path):
 def test_override_that_does_not_match_is_refused(tmp_path):
     arch = TINY_ARCHS["lite"]
     p = make_tiny_dit_file(tmp_path / "t.safetensors", arch)
-    with pytest.raises(WeightsError, match=r"Variant 'i2i-lite' does not match 't.safetensors'.*64-wide.*2560-wide"):
+    with pytest.raises(WeightsError, match=r"variant 'i2i-lite' does not fit 't.safetensors'.*64-wide.*2560-wide"):
         load_dit(p, variant="i2i-lite")
     with pytest.raises(WeightsError, match=r"33 input channels.*16 input channels"):
         load_dit(p, variant=tiny_variant(TINY_ARCHS["lite_t2v_16ch"]))
@@ -328,3 +328,30 @@ def test_detection_says_when_it_had_to_guess():
     for name in ("t2v-lite-distilled16steps-5s", "i2v-lite-5s", "t2i-lite"):
         official = detect_variant(real_header(name), filename=_expected_filename(name))
         assert official.guess is None and official.tied == ()
+
+
+def test_a_released_file_runs_as_what_was_released_under_its_name():
+    """Lite's 5 s / 10 s, sft / pretrain / nocfg / distilled and T2V / I2V files hold the same tensors. Under its
+    released name a file is run as its release: the 10 s file with the 5 s variant's settings (121 frames, dense
+    attention) or the sft file with the distilled 16 steps is refused, naming both settings and the fix. Renamed,
+    the choice is the user's; SD and HD Pro share one released file, and both are accepted."""
+    lite = real_header("t2v-lite-sft-10s")
+    with pytest.raises(WeightsError) as e:
+        chosen_variant(lite, "kandinsky5lite_t2v_sft_10s.safetensors", "t2v-lite-sft-5s")
+    msg = str(e.value)
+    assert msg.startswith(
+        "variant 't2v-lite-sft-5s' does not fit 'kandinsky5lite_t2v_sft_10s.safetensors': that is the released "
+        "t2v-lite-sft-10s file, and t2v-lite-sft-5s would run it with t2v-lite-sft-5s's settings (up to 121 frames, "
+        "50 steps, guidance 5, dense attention) instead of its own (up to 241 frames, 50 steps, guidance 5, NABLA)."
+    ), msg
+    assert "Set variant to auto (or t2v-lite-sft-10s); for t2v-lite-sft-5s, load its own file " \
+        "kandinsky5lite_t2v_sft_5s.safetensors." in msg  # fmt: skip
+    assert chosen_variant(lite, "kandinsky5lite_t2v_sft_10s.safetensors", "t2v-lite-sft-10s").name == "t2v-lite-sft-10s"
+    with pytest.raises(WeightsError, match="16 steps, guidance 1"):
+        chosen_variant(lite, "kandinsky5lite_t2v_sft_5s.safetensors", "t2v-lite-distilled16steps-5s")
+    assert chosen_variant(lite, "my_lite.safetensors", "t2v-lite-distilled16steps-5s").name.endswith("steps-5s")
+    pro = real_header("t2v-pro-sft-5s-sd")
+    for name in ("t2v-pro-sft-5s-sd", "t2v-pro-sft-5s-hd"):
+        assert chosen_variant(pro, "kandinsky5pro_t2v_sft_5s.safetensors", name).name == name
+    assert detect_variant(lite, filename="kandinsky5lite_t2v_sft_10s.safetensors").accepted == ("t2v-lite-sft-10s",)
+    assert len(detect_variant(lite, filename="my_lite.safetensors").accepted) > 1

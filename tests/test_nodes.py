@@ -248,9 +248,12 @@ def test_every_input_has_a_tooltip_and_reaches_execute(comfy):
             if i.optional:
                 assert params[i.id].default is None
         assert set(params) == {i.id for i in schema.inputs}, schema.node_id
-        if "validate_inputs" in vars(cls):  # ComfyUI passes only widget values, by name
-            required = {i.id for i in schema.inputs if not i.optional}
-            assert set(inspect.signature(cls.validate_inputs).parameters) <= required, schema.node_id
+        if "validate_inputs" in vars(cls):  # ComfyUI passes widget values by name, linked inputs as None
+            taken = inspect.signature(cls.validate_inputs).parameters
+            assert set(taken) <= {i.id for i in schema.inputs}, schema.node_id
+            for i in schema.inputs:  # an optional input left unconnected is not passed at all
+                if i.id in taken and i.optional:
+                    assert taken[i.id].default is None, f"{schema.node_id}.{i.id}"
 
 
 def test_vae_decode_tile_sizes_are_advanced_inputs_where_comfyui_has_them(comfy):

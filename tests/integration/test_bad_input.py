@@ -114,25 +114,104 @@ def test_sampler_width_that_is_not_a_number_is_refused_with_a_message(comfyui):
     assert "not supported" not in errors
 
 
+def refusals(comfyui, graph: dict) -> dict[tuple[str, str], list[str]]:
+    """A refused prompt's node errors as ComfyUI sends them: (node, input) -> the lines of its details."""
+    status, body = comfyui.queue(graph)
+    assert status == 400, (status, str(body)[:2000])
+    out = {}
+    for node, errs in body["node_errors"].items():
+        for e in errs["errors"]:
+            name = e["extra_info"].get("input_name", "")
+            out[(node, name)] = e["details"].removeprefix(f"{name} - ").split("\n")
+    return out
+
+
 @pytest.mark.parametrize("size", [(1024, 1024), (4096, 4096)])
-def test_i2v_size_far_above_the_trained_area_is_refused_before_sampling(comfyui, size):
-    started = time.monotonic()
-    err = execution_error(comfyui, i2v(comfyui, *size))
-    assert err["node_id"] == "5", err
-    assert f"width x height = {size[0]}x{size[1]} is too large for i2v-lite-5s" in err["exception_message"]
-    assert not comfyui.progress("5", started)  # no step ran
+def test_i2v_size_far_above_the_trained_area_is_refused_when_queued(comfyui, size):
+    errors = validation_errors(comfyui, i2v(comfyui, *size))
+    assert f"5: Custom validation failed for node width - width x height = {size[0]}x{size[1]} is too large for " \
+        "i2v-lite-5s" in errors, errors  # fmt: skip
+    assert not list((comfyui.base / "output").glob("never_written*"))
 
 
-def test_t2i_latent_with_the_hunyuan_vae_is_refused(comfyui):
+# Mismatches between the files a graph loads and what it asks of them: refused when queued (a 400 naming the
+# node and input), not after the models loaded or the sampling ran. The sampler, VAE Decode and VAE Encode follow
+# their links in the queued graph back to the loaders (nodes/queued_graph.py).
+
+
+def test_t2i_model_with_the_hunyuan_vae_is_refused_when_queued(comfyui):
     g = graphs.text2x(dit_name(comfyui, "t2i-lite"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, 1, seed=0,
                       prefix="never_written")  # fmt: skip
-    err = execution_error(comfyui, g)
-    assert err["node_id"] == "6", err
-    assert (
-        "samples were made for the FLUX VAE (image models) but the connected VAE is the HunyuanVideo VAE"
-        in (err["exception_message"])
-    )
+    found = refusals(comfyui, g)
+    assert found[("6", "vae")] == [
+        f"vae: {HUNYUAN_VAE} is the HunyuanVideo VAE (hunyuan_video_vae_bf16.safetensors, video models), but the "
+        "samples come from kandinsky5lite_t2i.safetensors, a t2i-lite model made for the FLUX VAE (ae.safetensors, "
+        "image models). Pick that one in Load Kandinsky 5 VAE."
+    ], found
+    assert set(found) == {("6", "vae"), ("6", "tile_px"), ("6", "overlap_px"), ("6", "tile_frames"),
+                          ("6", "overlap_frames"), ("6", "samples")}  # fmt: skip
     assert not list((comfyui.base / "output").glob("never_written*"))
+
+
+def test_i2v_graph_with_a_video_model_and_an_image_vae_is_refused_at_vae_encode(comfyui):
+    g = i2v(comfyui)
+    g["3"]["inputs"]["vae_name"] = FLUX_VAE
+    g["9"]["inputs"]["model"] = ["1", 0]
+    found = refusals(comfyui, g)
+    assert any(line.startswith(f"vae: {FLUX_VAE} is the FLUX VAE") and "i2v-lite-5s" in line
+               for line in found[("9", "vae")]), found  # fmt: skip
+    assert any(line.startswith(f"vae: {FLUX_VAE} is the FLUX VAE") for line in found[("6", "vae")]), found
+
+
+def test_t2v_file_in_an_i2v_graph_is_refused_when_queued(comfyui):
+    g = i2v(comfyui)
+    g["1"]["inputs"]["dit_name"] = dit_name(comfyui, "t2v-lite-sft-5s")
+    found = refusals(comfyui, g)
+    expected = "start_latent is given but t2v-lite-sft-5s is a T2V model. Disconnect it, or load an I2V model."
+    assert expected in found[("5", "start_latent")], found
+    assert not list((comfyui.base / "output").glob("never_written*"))
+
+
+def test_i2v_file_without_a_start_image_is_refused_when_queued(comfyui):
+    g = graphs.text2x(dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0,
+                      prefix="never_written")  # fmt: skip
+    errors = validation_errors(comfyui, g)
+    assert "start_latent: i2v-lite-5s is an image-to-video model and needs a start image. Encode one with " \
+        "Kandinsky 5 VAE Encode and connect it to start_latent" in errors, errors  # fmt: skip
+
+
+def test_released_file_run_as_another_variant_is_refused_when_queued(comfyui):
+    """The T2V and I2V Lite files hold the same tensors: the released T2V file run with the I2V variant's settings
+    (as a 10 s file with the 5 s variant's would be: tests/test_loading.py checks those at full size)."""
+    g = t2v(comfyui)
+    g["1"]["inputs"]["variant"] = "i2v-lite-5s"
+    found = refusals(comfyui, g)
+    (line,) = found[("1", "variant")]
+    assert line.startswith(
+        "variant: variant 'i2v-lite-5s' does not fit 'kandinsky5lite_t2v_sft_5s.safetensors': that is the released "
+        "t2v-lite-sft-5s file"
+    ), line
+    assert "Set variant to auto (or t2v-lite-sft-5s)" in line
+
+
+def test_nabla_size_of_the_variant_is_refused_when_queued_with_every_problem_under_its_input(comfyui):
+    """The sampler knows the variant (and the NABLA node on the way) at validation: NABLA's 128-px tiles, the
+    frame count and guidance are each refused once, under their own input, all in one answer."""
+    g = t2v(comfyui, guidance=99.0)
+    g["5"]["inputs"].update(width=1040, length=130)
+    tuning = {"mode.P": 0.0, "mode.wT": 0, "mode.wH": 0, "mode.wW": 0}  # v0.33.0's DynamicCombo (0 = the variant's)
+    g["10"] = {"class_type": "K5Nabla", "inputs": {"model": ["1", 0], "mode": "on", **tuning}}
+    g["5"]["inputs"]["model"] = ["10", 0]
+    found = refusals(comfyui, g)
+    lines = found[("5", "width")]
+    assert any(x.startswith("width=1040 must be a multiple of 128 px") for x in lines), lines
+    assert any(x.startswith("length=130 frames must be 4k+1") for x in lines), lines
+    assert any(x.startswith("guidance=99.0 is not allowed") for x in lines), lines
+    # ComfyUI repeats the node's message under every input its validate_inputs takes; each line starts with the
+    # input it concerns, so that the front end (js/kandinsky5.js) shows it once, there.
+    inputs = {"width", "height", "length", "guidance", "scheduler_scale", "model", "positive", "negative"}
+    for line in lines:
+        assert line.split("=")[0].split(" ")[0].rstrip(":") in inputs, line
 
 
 def test_qwen_of_the_wrong_width_is_named_with_the_fix(comfyui):

@@ -292,9 +292,9 @@ def test_every_problem_of_the_sampler_is_reported_not_just_the_first(comfyui):
     ], details
 
 
-def test_nabla_on_at_a_size_its_tiles_cannot_cover_names_the_input_and_the_fix(comfyui):
-    """NABLA is an option of the model (Kandinsky 5 NABLA), so the Sampler refuses the size when it runs, before
-    any step, with the inputs to change."""
+def test_nabla_on_at_a_size_its_tiles_cannot_cover_is_refused_when_queued(comfyui):
+    """NABLA is an option of the model (Kandinsky 5 NABLA): the Sampler finds it on the way to the loader in the
+    queued graph and refuses the size before anything runs, with the inputs to change."""
     g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0,
                       prefix="never_written")  # fmt: skip
     mode_type = comfyui.request("/object_info/K5Nabla")[1]["K5Nabla"]["input"]["required"]["mode"][0]
@@ -302,11 +302,14 @@ def test_nabla_on_at_a_size_its_tiles_cannot_cover_names_the_input_and_the_fix(c
     tuning = {f"{'mode.' if dynamic else ''}{k}": 0 for k in ("P", "wT", "wH", "wW")}
     g["n"] = {"class_type": "K5Nabla", "inputs": {"model": ["1", 0], "mode": "on", **tuning}}
     g["5"]["inputs"]["model"] = ["n", 0]
-    err = execution_error(comfyui, g)
-    assert err["node_id"] == "5", err
-    message = err["exception_message"]
+    message = validation_errors(comfyui, g)
+    assert "5:" in message, message
     assert "width=96 must be a multiple of 128 px" in message and "height=64 must be a multiple of 128 px" in message
     assert "or set mode to off in Kandinsky 5 NABLA" in message
+    g["n"]["inputs"]["mode"] = "off"  # the same graph with NABLA off is accepted
+    status, body = comfyui.queue({**g, "7": {**g["7"], "inputs": {**g["7"]["inputs"], "filename_prefix": "nabla_off"}}})
+    assert status == 200, body
+    comfyui.wait(body["prompt_id"])
 
 
 def test_vae_file_in_the_dit_loader_is_refused_at_validation(comfyui):
@@ -323,22 +326,10 @@ def test_wrong_variant_override_is_refused_at_validation(comfyui):
     assert "does not fit" in errors and "t2i-lite" in errors, errors
 
 
-def test_i2v_model_without_start_image_is_an_execution_error(comfyui):
-    g = graphs.text2x(dit_name(comfyui, "i2v-lite-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, W, H, FRAMES, seed=0)
-    g["7"]["inputs"]["filename_prefix"] = "never_written"
-    err = execution_error(comfyui, g)
-    assert err["node_id"] == "5" and err["node_type"] == "K5Sampler"
-    assert err["exception_type"].endswith("InputError")
-    assert "start_latent" in err["exception_message"] and "VAE Encode" in err["exception_message"]
-    assert not list((comfyui.base / "output").glob("never_written*"))
-
-
-def test_hd_size_on_a_lite_model_is_an_execution_error(comfyui):
+def test_hd_size_on_a_lite_model_is_refused_when_queued(comfyui):
     g = graphs.text2x(dit_name(comfyui, "t2v-lite-sft-5s"), HUNYUAN_VAE, QWEN, CLIP, PROMPT, 1280, 768, 1, seed=0)
-    err = execution_error(comfyui, g)
-    assert err["node_id"] == "5"
-    assert "1280x768 is too large for t2v-lite-sft-5s" in err["exception_message"]
-    assert "Pro HD" in err["exception_message"]
+    errors = validation_errors(comfyui, g)
+    assert "5:" in errors and "1280x768 is too large for t2v-lite-sft-5s" in errors and "Pro HD" in errors, errors
 
 
 def test_missing_tokenizer_is_an_execution_error_naming_the_loader(comfyui):
