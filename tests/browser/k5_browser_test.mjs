@@ -435,14 +435,28 @@ try {
   const rawLoader = r.raw.node_errors[loaderId].errors;
   assert.ok(rawLoader.length >= 2, `the server sent one error per argument: ${JSON.stringify(rawLoader)}`);
   let items = r.shown.filter((x) => x.item.startsWith(`${loaderTitle} - `));
-  assert.equal(items.length, 1, `one item for the loader's one problem: ${JSON.stringify(r.shown)}`);
+  assert.deepEqual(items.map((x) => x.item), [`${loaderTitle} - variant`], `the loader's one problem, once: ${JSON.stringify(r.shown)}`);
   assert.match(items[0].details, /variant 't2i-lite' does not fit 'kandinsky5lite_t2v_sft_5s\.safetensors'/);
   assert.equal(r.shown.map((x) => x.details).join("\n").match(/does not fit/g).length, 1, JSON.stringify(r.shown));
   results.refusal_loader = r.shown;
   await closePanel();
   await set("K5LoadDiT", "variant", "auto");
 
-  // (b) A sampler with three problems: width, height and length each under its own input, once.
+  // (b) A graph refusal: an image DiT whose samples Kandinsky 5 VAE Decode would decode with the HunyuanVideo VAE (the
+  // node sees it only through its links in the queued graph). Once, under vae.
+  await set("K5LoadDiT", "dit_name", F.dit_t2i);
+  const decodeTitle = await titleOf("K5VAEDecode");
+  const decodeId = await page.evaluate(() => String(window.app.graph.nodes.find((n) => n.type === "K5VAEDecode").id));
+  r = await refusal("image_dit_with_video_vae");
+  assert.ok(r.raw.node_errors[decodeId]?.errors.length >= 2, `one error per argument: ${JSON.stringify(r.raw)}`);
+  items = r.shown.filter((x) => x.item.startsWith(`${decodeTitle} - `));
+  assert.deepEqual(items.map((x) => x.item), [`${decodeTitle} - vae`], JSON.stringify(r.shown));
+  assert.match(items[0].details, /vae: HunyuanVideo\/vae\/ is the HunyuanVideo VAE .* kandinsky5lite_t2i\.safetensors, a t2i-lite model made for the FLUX VAE/);
+  results.refusal_graph = items;
+  await closePanel();
+  await set("K5LoadDiT", "dit_name", F.dit_t2v);
+
+  // (c) A sampler with three problems: width, height and length each under its own input, once.
   const samplerId = await page.evaluate(() => String(window.__k5.sampler().id));
   // Values off the widgets' steps, as a workflow written elsewhere holds them (the widgets snap what a user types).
   await page.evaluate(() => {

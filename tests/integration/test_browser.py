@@ -127,7 +127,7 @@ def test_extension_in_headless_chromium(request, tmp_path):
     names = {Path(p).stem for p in results["warning_screenshots"]}
     for warning in ("loader_variant_does_not_fit", "sampler_size_nabla_length", "loader_guess"):
         assert {f"kandinsky5_warning_{warning}_canvas", f"kandinsky5_warning_{warning}_vue"} <= names, names
-    assert len(results["refusal_screenshots"]) == 3, results["refusal_screenshots"]
+    assert len(results["refusal_screenshots"]) == 4, results["refusal_screenshots"]
     for path in [results["screenshot"], *results["warning_screenshots"], *results["refusal_screenshots"]]:
         shot = Image.open(path).convert("L")
         lo, hi = shot.getextrema()
