@@ -222,15 +222,15 @@ def chosen_variant(header_or_shapes: Mapping, filename: str, variant: str | Vari
     v = get_variant(variant)
     name = Path(filename).name
     _, facts = _file_facts(header_or_shapes, name)
+    released = _released_as(name, facts)
     if facts != _arch_facts(v.arch):
-        matching = [x.name for x in VARIANTS.values() if _arch_facts(x.arch) == facts]
+        matching = released or [x.name for x in VARIANTS.values() if _arch_facts(x.arch) == facts]
         raise WeightsError(
             f"variant {v.name!r} does not fit {name!r}: the file holds {_describe_facts(facts)}, but {v.name} needs "
             f"{_describe_facts(_arch_facts(v.arch))}. "
             + (f"Variants that fit: {', '.join(matching)}." if matching else "No released variant fits this file.")
             + " Pick one of those, or auto."
         )
-    released = _released_as(name, facts)
     if released and v.name not in released:
         mine = get_variant(released[0])
         raise WeightsError(

@@ -1,6 +1,7 @@
 // Headless-Chromium test of js/kandinsky5.js on the real ComfyUI frontend served by a running ComfyUI.
 // Run by tests/integration/test_browser.py, which starts the server with tiny models and passes:
-//   COMFY_URL, K5_ARTIFACTS (folder for the screenshot), K5_FILES (JSON: the server's model names),
+//   COMFY_URL, K5_ARTIFACTS (folder for the screenshots), K5_FILES (JSON: the server's model names; dit_renamed is
+//   the T2V file under a name that does not say its variant, so detection guesses),
 //   K5_WORKFLOW (optional: a bundled UI workflow to load instead of the small graph below), CHROMIUM (executable).
 // Exits non-zero with the failed assertion; prints one JSON line of results on success.
 import assert from "node:assert/strict";
@@ -68,7 +69,10 @@ try {
   page.on("response", (r) => {
     if (/\/workflow_templates\/.+\.(jpg|webp)$/.test(r.url())) thumbnailResponses.push({ url: decodeURIComponent(r.url()), status: r.status() });
   });
-  page.on("console", (m) => m.type() === "error" && /kandinsky/i.test(m.text()) && pageErrors.push(m.text()));
+  page.on("console", (m) => {
+    // the frontend logs each refused prompt (the refusals below are expected, and read as the user reads them)
+    if (m.type() === "error" && /kandinsky/i.test(m.text()) && !/^PromptExecutionError/.test(m.text())) pageErrors.push(m.text());
+  });
   await page.goto(URL, { waitUntil: "domcontentloaded", timeout: 60000 });
   await page.waitForFunction(() => window.app?.graph && window.kandinsky5?.state?.data, null, { timeout: 90000 });
   // A first visit opens the template browser over the canvas: close it.
@@ -267,6 +271,225 @@ try {
   assert.deepEqual((await warnings()).warnings, []);
   await set("K5Sampler", "length", 121);
   assert.match((await warnings()).label, /121 frames = 5\.0 s/);
+
+  // 4b. The warnings are readable on the canvas and in Vue nodes: inside the node (it grows to hold them), wrapped to
+  // its width, on top of whatever is near, gone when nothing is wrong. Each is screenshotted in both modes.
+  const setVueNodes = async (on) => {
+    await page.evaluate((v) => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", v), on);
+    await page.waitForFunction((v) => !!document.querySelector("[data-node-id]") === v, on, { timeout: 20000 });
+    await fitView();
+    await page.waitForTimeout(700);
+  };
+  // Where a node's warning box is, against the node's own box (the Vue node element, or the node on the canvas).
+  const warningView = (type) =>
+    page.evaluate((t) => {
+      const node = window.app.graph.nodes.find((n) => n.type === t);
+      const el = node.widgets.find((w) => w.name === "k5_warnings")?.element;
+      const vueEl = document.querySelector(`[data-node-id="${node.id}"]`);
+      let nodeBox;
+      if (vueEl) {
+        const r = vueEl.getBoundingClientRect();
+        nodeBox = { x: r.x, y: r.y, right: r.right, bottom: r.bottom };
+      } else {
+        const c = window.app.canvas;
+        const r = c.canvas.getBoundingClientRect();
+        const [sx, sy] = c.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
+        const s = c.ds.scale;
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        nodeBox = { x: r.x + sx, y: r.y + sy - title * s, right: r.x + sx + node.size[0] * s, bottom: r.y + sy + node.size[1] * s };
+      }
+      const out = { warnings: node.k5Warnings, nodeBox, height: node.size[1] };
+      if (!el?.isConnected) return out;
+      const b = el.getBoundingClientRect();
+      const rows = [...el.children].map((row) => {
+        const r = row.getBoundingClientRect();
+        // every row is the top element at its start, middle and end: nothing covers it
+        const covered = [0.02, 0.5, 0.98].filter((f) => {
+          const hit = document.elementFromPoint(r.x + r.width * f, r.y + r.height / 2);
+          return !(hit && el.contains(hit));
+        });
+        return { text: row.textContent, top: r.y, bottom: r.bottom, covered };
+      });
+      return {
+        ...out, rows, box: { x: b.x, y: b.y, right: b.right, bottom: b.bottom },
+        clipped: el.scrollWidth > el.clientWidth + 1 || el.scrollHeight > el.clientHeight + 1,
+        visible: getComputedStyle(el).visibility !== "hidden" && b.width > 0 && b.height > 0,
+      };
+    }, type);
+  const readable = async (type, patterns, name, mode) => {
+    const v = await warningView(type);
+    const where = `${type} (${mode})`;
+    assert.ok(v.rows, `${where}: no warning box for ${JSON.stringify(v.warnings)}`);
+    assert.equal(v.rows.length, patterns.length, `${where}: ${JSON.stringify(v.rows.map((r) => r.text))}`);
+    patterns.forEach((p, i) => assert.match(v.rows[i].text, p, `${where}: warning ${i}`));
+    assert.ok(v.visible, `${where}: the warning box is not visible`);
+    assert.ok(!v.clipped, `${where}: the warnings overflow their box (not wrapped): ${JSON.stringify(v.box)}`);
+    const { box, nodeBox } = v;
+    const inside = box.x >= nodeBox.x - 1 && box.right <= nodeBox.right + 1 && box.y >= nodeBox.y - 1
+      && box.bottom <= nodeBox.bottom + 1;
+    assert.ok(inside, `${where}: the warnings are outside the node: ${JSON.stringify({ box, nodeBox })}`);
+    for (const r of v.rows) assert.deepEqual(r.covered, [], `${where}: "${r.text}" is covered at ${r.covered}`);
+    const file = path.join(ARTIFACTS, `kandinsky5_warning_${name}_${mode}.png`);
+    const pad = 24;
+    await page.screenshot({
+      path: file,
+      clip: {
+        x: Math.max(0, nodeBox.x - pad), y: Math.max(0, nodeBox.y - pad),
+        width: nodeBox.right - nodeBox.x + 2 * pad, height: nodeBox.bottom - nodeBox.y + 2 * pad,
+      },
+    });
+    (results.warning_screenshots ??= []).push(file);
+    return v;
+  };
+  const gone = async (type, mode) => {
+    const v = await warningView(type);
+    assert.deepEqual(v.warnings, [], `${type} (${mode})`);
+    assert.equal(v.rows, undefined, `${type} (${mode}): a warning box is left with no warning`);
+    return v;
+  };
+  fs.mkdirSync(ARTIFACTS, { recursive: true });
+  const samplerHeight = (await warningView("K5Sampler")).height;
+  await set("K5LoadDiT", "variant", "t2v-pro-sft-10s-hd"); // does not fit the Lite file
+  await setAll("K5Sampler", { width: 1040, length: 250 });
+  const FIT = [/^\u26A0 variant t2v-pro-sft-10s-hd does not fit kandinsky5lite_t2v_sft_5s\.safetensors: pick auto or one of/];
+  // (the widget snaps length 250 to 249)
+  const SIZES = [/NABLA needs multiples of 128 px/, /1040x768 is not a t2v-pro-sft-10s-hd size/, /length 249 > 241 frames/];
+  const GUESS = [/^\u26A0 my_k5_video\.safetensors: the tensors fit 2 variants .* does not say which: took t2v-lite-sft-5s/];
+  await setVueNodes(false);
+  await readable("K5LoadDiT", FIT, "loader_variant_does_not_fit", "canvas");
+  const grown = await readable("K5Sampler", SIZES, "sampler_size_nabla_length", "canvas");
+  assert.ok(grown.height > samplerHeight + 40, `the sampler did not grow for its warnings: ${samplerHeight} -> ${grown.height}`);
+  await setVueNodes(true);
+  await readable("K5LoadDiT", FIT, "loader_variant_does_not_fit", "vue");
+  await readable("K5Sampler", SIZES, "sampler_size_nabla_length", "vue");
+  // Changed while in Vue nodes: the guess of a renamed file shows; the sampler's warnings go with their cause.
+  await set("K5LoadDiT", "variant", "auto");
+  await set("K5LoadDiT", "dit_name", F.dit_renamed);
+  await setAll("K5Sampler", { width: 768, length: 121 });
+  await page.waitForTimeout(300);
+  await readable("K5LoadDiT", GUESS, "loader_guess", "vue");
+  await gone("K5Sampler", "vue");
+  await setVueNodes(false);
+  await readable("K5LoadDiT", GUESS, "loader_guess", "canvas");
+  const shrunk = await gone("K5Sampler", "canvas");
+  assert.ok(shrunk.height < grown.height - 40, `the sampler kept the warnings' height: ${grown.height} -> ${shrunk.height}`);
+  await set("K5LoadDiT", "dit_name", F.dit_t2v);
+  await gone("K5LoadDiT", "canvas");
+
+  // 4c. A refused prompt, read as the user reads it (the errors panel, and the inputs marked in Vue nodes): each
+  // problem once, under the input it concerns. The server sends every problem under every argument of
+  // validate_inputs; js/kandinsky5.js splits them by the input each line names.
+  const refusal = async (name) => {
+    const posted = page.waitForResponse((r) => r.url().endsWith("/prompt") && r.request().method() === "POST", { timeout: 60000 });
+    await page.evaluate(() => window.app.queuePrompt(0, 1));
+    const response = await posted;
+    const raw = await response.json();
+    assert.equal(response.status(), 400, `${name}: not refused: ${JSON.stringify(raw)}`);
+    const details = page.getByText("View details", { exact: true });
+    await details.first().waitFor({ timeout: 10000 }).catch(() => {});
+    if (await details.count()) await details.first().click();
+    const info = page.locator("button[aria-label^='Info for ']");
+    await info.first().waitFor({ timeout: 10000 });
+    for (const b of await info.all()) if ((await b.getAttribute("aria-expanded")) !== "true") await b.click();
+    await page.waitForTimeout(400);
+    const shown = await page.evaluate(() =>
+      [...document.querySelectorAll("button[aria-label^='Info for ']")].map((b) => ({
+        item: b.getAttribute("aria-label").slice("Info for ".length),
+        details: document.getElementById(b.getAttribute("aria-controls"))?.innerText ?? "",
+      })));
+    const file = path.join(ARTIFACTS, `kandinsky5_refusal_${name}.png`);
+    await page.screenshot({ path: file });
+    (results.refusal_screenshots ??= []).push(file);
+    return { raw, shown };
+  };
+  const closePanel = async () => {
+    for (let i = 0; i < 3 && (await page.$("[role=dialog]")); i++) await page.keyboard.press("Escape");
+  };
+  const titleOf = (type) => page.evaluate((t) => window.app.graph.nodes.find((n) => n.type === t).title, type);
+  const loaderTitle = await titleOf("K5LoadDiT");
+  const samplerTitle = await titleOf("K5Sampler");
+
+  // The rules on a made-up refusal: a line naming no input stays under every input, a line about an input that got no
+  // error of its own (not an argument of validate_inputs) gets one, other nodes' and other kinds of errors are kept.
+  const split = await page.evaluate(() => {
+    const e = (input, details, type = "custom_validation_failed") =>
+      ({ type, message: "m", details: `${input} - ${details}`, extra_info: { input_name: input } });
+    const all = "width=1000 must be a multiple of 16\nstart_latent is given but the model is T2V\nsomething else";
+    return window.kandinsky5.splitRefusal({
+      1: { class_type: "K5Sampler", errors: [e("width", all), e("guidance", all), e("seed", "x", "value_bigger_than_max")] },
+      2: { class_type: "KSampler", errors: [e("cfg", "a\nb"), e("seed", "a\nb")] },
+    });
+  });
+  assert.deepEqual(split[1].errors.map((x) => [x.extra_info.input_name, x.details]), [
+    ["width", "width - width=1000 must be a multiple of 16\nsomething else"],
+    ["guidance", "guidance - something else"],
+    ["seed", "seed - x"],
+    ["start_latent", "start_latent - start_latent is given but the model is T2V"],
+  ]);
+  assert.equal(split[2].errors.length, 2, "another pack's node is left as it is");
+
+  // (a) A variant that does not fit the file: refused by Load Kandinsky 5 DiT, one item, said once.
+  await set("K5LoadDiT", "variant", "t2i-lite");
+  let r = await refusal("loader_variant_does_not_fit");
+  const loaderId = await page.evaluate(() => String(window.__k5.loader().id));
+  const rawLoader = r.raw.node_errors[loaderId].errors;
+  assert.ok(rawLoader.length >= 2, `the server sent one error per argument: ${JSON.stringify(rawLoader)}`);
+  let items = r.shown.filter((x) => x.item.startsWith(`${loaderTitle} - `));
+  assert.deepEqual(items.map((x) => x.item), [`${loaderTitle} - variant`], `the loader's one problem, once: ${JSON.stringify(r.shown)}`);
+  assert.match(items[0].details, /variant 't2i-lite' does not fit 'kandinsky5lite_t2v_sft_5s\.safetensors'/);
+  assert.equal(r.shown.map((x) => x.details).join("\n").match(/does not fit/g).length, 1, JSON.stringify(r.shown));
+  results.refusal_loader = r.shown;
+  await closePanel();
+  await set("K5LoadDiT", "variant", "auto");
+
+  // (b) A graph refusal: an image DiT whose samples Kandinsky 5 VAE Decode would decode with the HunyuanVideo VAE (the
+  // node sees it only through its links in the queued graph). Once, under vae.
+  await set("K5LoadDiT", "dit_name", F.dit_t2i);
+  const decodeTitle = await titleOf("K5VAEDecode");
+  const decodeId = await page.evaluate(() => String(window.app.graph.nodes.find((n) => n.type === "K5VAEDecode").id));
+  r = await refusal("image_dit_with_video_vae");
+  assert.ok(r.raw.node_errors[decodeId]?.errors.length >= 2, `one error per argument: ${JSON.stringify(r.raw)}`);
+  items = r.shown.filter((x) => x.item.startsWith(`${decodeTitle} - `));
+  assert.deepEqual(items.map((x) => x.item), [`${decodeTitle} - vae`], JSON.stringify(r.shown));
+  assert.match(items[0].details, /vae: HunyuanVideo\/vae\/ is the HunyuanVideo VAE .* kandinsky5lite_t2i\.safetensors, a t2i-lite model made for the FLUX VAE/);
+  results.refusal_graph = items;
+  await closePanel();
+  await set("K5LoadDiT", "dit_name", F.dit_t2v);
+
+  // (c) A sampler with three problems: width, height and length each under its own input, once.
+  const samplerId = await page.evaluate(() => String(window.__k5.sampler().id));
+  // Values off the widgets' steps, as a workflow written elsewhere holds them (the widgets snap what a user types).
+  await page.evaluate(() => {
+    const s = window.__k5.sampler();
+    for (const [k, v] of Object.entries({ width: 1000, height: 520, length: 130 })) s.widgets.find((w) => w.name === k).value = v;
+  });
+  r = await refusal("sampler_three_problems");
+  const rawSampler = r.raw.node_errors[samplerId].errors;
+  assert.ok(rawSampler.length > 3 && rawSampler.every((e) => /width=1000/.test(e.details) && /length=130/.test(e.details)),
+    `the server sends every problem under every argument: ${JSON.stringify(rawSampler)}`);
+  items = r.shown.filter((x) => x.item.startsWith(`${samplerTitle} - `));
+  assert.deepEqual(items.map((x) => x.item.slice(samplerTitle.length + 3)).sort(), ["height", "length", "width"], JSON.stringify(r.shown));
+  const problem = {
+    width: /width=1000 must be a multiple of 16/, height: /height=520 must be a multiple of 16/,
+    length: /length=130 frames must be 4k\+1/,
+  };
+  for (const x of items) {
+    const input = x.item.slice(samplerTitle.length + 3);
+    for (const [k, re] of Object.entries(problem)) {
+      assert.equal(re.test(x.details), k === input, `${x.item}: ${k === input ? "misses" : "repeats"} the ${k} problem: ${x.details}`);
+    }
+  }
+  results.refusal_sampler = items;
+  // In Vue nodes the refused inputs are marked on the node: exactly those three.
+  await closePanel();
+  await setVueNodes(true);
+  const marked = await page.evaluate((id) =>
+    [...document.querySelectorAll(`[data-node-id="${id}"] .text-node-stroke-error`)]
+      .map((e) => e.innerText.trim().split(/\s/)[0]), samplerId);
+  assert.deepEqual(marked.sort(), ["height", "length", "width"], `inputs marked as refused: ${marked}`);
+  await page.screenshot({ path: path.join(ARTIFACTS, "kandinsky5_refusal_sampler_three_problems_vue.png") });
+  results.refusal_screenshots.push(path.join(ARTIFACTS, "kandinsky5_refusal_sampler_three_problems_vue.png"));
+  await setVueNodes(false);
 
   // 5. Back to the runnable tiny T2V model at a tiny size: flagged (not a trained size) but queued anyway.
   await set("K5LoadDiT", "variant", "auto");

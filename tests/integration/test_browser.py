@@ -2,8 +2,9 @@
 GET /kandinsky5/variants route it reads. Needs COMFYUI_DIR (see docs/comfyui.md), Debian `chromium` and
 `npm ci` in tests/browser; without them the browser test is skipped with a warning saying what is missing.
 The template browser (the pack's templates found by "kandinsky", titled, with their thumbnails, A -> Z from 01), the
-missing-models panel of a bundled workflow (a Download entry per missing file) and the canvas are screenshotted
-into $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
+missing-models panel of a bundled workflow (a Download entry per missing file), each warning of the loader and the
+sampler on the canvas and in Vue nodes, the refused prompts as the errors panel shows them, and the canvas are
+screenshotted into $KANDINSKY_ARTIFACTS_DIR (or pytest's temporary folder)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,11 @@ def test_extension_in_headless_chromium(request, tmp_path):
 
     artifacts = Path(os.environ.get("KANDINSKY_ARTIFACTS_DIR") or tmp_path)
     workflow = _bundled_workflow()
+    # the T2V file under a name that does not say its variant: detection guesses, and the loader says so
+    renamed = comfyui.base / "models" / "diffusion_models" / "my_k5_video.safetensors"
+    shutil.copyfile(comfyui.base / "models" / "diffusion_models" / "kandinsky5lite_t2v_sft_5s.safetensors", renamed)
     files = {
+        "dit_renamed": renamed.name,
         "dit_t2v": "kandinsky5lite_t2v_sft_5s.safetensors",
         "dit_t2i": "kandinsky5lite_t2i.safetensors",
         "qwen": QWEN,
@@ -81,7 +86,11 @@ def test_extension_in_headless_chromium(request, tmp_path):
     env.update(CHROMIUM=chromium, NO_PROXY="127.0.0.1,localhost")
     if workflow:
         env["K5_WORKFLOW"] = str(workflow)
-    run = subprocess.run([node, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    try:
+        cmd = [node, str(SCRIPT)]
+        run = subprocess.run(cmd, cwd=BROWSER_DIR, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        renamed.unlink()
     out = f"{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
     assert run.returncode == 0, f"browser test failed:\n{out}\n{comfyui.log_tail()}"
     results = json.loads(run.stdout.strip().splitlines()[-1])
@@ -114,6 +123,12 @@ def test_extension_in_headless_chromium(request, tmp_path):
 
     from PIL import Image
 
-    shot = Image.open(results["screenshot"]).convert("L")
-    lo, hi = shot.getextrema()
-    assert shot.size[0] >= 800 and hi - lo > 100, f"screenshot {results['screenshot']} looks empty"
+    # each warning in both modes (the script asserts them readable there), and the refusals
+    names = {Path(p).stem for p in results["warning_screenshots"]}
+    for warning in ("loader_variant_does_not_fit", "sampler_size_nabla_length", "loader_guess"):
+        assert {f"kandinsky5_warning_{warning}_canvas", f"kandinsky5_warning_{warning}_vue"} <= names, names
+    assert len(results["refusal_screenshots"]) == 4, results["refusal_screenshots"]
+    for path in [results["screenshot"], *results["warning_screenshots"], *results["refusal_screenshots"]]:
+        shot = Image.open(path).convert("L")
+        lo, hi = shot.getextrema()
+        assert shot.size[0] >= 200 and hi - lo > 100, f"screenshot {path} looks empty"
