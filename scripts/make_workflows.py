@@ -290,7 +290,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
     for loader in (dit, te, vae):
         loader["properties"]["models"] = model_entries(v)[loader["type"]]
     negative = video_negative() if v.is_video else ""
-    enc = g.add("K5TextEncode", (380, 370), (420, 260), ["", negative, "auto"])
+    enc = g.add("K5TextEncode", (380, 400), (420, 260), ["", negative, "auto"])
     g.widget_input(enc, "prompt")  # from Prompt Expansion (added last, so that the other nodes keep their ids)
     sampler = g.add("K5Sampler", (840, 0), (320, 470), sampler_widgets(v))
     g.link(te, 0, enc, "text_encoders")
@@ -302,7 +302,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
         image = g.add("LoadImage", (0, 480), (340, 320), [IMAGE, "image"])
         # 0 x 0: the size from the image by the official rule for the connected model (I2V keeps the whole image,
         # I2I takes the nearest trained aspect and cover-crops); the sampler follows the latent
-        encode = g.add("K5VAEEncode", (380, 670), (320, 130), [0, 0])
+        encode = g.add("K5VAEEncode", (380, 710), (320, 130), [0, 0])
         g.link(vae, 0, encode, "vae")
         g.link(image, 0, encode, "images")
         g.link(dit, 0, encode, "model")
@@ -323,7 +323,7 @@ def build_ui(v: Variant, object_info: dict) -> dict:
         g.link(decode, 0, save, "images")
     # the prompt goes through Prompt Expansion, on as in the official pipelines; its seed stays fixed, so ComfyUI
     # reuses the expansion on the next Run until the prompt, image or model change
-    expand = g.add("K5PromptExpansion", (380, 0), (420, 330),
+    expand = g.add("K5PromptExpansion", (380, 0), (420, 350),
                    [PROMPTS[v.task], "auto", SEED, "fixed", EXPANSION_TOKENS, True])  # fmt: skip
     g.link(te, 0, expand, "text_encoders")
     g.link(dit, 0, expand, "model")
