@@ -276,6 +276,10 @@ def run(
         block_cache=_block_cache(magcache), block_swap=block_swap, text_block_swap=text_block_swap,
         vae_tiled=vae_tiled, compile=compile,
     )  # fmt: skip
+    if Path(models.dit).is_file():  # the DiT file fits the variant (header only), before minutes of text encoding
+        from .loading import chosen_variant, read_safetensors_header
+
+        chosen_variant(read_safetensors_header(models.dit), Path(models.dit).name, request.variant)
     cond, uncond = encode_text(request, models, rt)
     vae, first_frame, edit = encode_image(request, models, rt)
     x = sample_latent(request, models, rt, cond, uncond, first_frame, edit)

@@ -25,7 +25,7 @@ from PIL import Image
 from tiny import TINY_ARCHS, make_tiny_dit_file
 
 from kandinsky_core import cli, download, loading, media, pipeline, sampling, text_encoders, variants
-from kandinsky_core.errors import InputError, MissingFilesError
+from kandinsky_core.errors import InputError, MissingFilesError, WeightsError
 from kandinsky_core.hunyuan_vae import HunyuanVideoVAE
 
 TEXT_DIM = 32  # tiny Qwen hidden size and tiny CLIP hidden size
@@ -331,3 +331,18 @@ def test_image_variants_encode_and_decode_as_diffusers_flux_vae(models_dir, star
     worst, mean = float(diff.max()), float(diff.mean())
     assert worst <= 1 and mean < 0.01, f"8-bit difference from diffusers: max {worst}, mean {mean:.4f}"
     assert want.std() > 5  # a real image, not a flat one any decoding would match
+
+
+def test_a_released_file_run_as_another_variant_is_refused_before_the_text_encoders_load(models_dir, monkeypatch):
+    """--dit kandinsky5lite_t2v_sft_10s.safetensors --variant t2v-lite-sft-5s would run the 10 s model with the 5 s
+    variant's frames and dense attention: refused from the DiT's header before minutes of text encoding."""
+    monkeypatch.setattr(text_encoders, "load_text_encoders", lambda *a, **k: pytest.fail("text encoders loaded"))
+    request = pipeline.resolve_request("t2v-lite-sft-5s", "a red fox", width=W, height=H, frames=5, steps=1)
+    paths = download.ModelPaths(
+        dit=models_dir / "diffusion_models" / "kandinsky5lite_t2v_sft_10s.safetensors",
+        qwen=models_dir / "text_encoders" / download.QWEN_DIR,
+        clip=models_dir / "text_encoders" / download.CLIP_DIR,
+        vae=models_dir / "vae" / download.HUNYUAN_VAE_DIR,
+    )
+    with pytest.raises(WeightsError, match="that is the released t2v-lite-sft-10s file"):
+        pipeline.run(request, paths, device="cpu", dtype=torch.float32, progress=False)
