@@ -315,13 +315,32 @@ def test_queue_reports_a_refused_workflow(comfyui, tmp_path):
 
 
 def test_queue_reports_an_execution_error(comfyui, tmp_path):
+    """A Qwen folder without its tokenizer passes validation (its weights are there) and fails when it loads."""
+    from comfy_server import CLIP, QWEN
+
+    broken = [
+        "--set",
+        "K5LoadTextEncoders.qwen_name=qwen_without_tokenizer/",
+        "--set",
+        f"K5LoadTextEncoders.clip_name={CLIP}",
+    ]
+    assert QWEN != "qwen_without_tokenizer/"
+    r = queue_cli(comfyui, str(ui_path("t2v-lite-sft-5s")), "--output-dir", str(tmp_path),
+                  *cli_sets(comfyui, "t2v-lite-sft-5s"), *broken)  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "ComfyUI failed while running node" in r.stderr and "K5LoadTextEncoders" in r.stderr, r.stderr
+    assert "No Qwen2.5-VL tokenizer found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_queue_reports_a_mismatch_refused_when_queued(comfyui, tmp_path):
     sets = cli_sets(comfyui, "t2v-lite-sft-5s")
     sets[1] = f"K5LoadDiT.dit_name={tiny_name(comfyui, 'i2v-lite-5s')}"
     sets[3] = "K5LoadDiT.variant=i2v-lite-5s"  # an I2V model in a text-to-video workflow: no start image
     r = queue_cli(comfyui, str(ui_path("t2v-lite-sft-5s")), "--output-dir", str(tmp_path), *sets)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "ComfyUI failed while running node" in r.stderr and "K5Sampler" in r.stderr
-    assert "start" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert "ComfyUI refused the workflow (400)" in r.stderr and "K5Sampler" in r.stderr, r.stderr
+    assert "start_latent: i2v-lite-5s is an image-to-video model and needs a start image" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_queue_reports_connection_refused(tmp_path):
