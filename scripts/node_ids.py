@@ -5,9 +5,8 @@ repository's `comfyui/` folder. tests/test_node_ids.py checks that our IDs colli
     python scripts/node_ids.py --record    # rewrite tests/data/official_comfyui_node_ids.json from the official source
     python scripts/node_ids.py             # print where the official source was found and its IDs
 
-The official source, first match wins: KANDINSKY5_OFFICIAL (a checkout), /tmp/kandinsky-5, or the mirror
-/work/.mirror/kandinskylab+kandinsky-5/repo (a bare git directory, read with `git show HEAD:...`). Without any of them
-the tests use the recorded file, which names the commit it was read from.
+The official source: KANDINSKY5_OFFICIAL, a checkout of kandinskylab/kandinsky-5 or a bare git directory of it (read
+with `git show HEAD:...`). Without it the tests use the recorded file, which names the commit it was read from.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_RECORD = REPO / "tests" / "data" / "official_comfyui_node_ids.json"
 OFFICIAL_FOLDER = "comfyui"
-OFFICIAL_MIRROR = Path("/work/.mirror/kandinskylab+kandinsky-5/repo")
 MAPPINGS = "NODE_CLASS_MAPPINGS"
 ID_ATTRIBUTES = ("node_id", "NODE_ID", "NodeId")  # `node_id = "X"`, `schema.node_id = "X"`, `NODE_ID = "X"`, ...
 
@@ -106,22 +104,25 @@ def _git(git_dir: Path, *args: str) -> str:
 
 
 def official_source() -> OfficialSource | None:
-    """The official repository's comfyui/*.py and its commit, from a checkout or the mirror; None when absent."""
+    """The official repository's comfyui/*.py and its commit, from KANDINSKY5_OFFICIAL (a checkout or a bare git
+    directory); None when it is not set."""
     given = os.environ.get("KANDINSKY5_OFFICIAL")
-    for checkout in [Path(given)] if given else [Path("/tmp/kandinsky-5")]:
-        folder = checkout / OFFICIAL_FOLDER
-        if folder.is_dir():
-            files = {f"{OFFICIAL_FOLDER}/{p.name}": p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py"))}
-            git_dir = checkout / ".git"
-            commit = _git(git_dir, "rev-parse", "HEAD").strip() if git_dir.exists() else "unknown (not a git checkout)"
-            return OfficialSource(str(checkout), commit, files)
-        if given:
-            raise SystemExit(f"KANDINSKY5_OFFICIAL={given} has no {OFFICIAL_FOLDER}/ folder: point it at a checkout.")
-    if (OFFICIAL_MIRROR / "HEAD").is_file():
-        names = _git(OFFICIAL_MIRROR, "ls-tree", "-r", "--name-only", "HEAD", f"{OFFICIAL_FOLDER}/").split()
-        files = {n: _git(OFFICIAL_MIRROR, "show", f"HEAD:{n}") for n in names if n.endswith(".py")}
-        return OfficialSource(str(OFFICIAL_MIRROR), _git(OFFICIAL_MIRROR, "rev-parse", "HEAD").strip(), files)
-    return None
+    if not given:
+        return None
+    checkout = Path(given)
+    folder = checkout / OFFICIAL_FOLDER
+    if folder.is_dir():
+        files = {f"{OFFICIAL_FOLDER}/{p.name}": p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py"))}
+        git_dir = checkout / ".git"
+        commit = _git(git_dir, "rev-parse", "HEAD").strip() if git_dir.exists() else "unknown (not a git checkout)"
+        return OfficialSource(str(checkout), commit, files)
+    if (checkout / "HEAD").is_file():  # a bare git directory
+        names = _git(checkout, "ls-tree", "-r", "--name-only", "HEAD", f"{OFFICIAL_FOLDER}/").split()
+        files = {n: _git(checkout, "show", f"HEAD:{n}") for n in names if n.endswith(".py")}
+        return OfficialSource(str(checkout), _git(checkout, "rev-parse", "HEAD").strip(), files)
+    raise SystemExit(
+        f"KANDINSKY5_OFFICIAL={given} is neither a checkout with {OFFICIAL_FOLDER}/ nor a bare git directory."
+    )
 
 
 def recorded_official() -> dict:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     src = official_source()
     if src is None:
-        print("no official kandinsky-5 source found (KANDINSKY5_OFFICIAL, /tmp/kandinsky-5 or the mirror)")
+        print("no official kandinsky-5 source: set KANDINSKY5_OFFICIAL to a checkout or a bare git directory of it")
         return 1
     ids = sorted(src.ids())
     print(f"{src.where} @ {src.commit}: {', '.join(ids)}")
