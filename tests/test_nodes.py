@@ -481,6 +481,30 @@ def test_sampler_node_matches_kandinsky_core_and_reports_progress(comfy):
     assert (other - latent).abs().mean() > 0.1
 
 
+def test_i2v_sampler_node_run_again_on_the_same_cached_inputs_gives_the_same_latent(comfy, monkeypatch):
+    """ComfyUI hands a cached node's output objects (VAE Encode's LATENT dict, Text Encode's CONDITIONING) to the
+    next run of the Sampler as they are: the Sampler must not change them, so that the same seed gives the same
+    latent in every run of one server."""
+    monkeypatch.setitem(variants.VARIANTS, "i2v-lite-5s", dataclasses.replace(variants.VARIANTS["i2v-lite-5s"],
+                                                                              arch=TINY_T2V))  # fmt: skip
+    name = "kandinsky5lite_i2v_5s.safetensors"
+    make_tiny_dit_file(comfy.root / "diffusion_models" / name, TINY_T2V)
+    (model,) = loaders.LoadDiT.execute(name, "i2v-lite-5s", "fp32", "auto")
+    start = {"samples": make_noise((1, 16, 1, 4, 8), 5)}
+    pos, neg = text.to_conditioning(conditioning(1), "video"), text.to_conditioning(conditioning(2), "video")
+    kept = [t.clone() for t in (start["samples"], pos[0][0], pos[0][1]["pooled_output"], neg[0][0])]
+
+    def run() -> torch.Tensor:
+        kw = dict(width=64, height=32, length=5, batch_size=1, seed=3, steps=2, guidance=-1.0, scheduler_scale=0.0)
+        return sampler_node.Sampler.execute(model, pos, neg, start_latent=start, **kw)[0]["samples"]
+
+    first, second = run(), run()
+    assert torch.equal(start["samples"], kept[0]), "the Sampler changed the cached start latent"
+    now = (pos[0][0], pos[0][1]["pooled_output"], neg[0][0])
+    assert all(map(torch.equal, now, kept[1:])), "the Sampler changed the cached conditioning"
+    assert torch.equal(first, second), f"same seed, other latent: max |diff| {(first - second).abs().max():g}"
+
+
 def test_sampler_node_stops_when_interrupted_and_checks_inputs(comfy):
     make_tiny_dit_file(comfy.root / "diffusion_models" / TINY_NAME, TINY_T2V)
     (model,) = loaders.LoadDiT.execute(TINY_NAME, "auto", "fp32", "auto")

@@ -24,6 +24,10 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -207,6 +211,13 @@ class ComfyUI:
     def output_files(self, entry: dict, node: str) -> list[Path]:
         images = entry["outputs"][node]["images"]
         return [self.base / "output" / i["subfolder"] / i["filename"] for i in images]
+
+    def saved_latent(self, entry: dict, node: str) -> torch.Tensor:
+        """The LATENT written by ComfyUI's SaveLatent node `node`, as a torch tensor: lossless, unlike an MP4."""
+        from safetensors.torch import load_file
+
+        (info,) = entry["outputs"][node]["latents"]
+        return load_file(str(self.base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"]
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
