@@ -15,9 +15,11 @@ uses P 0.8 under auto).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 GRID = (3, 32, 64)  # latent frames, height, width: tokens 3 x 16 x 32, 24 NABLA blocks
 TEXT_LEN = 24
+
+
+def scratch() -> Path:
+    """A folder for this process's real-width test files (about 1 GB each), removed when the process exits."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = Path(tempfile.mkdtemp(prefix="k5_native_check_", dir=os.environ.get("K5_SCRATCH_DIR")))
+        atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+    return _SCRATCH
+
+
+_SCRATCH: Path | None = None
 
 
 def main(plant: str = "") -> dict:
@@ -53,7 +67,7 @@ def main(plant: str = "") -> dict:
     for name, v in list(variants.VARIANTS.items()):
         if v.arch == variants.LITE_VIDEO:
             variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch()
     path = tmp / "kandinsky5lite_t2v_sft_10s.safetensors"
     save_file(random_state_dict(arch, seed=3), str(path))
 
@@ -168,7 +182,7 @@ def magcache(steps: int, plant: str = "") -> dict:
     from nodes.model_options import with_options
 
     arch = dataclasses.replace(variants.LITE_VIDEO, num_text_blocks=1, num_visual_blocks=2)
-    path = Path(tempfile.mkdtemp()) / "k5.safetensors"
+    path = scratch() / "k5.safetensors"
     save_file(random_state_dict(arch, seed=3), str(path))
     patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
     params = MagCacheParams(variants_ratios("t2v-lite-sft-10s"))
@@ -230,7 +244,7 @@ def i2i() -> dict:
     for name, v in list(variants.VARIANTS.items()):
         if v.arch == variants.IMAGE_I2I:
             variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
-    path = Path(tempfile.mkdtemp()) / "kandinsky5lite_i2i.safetensors"
+    path = scratch() / "kandinsky5lite_i2i.safetensors"
     save_file(random_state_dict(arch, seed=4), str(path))
     patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
     _, variant = load_dit(path, dtype=torch.float32)
@@ -271,7 +285,7 @@ def sampler(plant: str = "") -> dict:
     for name, v in list(variants.VARIANTS.items()):
         if v.arch == variants.LITE_VIDEO:
             variants.VARIANTS[name] = dataclasses.replace(v, arch=arch)
-    path = Path(tempfile.mkdtemp()) / "kandinsky5lite_t2v_sft_5s.safetensors"
+    path = scratch() / "kandinsky5lite_t2v_sft_5s.safetensors"
     save_file(random_state_dict(arch, seed=3), str(path))
     native_model = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
     dit, variant = load_dit(path, dtype=torch.float32)

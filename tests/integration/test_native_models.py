@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,13 @@ def run_check(plant: str = "", *extra: str) -> dict:
         pytest.skip(f"ComfyUI at {src} has no native Kandinsky 5 model (it came with v0.4; use v0.33.0)")
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     cmd = [python, str(Path(__file__).parent / "native_nabla_check.py"), *extra] + ([f"plant={plant}"] if plant else [])
-    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:  # the check writes ~1 GB real-width files: none may stay behind
+        env = dict(os.environ, OMP_NUM_THREADS="1", K5_SCRATCH_DIR=tmp)
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        left = [p.name for p in Path(tmp).iterdir()]
     lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, run.stderr[-3000:]
+    assert not left, f"native_nabla_check.py left {left} in the temporary folder"
     return json.loads(lines[-1][len("RESULT ") :])
 
 
